@@ -1,0 +1,157 @@
+"""Read and validate a split bundle (format v1). Safe by construction: the manifest is size-capped
+and schema-checked, every path must stay inside the bundle (symlinks included), and every file's
+size is checked on open; ``verify_integrity`` re-hashes everything."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import jsonschema
+
+from runtime_py import format as fmt
+from runtime_py.config import CosmoeConfig
+from runtime_py.errors import FormatError, IntegrityError
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative, POSIX separators
+    role: str
+    bytes: int
+    sha256: str
+    dtype: str | None = None
+    layer: int | None = None
+    expert: int | None = None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_relative_path(rel: str, where: str) -> None:
+    """A manifest path must be relative, POSIX, and free of '..' segments."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise FormatError(f"{where}: path {rel!r} is absolute; bundle paths must be relative to the bundle")
+    if ".." in p.parts or "\\" in rel:
+        raise FormatError(f"{where}: path {rel!r} leaves the bundle ('..' or backslash); rebuild the bundle")
+
+
+class Bundle:
+    """An opened, validated bundle. Cheap: reads only manifest.json and stats files."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.config = CosmoeConfig.from_dict(manifest["model"], source=f"{root / fmt.MANIFEST_NAME} (model)")
+        self.files = [FileEntry(**f) for f in manifest["files"]]
+        self._by_path = {f.path: f for f in self.files}
+        self.experts = {(f.layer, f.expert): f for f in self.files if f.role == "expert"}
+        self._check_files()
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Bundle:
+        root = Path(path)
+        mpath = root / fmt.MANIFEST_NAME
+        if not root.is_dir():
+            raise FormatError(f"{root}: not a bundle directory (no such directory)")
+        if not mpath.is_file():
+            raise FormatError(f"{mpath}: missing; is {root} a bundle written by `cosmoe-export split`?")
+        size = mpath.stat().st_size
+        if size > fmt.MAX_MANIFEST_BYTES:
+            raise FormatError(f"{mpath}: {size} bytes exceeds the {fmt.MAX_MANIFEST_BYTES}-byte manifest limit")
+        try:
+            manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+        validate_manifest(manifest, where=str(mpath))
+        return cls(root, manifest)
+
+    def _check_files(self) -> None:
+        mpath = self.root / fmt.MANIFEST_NAME
+        root_real = self.root.resolve()
+        seen = set()
+        for f in self.files:
+            check_relative_path(f.path, str(mpath))
+            if f.path in seen:
+                raise FormatError(f"{mpath}: file {f.path!r} listed twice")
+            seen.add(f.path)
+            real = (self.root / f.path).resolve()
+            if root_real != real and root_real not in real.parents:
+                raise FormatError(f"{mpath}: {f.path!r} resolves outside the bundle (symlink?) to {real}")
+        cfg = self.config
+        want = {(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)}
+        if set(self.experts) != want:
+            missing = sorted(want - set(self.experts))[:5]
+            raise FormatError(f"{mpath}: expert files do not cover every (layer, expert); missing e.g. {missing}")
+        if not any(f.role == "backbone" for f in self.files):
+            raise FormatError(f"{mpath}: no backbone file listed")
+
+    # ---- access --------------------------------------------------------------------------------
+    def path_of(self, entry: FileEntry) -> Path:
+        return self.root / entry.path
+
+    @property
+    def backbone(self) -> FileEntry:
+        return next(f for f in self.files if f.role == "backbone")
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        tok = self.manifest.get("tokenizer")
+        return self.root / fmt.TOKENIZER_DIR if tok and tok.get("files") else None
+
+    def checked_path(self, entry: FileEntry) -> Path:
+        """The file's path after a size check: a truncated or replaced shard never loads."""
+        p = self.path_of(entry)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{p}: missing; the bundle is incomplete, rebuild it") from None
+        if size != entry.bytes:
+            raise IntegrityError(f"{p}: {size} bytes on disk, manifest says {entry.bytes}; the file changed "
+                                 "after the bundle was written, rebuild it")
+        return p
+
+    def verify_integrity(self) -> list[str]:
+        """Re-hash every file; returns one problem line per bad file (empty when intact)."""
+        problems = []
+        for f in self.files:
+            p = self.path_of(f)
+            try:
+                self.checked_path(f)
+            except IntegrityError as e:
+                problems.append(str(e))
+                continue
+            if sha256_file(p) != f.sha256:
+                problems.append(f"{p}: sha256 differs from the manifest; the file was modified")
+        return problems
+
+
+def validate_manifest(manifest: object, *, where: str) -> None:
+    """Raise FormatError unless ``manifest`` is a v1 (or older) manifest."""
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{where}: manifest must be a JSON object")
+    if manifest.get("format") != fmt.FORMAT_NAME:
+        raise FormatError(f"{where}: format is {manifest.get('format')!r}, expected {fmt.FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > fmt.FORMAT_VERSION:
+        raise FormatError(f"{where}: format version {version} is newer than this runtime reads "
+                          f"({fmt.FORMAT_VERSION}); upgrade cosmoe-export")
+    try:
+        jsonschema.validate(manifest, fmt.manifest_schema())
+    except jsonschema.ValidationError as e:
+        loc = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise FormatError(f"{where}: invalid manifest at {loc}: {e.message}") from None
+    for f in manifest["files"]:
+        check_relative_path(f["path"], where)
+        if f["role"] == "expert" and ("layer" not in f or "expert" not in f):
+            raise FormatError(f"{where}: expert file {f['path']!r} lacks its layer or expert index")

@@ -1,0 +1,272 @@
+"""The CoSMoE decoder in plain PyTorch: the math every backend must reproduce.
+
+Export-friendly on purpose: no data-dependent Python control flow inside the per-unit modules
+(attention, expert, router), static shapes for a given token count, no custom ops. The MoE
+dispatch loop lives in ``MoE.forward`` so that lowered backends can replace it by the runtime's
+own loop over per-expert units.
+
+Shape legend used in the comments:
+    B batch, T tokens in this call, S cached positions, D hidden, H query heads, G kv heads,
+    Dh head size, E experts, K active experts per token, F expert FFN width, N = B*T tokens.
+
+Parameter names equal the canonical tensor names of ``runtime_py.config.tensor_shapes``, so a
+``state_dict`` is a bundle's tensor table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime_py.config import CosmoeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, exactly as Llama/Mixtral/Qwen do:
+        # bit-level parity with transformers depends on that order.
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies [Dh/2], with Llama-3.1 scaling when configured."""
+    dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rope = config.rope_scaling
+    if not rope or rope.get("rope_type", "default") == "default":
+        return inv_freq
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, Dh]; cos, sin [T, Dh]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class LayerCache:
+    """Preallocated keys and values of one layer: k, v [B, G, S_max, Dh]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class KVCache:
+    """Static KV cache; it never grows past ``max_len`` (the model's context or less)."""
+
+    def __init__(self, config: CosmoeConfig, batch: int, max_len: int, dtype: torch.dtype) -> None:
+        shape = (batch, config.num_key_value_heads, max_len, config.head_size)
+        self.layers = [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                       for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions filled
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CosmoeConfig) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_size
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q = nn.Linear(d, self.n_heads * hd, bias=config.attention_bias)
+        self.k = nn.Linear(d, self.n_kv * hd, bias=config.attention_bias)
+        self.v = nn.Linear(d, self.n_kv * hd, bias=config.attention_bias)
+        self.o = nn.Linear(self.n_heads * hd, d, bias=config.attention_out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.n_heads * hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * hd, config.rms_norm_eps)
+        self.clip_qkv = config.clip_qkv
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
+        """x [B, T, D] at positions pos..pos+T-1; with a cache, attends to positions 0..pos+T-1."""
+        b, t, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, H*Dh], [B, T, G*Dh] x2
+        if self.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3-MoE normalises each head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, G, T, Dh]
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[:, :, pos:pos + t] = k
+            cache.v[:, :, pos:pos + t] = v
+            k, v = cache.k[:, :, :pos + t], cache.v[:, :, :pos + t]  # [B, G, S, Dh]
+        s = k.shape[2]
+        # Query i sits at absolute position pos+i and sees keys 0..pos+i.
+        mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)  # [T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B, T, D]
+
+
+class LowRankLinear(nn.Module):
+    """CoSMoEs Eq. 1: M (n x m) = L (n x r) @ R (r x m); y = x @ R.T @ L.T, two small matmuls."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.left = nn.Parameter(torch.empty(out_features, rank))
+        self.right = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.normal_(self.left, std=0.02)
+        nn.init.normal_(self.right, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right), self.left)
+
+
+class Expert(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)); standard or weight-decomposed matrices."""
+
+    def __init__(self, dim: int, ffn: int, kind: str = "standard", rank: int = 0) -> None:
+        super().__init__()
+        if kind == "wd":
+            self.gate, self.up, self.down = (LowRankLinear(dim, ffn, rank), LowRankLinear(dim, ffn, rank),
+                                             LowRankLinear(ffn, dim, rank))
+        else:
+            self.gate, self.up, self.down = (nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False),
+                                             nn.Linear(ffn, dim, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def route(logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-choice routing: softmax over E in fp32, keep the top-k.
+
+    logits [N, E] -> weights [N, K] (fp32), indices [N, K]
+    """
+    probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+    weights, idx = torch.topk(probs, top_k, dim=-1)  # [N, K]
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, idx
+
+
+# Something that returns the module of expert e: an nn.ModuleList, or the runtime's lazy store.
+ExpertLookup = Callable[[int], Callable[[torch.Tensor], torch.Tensor]]
+# Called with (layer, indices [N, K]) after every routing decision, for metrics.
+RouteObserver = Callable[[int, torch.Tensor], None]
+
+
+class MoE(nn.Module):
+    def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.layer, self.top_k, self.renormalise = layer, config.num_experts_per_tok, config.norm_topk_prob
+        self.router = nn.Linear(d, config.num_experts, bias=False)
+        if experts is None:
+            experts = [Expert(d, config.intermediate_size, config.expert_kind, config.rank)
+                       for _ in range(config.num_experts)]
+        self.experts = nn.ModuleList(experts)
+        self.expert_lookup: ExpertLookup = self.experts.__getitem__
+        if config.shared_expert_intermediate_size:
+            self.shared = Expert(d, config.shared_expert_intermediate_size)
+            self.shared_gate = nn.Linear(d, 1, bias=False)
+        else:
+            self.shared = None
+        self.observer: RouteObserver | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (y [N, D], router logits [N, E])."""
+        logits = self.router(x)  # [N, E]
+        weights, idx = route(logits, self.top_k, self.renormalise)  # [N, K] x2
+        if self.observer is not None:
+            self.observer(self.layer, idx)
+        y = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():  # only the selected experts run (and, lazily, load)
+            tok, slot = torch.where(idx == e)  # [n_e] x2
+            out = self.expert_lookup(e)(x[tok]) * weights[tok, slot, None]  # [n_e, D]
+            y.index_add_(0, tok, out.to(y.dtype))
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return y, logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = MoE(config, layer, experts)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)  # [B, T, D]
+        b, t, d = x.shape
+        y, logits = self.moe(self.ffn_norm(x).reshape(b * t, d))  # [N, D], [N, E]
+        return x + y.view(b, t, d), logits.view(b, t, -1)
+
+
+class CosmoeForCausalLM(nn.Module):
+    """The whole model. ``with_experts=False`` builds it without routed experts: the runtime plugs
+    its on-demand store in through each layer's ``MoE.expert_lookup``."""
+
+    def __init__(self, config: CosmoeConfig, with_experts: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, None if with_experts else []) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
+                return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """ids [B, T] -> logits [B, T, V]; with a cache, continues from ``cache.pos``."""
+        t = ids.shape[1]
+        pos = cache.pos if cache is not None else 0
+        if cache is not None and pos + t > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + t} requested")
+        x = self.embed(ids)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), x.dtype)  # [T, Dh] x2
+        router_logits = []
+        for i, layer in enumerate(self.layers):
+            x, logits = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
+            router_logits.append(logits)  # [B, T, E]
+        if cache is not None:
+            cache.pos = pos + t
+        x = self.norm(x)
+        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        logits = F.linear(x, head)  # [B, T, V]
+        return (logits, router_logits) if return_router_logits else logits

@@ -1,0 +1,77 @@
+"""Tiny checkpoints made with the transformers classes themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every family feature is switched on somewhere: GQA and llama3 rope (Mixtral), shared expert,
+# q/k/v bias and un-renormalised top-k (Qwen2-MoE), per-head q/k norm and renormalised top-k
+# (Qwen3-MoE), whole-projection q/k norm and clip_qkv (OLMoE).
+COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=96, num_local_experts=4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=4, norm_topk_prob=False,
+        intermediate_size=80)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        moe_intermediate_size=48, num_experts=6, norm_topk_prob=True, head_dim=24)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        intermediate_size=48, num_experts=4, norm_topk_prob=False, clip_qkv=3.0)),
+}
+
+
+def _reinit(model: torch.nn.Module, seed: int) -> None:
+    """transformers' std-0.02 init makes experts nearly invisible in the logits, so a wrongly mapped
+    expert could still pass a 1e-4 gate. Re-draw every weight at fan-in scale, norms near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                std = 1.0 if "embed" in name else p.shape[-1] ** -0.5
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def make_hf_checkpoint(family: str, out: Path, *, layout: str = "per-expert", max_shard_size: str | None = None,
+                       seed: int = 0) -> Path:
+    import transformers
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, cfg_cls)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    _reinit(model, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if layout == "per-expert":
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(out, **kwargs)
+    else:  # fused 3-D expert tensors, exactly as transformers keeps them in memory
+        config.architectures = [model_cls]
+        config.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    def make(family: str, **kw) -> Path:
+        return make_hf_checkpoint(family, tmp_path / f"{family}-{kw.get('layout', 'per-expert')}", **kw)
+    return make
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,111 @@
+"""The bundle reader refuses anything that is not a complete, in-bounds v1 bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from cosmoe_export.cli import cli
+from runtime_py.bundle import Bundle
+from runtime_py.errors import FormatError, IntegrityError
+from runtime_py.torch_backend import TorchRuntime
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "tiny"
+    assert CliRunner().invoke(cli, ["-q", "split", "tiny", "-o", str(out)]).exit_code == 0
+    return out
+
+
+def copy_with_manifest(src, dst, edit):
+    import shutil
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/etc/passwd", "is absolute"),
+    ("../outside.safetensors", "leaves the bundle"),
+    ("experts/../../x", "leaves the bundle"),
+])
+def test_paths_must_stay_inside(bundle_dir, tmp_path, path, message):
+    def edit(m):
+        m["files"][1]["path"] = path
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", edit)
+    with pytest.raises(FormatError, match=message):
+        Bundle.open(d)
+
+
+def test_symlink_escaping_the_bundle(bundle_dir, tmp_path):
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: None)
+    target = d / "experts/layer_000/expert_000.safetensors"
+    outside = tmp_path / "outside.safetensors"
+    os.replace(target, outside)
+    os.symlink(outside, target)
+    with pytest.raises(FormatError, match="resolves outside the bundle"):
+        Bundle.open(d)
+
+
+def test_newer_format_version(bundle_dir, tmp_path):
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: m.update(format_version=2))
+    with pytest.raises(FormatError, match="format version 2 is newer .* upgrade cosmoe-export"):
+        Bundle.open(d)
+
+
+def test_schema_errors_name_the_key(bundle_dir, tmp_path):
+    def edit(m):
+        m["files"][3]["sha256"] = "xyz"
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", edit)
+    with pytest.raises(FormatError, match="files/3/sha256"):
+        Bundle.open(d)
+
+
+def test_missing_expert_entry(bundle_dir, tmp_path):
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: m["files"].pop(5))
+    with pytest.raises(FormatError, match="do not cover every"):
+        Bundle.open(d)
+
+
+def test_truncated_shard_never_loads(bundle_dir, tmp_path):
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: None)
+    shard = d / "experts/layer_001/expert_002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    bundle = Bundle.open(d)
+    assert any("expert_002" in p for p in bundle.verify_integrity())
+    runtime = TorchRuntime(bundle)
+    with pytest.raises(IntegrityError, match="bytes on disk, manifest says"):
+        runtime.store.get(1, 2)
+
+
+def test_edited_shard_fails_integrity(bundle_dir, tmp_path):
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: None)
+    shard = d / "backbone.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert Bundle.open(d).verify_integrity() == [f"{shard}: sha256 differs from the manifest; the file was modified"]
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(FormatError, match="manifest.json: missing"):
+        Bundle.open(tmp_path)
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(FormatError, match="not valid UTF-8 JSON"):
+        Bundle.open(tmp_path)
+
+
+def test_runtime_loads_experts_only_when_selected(bundle_dir):
+    import torch
+    runtime = TorchRuntime(Bundle.open(bundle_dir))
+    assert runtime.store.loads == 0
+    runtime.logits(torch.tensor([[1, 2, 3]]))
+    cfg = runtime.config
+    assert 0 < runtime.store.loads <= cfg.num_hidden_layers * cfg.num_experts
+    assert runtime.store.loads == len(runtime.store.resident)

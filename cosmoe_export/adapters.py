@@ -59,7 +59,8 @@ class Adapter:
         try:
             return AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for a bad config
-            raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({first})") from None
 
 
 def _unsupported(path: Path, what: str) -> CheckpointError:

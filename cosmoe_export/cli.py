@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,8 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
     if "paper" in r:
         p = r["paper"]
         click.echo(f"  vs paper Table 1: active {p['active_diff_pct']:+.2f} %, total {p['total_diff_pct']:+.2f} %")
-    click.echo(f"  bytes: backbone {r['backbone_bytes'] / 1e6:,.1f} MB, per expert {r['bytes_per_expert'] / 1e6:,.2f} MB")
+    click.echo(f"  bytes: backbone {r['backbone_bytes'] / 1e6:,.1f} MB, "
+               f"per expert {r['bytes_per_expert'] / 1e6:,.2f} MB")
     click.echo("  memory      resident     offloaded (backbone + top-k experts per layer)")
     for name, m in r["memory_bytes"].items():
         click.echo(f"    {name:<6} {m['resident'] / 1e6:>11,.1f} MB {m['offloaded'] / 1e6:>11,.1f} MB")
@@ -166,7 +169,18 @@ def architectures() -> None:
     click.echo("presets: " + ", ".join(PRESETS))
 
 
+def _quiet_libraries() -> None:
+    """transformers, torchao and torch print import-time warnings and progress bars that say nothing
+    about the user's job; our one-line errors must not drown in them. Nothing is ever downloaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.utils._pytree", "torch._logging"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_libraries()
     cli()
 
 

@@ -227,7 +227,8 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str
         if found is not None:
             shape = index[found][1]
             if shape != want:
-                raise CheckpointError(f"{index[found][0]}: {found} has shape {list(shape)}, the config implies {list(want)}")
+                raise CheckpointError(f"{index[found][0]}: {found} has shape {list(shape)}, "
+                                      f"the config implies {list(want)}")
             consumed.add(found)
             plan[name] = take(found, want, name, lambda sl: sl[:])
             continue

@@ -66,7 +66,8 @@ class SafetensorsWriter:
                                "once each, in header order)")
         dtype, shape = self.specs[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise RuntimeError(f"{self.path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
+            raise RuntimeError(f"{self.path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                               f"header says {dtype} {shape}")
         # Little-endian raw bytes without an extra copy when already contiguous.
         self._put(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1

@@ -37,7 +37,7 @@ TOKENIZER_NAME = "tokenizer.json"
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
-def train_tokenizer(corpus: Sequence[Path], vocab_size: int) -> "tokenizers.Tokenizer":  # noqa: F821
+def train_tokenizer(corpus: Sequence[Path], vocab_size: int) -> tokenizers.Tokenizer:  # noqa: F821
     """Byte-level BPE (GPT-2 / Llama-3 style): every byte has a token, so any text encodes and
     ``decode(encode(s)) == s``. The end-of-text token gets id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -53,12 +53,12 @@ def train_tokenizer(corpus: Sequence[Path], vocab_size: int) -> "tokenizers.Toke
     return tok
 
 
-def encode_corpus(tok, corpus: Sequence[Path], max_chars: int | None = None) -> torch.Tensor:
+def encode_corpus(tok, corpus: Sequence[Path]) -> torch.Tensor:
     """All files as one id stream [N], files separated by the end-of-text token."""
     eot = tok.token_to_id(EOT)
     ids: list[int] = []
     for p in corpus:
-        text = Path(p).read_text(encoding="utf-8")[:max_chars]
+        text = Path(p).read_text(encoding="utf-8")
         # Encode in paragraph batches: one huge string would be a single pre-tokenizer pass with
         # no benefit, and paragraphs never split a BPE word.
         parts = text.split("\n\n")
@@ -96,7 +96,7 @@ def tiny_config(variant: str, *, vocab_size: int, bos_token_id: int, eos_token_i
 class TrainConfig:
     variant: str = "moe"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
@@ -203,7 +203,7 @@ def train(config: CosmoeConfig, ids: torch.Tensor, tc: TrainConfig, *, log_every
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
         if (step + 1) % log_every == 0 or step + 1 == tc.steps:
             n = (step % log_every) + 1
             entry = {"step": step + 1, **{k: round(v / n, 4) for k, v in sums.items()}}

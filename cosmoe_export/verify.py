@@ -63,7 +63,7 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tok
             positions += x.shape[1]
             ref_tokens = _reference_greedy(ref, ids, new_tokens)
             got_tokens = runtime.greedy(x, new_tokens)
-            greedy_equal += sum(a == b for a, b in zip(ref_tokens, got_tokens))
+            greedy_equal += sum(a == b for a, b in zip(ref_tokens, got_tokens, strict=True))
     store = runtime.store
     result: dict[str, Any] = {
         "backend": backend,
@@ -102,6 +102,8 @@ def _reference_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
 
     if source.reference_is_transformers:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
         if dtype != torch.float32:
             with torch.no_grad():
@@ -130,7 +132,8 @@ def _prompts(bundle: Bundle, new_tokens: int) -> list[list[int]]:
     cfg = bundle.config
     limit = cfg.max_position_embeddings - new_tokens
     if limit < 2:
-        raise CosmoeError(f"{bundle.root}: context {cfg.max_position_embeddings} is too short for {new_tokens} new tokens")
+        raise CosmoeError(f"{bundle.root}: context {cfg.max_position_embeddings} is too short "
+                          f"for {new_tokens} new tokens")
     tok_dir = bundle.tokenizer_dir
     if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

@@ -60,7 +60,8 @@ def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -248,7 +249,8 @@ class CosmoeForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, None if with_experts else []) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,

@@ -11,11 +11,10 @@ import time
 from functools import partial
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from runtime_py.bundle import Bundle
-from runtime_py.config import CosmoeConfig, backbone_layer_shapes, expert_tensor_shapes, tensor_shapes, expert_of
+from runtime_py.config import expert_of, expert_tensor_shapes, tensor_shapes
 from runtime_py.errors import FormatError
 from runtime_py.model import CosmoeForCausalLM, Expert, KVCache, rope_inv_freq
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's test command (and CI's): install with test tools, lint, run the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS=test bash scripts/install.sh
+.venv/bin/ruff check cosmoe_export runtime_py tests bench recipes
+.venv/bin/hadolint Dockerfile
+# runtime_py ships next to device builds: it must never import the exporter.
+if grep -rnE '^\s*(from|import) cosmoe_export' runtime_py; then
+  echo "runtime_py imports cosmoe_export" >&2; exit 1
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

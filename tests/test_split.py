@@ -185,3 +185,22 @@ def test_split_function_rejects_out_of_order_writes(tmp_path):
 def test_split_api_returns_counts(tmp_path):
     res = split(source=open_source("tiny"), out=tmp_path / "b", progress=False)
     assert res.files == 1 + 2 * 8 + 1  # backbone + experts + manifest
+
+
+def test_tokenizer_passes_through_and_verify_uses_it(hf_checkpoint, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    ckpt = hf_checkpoint("mixtral")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the expert router picks two of eight experts"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(ckpt / "tokenizer.json"))
+    out = tmp_path / "b"
+    assert run("-q", "split", ckpt, "-o", out).exit_code == 0
+    bundle = Bundle.open(out)
+    # generation_config.json (stop tokens) travels with the tokenizer files
+    assert bundle.manifest["tokenizer"] == {"files": ["tokenizer/tokenizer.json", "tokenizer/generation_config.json"]}
+    assert (out / "tokenizer/tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    from cosmoe_export.verify import PROMPTS, _prompts
+    assert _prompts(bundle, 32)[0] == tok.encode(PROMPTS[0]).ids
+    assert run("verify", out, "--reference", ckpt).exit_code == 0

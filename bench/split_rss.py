@@ -1,8 +1,10 @@
 """Benchmark: does ``cosmoe-export split`` stream? Peak RSS vs checkpoint size.
 
 The claim (cosmoe_export/split.py) is that split's peak memory is a constant (interpreter, torch,
-transformers' config code) plus at most one decoder layer's tensors, however big the checkpoint
-is. This script makes that visible: it writes synthetic Mixtral checkpoints of growing size (the
+transformers' config code) plus a few tensors' worth, however big the checkpoint is; the hard
+bound checked here is looser, one decoder layer (what any layer-by-layer streamer must meet).
+
+This script makes that visible: it writes synthetic Mixtral checkpoints of growing size (the
 largest >= 2 GB by default) *without ever holding one in memory*, runs the real CLI on each in a
 child process, and reports the child's peak RSS next to the checkpoint size, the largest tensor
 and the largest layer.
@@ -13,10 +15,10 @@ since the bundle is written next to it):
     .venv/bin/python bench/split_rss.py                      # 2- and 6-layer checkpoints (~0.8, ~2.2 GB)
     .venv/bin/python bench/split_rss.py --layers 8 --json rss.json --workdir /tmp/rss --keep
 
-Exit status 1 if any run's peak RSS exceeds the bound, baseline + largest layer + largest tensor +
-slack (``--slack-mb``: allocator arenas and modules the import-only baseline does not reach),
-so the script can gate a release; it is still a benchmark, not part of the test suite (minutes
-of disk I/O).
+Exit status 1 if any run's peak RSS exceeds the bound, baseline + max(largest layer, largest
+tensor) + slack (``--slack-mb``: heap the allocator keeps after freeing temporaries, and modules
+the import-only baseline does not load), so the script can gate a release; it is still a
+benchmark, not part of the test suite (a minute or more of disk I/O).
 
 Numbers: ``peak RSS`` is the kernel's exact high-water mark for the child (``wait4`` rusage
 ru_maxrss). ``anon``/``file`` peaks come from sampling /proc/PID/status every few ms and split
@@ -212,7 +214,7 @@ def main() -> int:
             layer_bytes = sum(math.prod(s) * F32 for _, s in tensors[1:1 + per_layer])
             print(f"{layers} layers: wrote {mb(ckpt_bytes)} in {gen_s:.0f} s; splitting...", flush=True)
             m = run_measured([*cli_command(), "-q", "split", str(ckpt), "-o", str(out)])
-            bound = baseline["peak_rss"] + layer_bytes + largest + args.slack_mb * 1e6
+            bound = baseline["peak_rss"] + max(layer_bytes, largest) + args.slack_mb * 1e6
             runs.append({"layers": layers, "checkpoint_bytes": ckpt_bytes,
                          "shards": len(list(ckpt.glob("*.safetensors"))), "largest_tensor_bytes": largest,
                          "largest_layer_bytes": layer_bytes, **m,
@@ -234,8 +236,13 @@ def main() -> int:
               f"{mb(r['largest_layer_bytes']):>13} {mb(r['peak_rss']):>9} {mb(r['peak_anon']):>8} "
               f"{mb(r['peak_file']):>8} {mb(r['above_baseline']):>9} {r['rss_over_checkpoint']:>8.3f} "
               f"{r['wall_s']:>5.0f}s  {'yes' if r['bounded'] else 'NO'}")
-    print(f"baseline (imports only) {mb(baseline['peak_rss'])}; bound = baseline + largest layer + largest tensor "
-          f"+ {args.slack_mb:.0f} MB slack")
+    print(f"baseline (imports only) {mb(baseline['peak_rss'])}; bound = baseline + max(largest layer, largest "
+          f"tensor) + {args.slack_mb:.0f} MB slack")
+    if len(runs) > 1:  # the point of the benchmark: more checkpoint, (almost) no more memory
+        small, big = min(runs, key=lambda r: r["checkpoint_bytes"]), max(runs, key=lambda r: r["checkpoint_bytes"])
+        print(f"checkpoint {mb(small['checkpoint_bytes'])} -> {mb(big['checkpoint_bytes'])}: peak RSS "
+              f"{mb(small['peak_rss'])} -> {mb(big['peak_rss'])} "
+              f"({(big['peak_rss'] - small['peak_rss']) / 1e6:+,.0f} MB)")
     if args.json:
         args.json.write_text(json.dumps({"baseline": baseline, "runs": runs, "config": {
             k: getattr(args, k) for k in ("hidden", "intermediate", "experts", "heads", "kv_heads", "vocab",

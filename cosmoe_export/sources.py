@@ -50,7 +50,7 @@ class Source:
     tokenizer_files: list[Path] = field(default_factory=list)
     path: Path | None = None  # checkpoint directory (None for presets)
     adapter: Adapter | None = None
-    release: Callable[[], None] = lambda: None  # drop memory maps (between layers)
+    release: Callable[[], None] = lambda: None  # drop memory maps (after each tensor)
 
     @property
     def reference_is_transformers(self) -> bool:

@@ -1,8 +1,8 @@
 """``split``: a source (checkpoint or preset) -> a bundle (backbone + one file per expert).
 
-Streams tensor by tensor: each expert file is written from its few tensors, then the source's
-memory maps are dropped after every layer; the backbone is written tensor by tensor with the
-streaming writer. Peak memory is the largest tensor plus a constant (bench/split_rss.py).
+Streams tensor by tensor: every file (each expert's, then the backbone with the streaming writer)
+is written one tensor at a time, and the source's memory maps are dropped after each tensor, so
+peak memory is the largest tensor plus a constant (bench/split_rss.py measures it).
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ def split(*, source: Source, out: Path, dtype: str | None = None, force: bool = 
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 entry = _write_file(tmp, rel, experts[(layer, e)], target, source)
                 entries.append({**entry, "role": "expert", "layer": layer, "expert": e})
-            source.release()  # drop this layer's mapped pages before the next
             bar.update(1)
-        entries.insert(0, {**_write_file(tmp, fmt.BACKBONE_PATH, backbone, target, source, release_each=True),
+        entries.insert(0, {**_write_file(tmp, fmt.BACKBONE_PATH, backbone, target, source),
                            "role": "backbone"})
         bar.update(1)
         bar.close()
@@ -82,8 +81,7 @@ def split(*, source: Source, out: Path, dtype: str | None = None, force: bool = 
     return SplitResult(out, len(entries) + 1, sum(e["bytes"] for e in entries))
 
 
-def _write_file(root: Path, rel: str, tensors: list[PlannedTensor], dtype: torch.dtype, source: Source,
-                release_each: bool = False) -> dict:
+def _write_file(root: Path, rel: str, tensors: list[PlannedTensor], dtype: torch.dtype, source: Source) -> dict:
     by_name = {t.name: t for t in tensors}
     writer = SafetensorsWriter(root / rel, {t.name: (dtype, t.shape) for t in tensors}, ST_METADATA)
     try:
@@ -94,8 +92,9 @@ def _write_file(root: Path, rel: str, tensors: list[PlannedTensor], dtype: torch
                                       "(a diverged training run?)")
             writer.write(name, t.to(dtype).contiguous())
             del t
-            if release_each:
-                source.release()
+            # Unmap now: pages read through a memory map count in RSS until unmapped, so releasing
+            # only between layers let a whole layer (hundreds of MB) pile up. Reopening is cheap.
+            source.release()
         sha = writer.close()
     except BaseException:
         writer.abort()

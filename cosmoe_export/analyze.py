@@ -99,23 +99,11 @@ def loads_per_token(sel: np.ndarray, num_experts: int) -> float:
     return (routing_metrics.replacement_count(sel, num_experts) // 2) / (b * (t - 1)) if t > 1 else 0.0
 
 
-def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path | None = None,
-            plot_layer: int | None = None) -> dict[str, Any]:
-    loaded = load(path)
-    cfg = loaded.config
-    if loaded.tokenizer_path is None or not loaded.tokenizer_path.is_file():
-        raise CosmoeError(f"{path}: has no tokenizer.json; analyze needs the model's tokenizer to encode --text")
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(loaded.tokenizer_path))
-    try:
-        raw = Path(text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CosmoeError(f"{text}: cannot read as UTF-8 text ({e})") from None
-    ids = tok.encode(raw).ids[:max_tokens]
-    batch = windows(ids, cfg.max_position_embeddings)  # [B, T]
-    sels, nll = run_routing(loaded.model, batch)  # L x [B, T, K]
+def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """batch [B, T] -> (report, selections per layer [B, T, K]); the numbers only, no provenance."""
+    cfg = model.config
+    sels, nll = run_routing(model, batch)  # L x [B, T, K]
     e, k = cfg.num_experts, cfg.num_experts_per_tok
-
     per_layer = []
     for layer, sel in enumerate(sels):
         curve = expert_cache.hit_rate_curve(sel, e)
@@ -130,9 +118,6 @@ def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path
         })
     sizes = list(range(1, e + 1))
     report: dict[str, Any] = {
-        "model": str(path),
-        "kind": loaded.kind,
-        "text": str(text),
         "tokens": int(batch.numel()),
         "windows": int(batch.shape[0]),
         "window_tokens": int(batch.shape[1]),
@@ -150,6 +135,29 @@ def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path
         },
         "per_layer": per_layer,
     }
+    return report, sels
+
+
+def encode_text(tok, text: Path, max_tokens: int | None) -> list[int]:
+    """The text's ids under ``tok`` (a ``tokenizers.Tokenizer``), cut to ``max_tokens``."""
+    try:
+        raw = Path(text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CosmoeError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    return tok.encode(raw).ids[:max_tokens]
+
+
+def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path | None = None,
+            plot_layer: int | None = None) -> dict[str, Any]:
+    loaded = load(path)
+    cfg = loaded.config
+    if loaded.tokenizer_path is None or not loaded.tokenizer_path.is_file():
+        raise CosmoeError(f"{path}: has no tokenizer.json; analyze needs the model's tokenizer to encode --text")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(loaded.tokenizer_path))
+    batch = windows(encode_text(tok, text, max_tokens), cfg.max_position_embeddings)  # [B, T]
+    numbers, sels = routing_report(loaded.model, batch)
+    report = {"model": str(path), "kind": loaded.kind, "text": str(text), **numbers}
     if plots is not None:
         from cosmoe_export import analyze_plots
         layer = cfg.num_hidden_layers // 2 if plot_layer is None else plot_layer

@@ -42,6 +42,8 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       cosmoe-export inspect wearable-moe                # sizes and memory of a preset
       cosmoe-export split ./my-mixtral -o out/bundle    # backbone + one file per expert
       cosmoe-export verify out/bundle --reference ./my-mixtral --json report.json
+      cosmoe-export quantize out/bundle -o out/q4 --expert-scheme int4 --calibration text.txt
+      cosmoe-export verify out/q4 --reference ./my-mixtral --text held-out.txt
 
     Sources are checkpoint directories (config.json + safetensors) of the architectures listed by
     `cosmoe-export architectures`, or preset names (random weights).
@@ -89,6 +91,107 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--expert-scheme", type=click.Choice(["int8", "int4", "none"]), default=None,
+              help="Scheme of every routed expert (default int4; not with --expert-bits auto).")
+@click.option("--backbone-scheme", type=click.Choice(["int8", "int4", "none"]), default="int8", show_default=True,
+              help="Scheme of attention, shared experts, embedding and output head (routers and norms stay float).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="int4 group size (inputs per scale); with --expert-bits auto, the smallest group tried.")
+@click.option("--expert-bits", type=click.Choice(["fixed", "auto"]), default="fixed", show_default=True,
+              help="auto: int4 or int8 per expert, from --calibration, to meet --target-size.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text the model runs on to round with GPTQ and to measure experts for --expert-bits auto.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+              help="How weights are rounded [default: gptq with --calibration, else nearest].")
+@click.option("--target-size", default=None, help="Bundle size for --expert-bits auto: 300MB, 2.5MB, 1GiB or bytes.")
+@click.option("--calibration-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+              help="Tokens of --calibration to use.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", default=None,
+              help="Write a summary (and the auto decision) as JSON ('-': stdout).")
+@click.pass_context
+def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | None, backbone_scheme: str,
+             group_size: str, expert_bits: str, calibration: Path | None, rounding: str | None,
+             target_size: str | None, calibration_tokens: int, force: bool, json_path: str | None) -> None:
+    """Quantize a float BUNDLE's experts and backbone into a new bundle.
+
+    Schemes: int8 (symmetric, per output channel), int4 (symmetric, per group of --group-size inputs,
+    two values per byte), none (keep the float dtype). Routers and norms always stay float. With
+    --calibration the weights are rounded by GPTQ on that text (much closer to the float model at
+    int4), else to nearest. The bundle is written atomically and is byte-for-byte the same for the
+    same input; docs/FORMAT.md describes the bytes and docs/QUANTIZATION.md the quality of each scheme.
+
+    \b
+    Examples:
+      cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-q8 --expert-scheme int8 --backbone-scheme int8
+      cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-q4 --expert-scheme int4 \\
+          --calibration ../shared/data/wikitext-2/valid.txt
+      cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-mp --expert-bits auto \\
+          --calibration ../shared/data/wikitext-2/valid.txt --target-size 2.5MB
+    """
+    from cosmoe_export.quantize import Calibration, QuantConfig, parse_size
+    from cosmoe_export.quantize import quantize as run_quantize
+
+    if expert_bits == "auto":
+        if expert_scheme is not None:
+            raise CosmoeError("--expert-scheme and --expert-bits auto exclude each other: auto chooses per expert")
+        if calibration is None or target_size is None:
+            raise CosmoeError("--expert-bits auto needs --calibration FILE and --target-size SIZE")
+    elif target_size is not None:
+        raise CosmoeError("--target-size only applies with --expert-bits auto")
+    if rounding == "gptq" and calibration is None:
+        raise CosmoeError("--rounding gptq needs --calibration FILE")
+    config = QuantConfig(experts="auto" if expert_bits == "auto" else (expert_scheme or "int4"),
+                         backbone=backbone_scheme, group_size=int(group_size),
+                         rounding=rounding or ("gptq" if calibration else "nearest"),
+                         calibration=Calibration(calibration, calibration_tokens) if calibration else None,
+                         target_bytes=parse_size(target_size) if target_size else None)
+    r = run_quantize(bundle=bundle, out=out, config=config, force=force, progress=ctx.meta["progress"])
+    info = sys.stderr if json_path == "-" else sys.stdout
+    click.echo(f"wrote {r.out}: {r.files} files, {r.bytes / 1e6:.2f} MB ({100 * r.bytes / r.source_bytes:.1f} % of "
+               f"{r.source_bytes / 1e6:.2f} MB)", file=info)
+    if r.mixed_precision:
+        m = r.mixed_precision
+        counts = ", ".join(f"{n} x{c}" for n, c in m["counts"].items() if c)
+        click.echo(f"  experts: {counts}; target {m['target_bytes'] / 1e6:.2f} MB", file=info)
+    _write_json(json_path, {"out": str(r.out), "files": r.files, "bytes": r.bytes, "source_bytes": r.source_bytes,
+                            "quantization": {"experts": config.experts, "backbone": config.backbone,
+                                             "group_size": config.group_size},
+                            "mixed_precision": r.mixed_precision})
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", "target", type=click.Choice(["executorch", "onnx", "all"]), default="all", show_default=True,
+              help="Which runtime to lower for.")
+@click.option("--json", "json_path", default=None, help="Write timings as JSON to this file ('-' for stdout).")
+@click.pass_context
+def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None) -> None:
+    """Add ExecuTorch (XNNPACK) and/or ONNX programs to BUNDLE, one per unit: embedding, each layer
+    (attention + router), head, and one per (layer, expert) so experts load one by one.
+
+    Quantized experts keep the bundle's own integers (8da4w/8da8w for ExecuTorch, MatMulNBits for
+    ONNX). Programs go to BUNDLE/executorch and BUNDLE/onnx and are listed in the manifest.
+
+    \b
+    Examples:
+      cosmoe-export lower bundles/tiny-bles --target all
+      cosmoe-export lower bundles/wearable --target onnx --json timings.json
+    """
+    from cosmoe_export.lower.stage import TARGETS
+    from cosmoe_export.lower.stage import lower as run_lower
+
+    targets = sorted(TARGETS) if target == "all" else [target]
+    timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"])
+    for name, t in timings.items():
+        click.echo(f"{name}: backbone {t['backbone_s']:.1f} s, experts {t['experts_s']:.1f} s "
+                   f"({t['per_expert_s'] * 1e3:.0f} ms per expert)", err=json_path == "-")
+    _write_json(json_path, timings)
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("path")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints (weights-only unpickler).")
@@ -107,6 +210,10 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(f"{path} ({r['kind']}, {r['architecture']}, {r['dtype']})")
+    if "quantization" in r:
+        q = r["quantization"]
+        click.echo(f"  quantized: experts {q['experts']}, backbone {q['backbone']}, int4 group {q['group_size']}, "
+                   f"rounding {q['rounding']}")
     click.echo(f"  layers {r['num_layers']}, experts {r['num_experts']} ({r['expert_kind']}), top-{r['top_k']}, "
                f"hidden {r['hidden_size']}, vocab {r['vocab_size']}")
     click.echo(f"  parameters: active {r['params_active'] / 1e6:,.1f}M, total {r['params_total'] / 1e6:,.1f}M "
@@ -126,27 +233,47 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
 @click.option("--reference", required=True, help="Checkpoint directory or preset the bundle was split from.")
 @click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text for kl_mean, ppl and ppl_ref (needed for quantized bundles).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens of --text.")
+@click.option("--gate", "gate_specs", multiple=True, metavar="NAME=VALUE",
+              help="Override a gate threshold, or NAME=off; gates: max_abs_logit_err, top1_agreement, greedy_match, "
+                   "kl_mean, ppl_increase (relative, 0.03 = +3 %). Repeatable.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt reference checkpoints.")
-def verify(bundle: Path, reference: str, backend: str, new_tokens: int, json_path: str | None,
-           allow_pickle: bool) -> None:
+def verify(bundle: Path, reference: str, backend: str, new_tokens: int, text: Path | None, max_tokens: int | None,
+           gate_specs: tuple[str, ...], json_path: str | None, allow_pickle: bool) -> None:
     """Run BUNDLE through the reference runtime and compare it with the reference model.
 
+    A float bundle must match it (logits within 1e-4, same top-1 and greedy tokens). A quantized
+    bundle is measured against its float source on --text: mean KL divergence, perplexity, top-1
+    agreement, gated by default at docs/QUANTIZATION.md's targets for its precision.
     Exit code 0 when every gate passes, 1 when a gate fails, 2 on bad input.
 
     \b
     Examples:
       cosmoe-export verify bundles/mixtral-tiny --reference ./mixtral-tiny
       cosmoe-export verify bundles/tiny --reference tiny --json report.json
+      cosmoe-export verify bundles/tiny-bles-q4 --reference recipes/models/tiny-bles \\
+          --text ../shared/data/wikitext-2/test.txt --gate ppl_increase=0.05
     """
     from cosmoe_export.verify import verify as run_verify
 
+    gates: dict[str, float | None] = {}
+    for spec in gate_specs:
+        name, _, value = spec.partition("=")
+        try:
+            gates[name.strip()] = None if value.strip() == "off" else float(value)
+        except ValueError:
+            raise CosmoeError(f"--gate {spec!r}: write NAME=NUMBER or NAME=off") from None
     report = run_verify(bundle_path=bundle, reference=reference, backend=backend, new_tokens=new_tokens,
-                        allow_pickle=allow_pickle)
+                        text=text, max_tokens=max_tokens, gates=gates, allow_pickle=allow_pickle)
     for r in report["results"]:
         status = "PASS" if r["passed"] else "FAIL"
-        click.echo(f"{r['backend']} {r['dtype']}: max_abs_logit_err={r['max_abs_logit_err']:.2e} "
-                   f"top1_agreement={r['top1_agreement']:.3f} greedy_match={r['greedy_match']:.3f} "
+        extra = (f" kl_mean={r['kl_mean']:.4f} ppl={r['ppl']:.3f} ppl_ref={r['ppl_ref']:.3f} "
+                 f"({100 * r['ppl_increase']:+.2f} %)" if "kl_mean" in r else "")
+        click.echo(f"{r['backend']} {r['dtype']} ({r['precision']}): max_abs_logit_err={r['max_abs_logit_err']:.2e} "
+                   f"top1_agreement={r['top1_agreement']:.3f} greedy_match={r['greedy_match']:.3f}{extra} "
                    f"expert_loads={r['expert_loads']}  {status}", err=json_path == "-")
     _write_json(json_path, report)
     if not report["passed"]:
@@ -167,6 +294,45 @@ def architectures() -> None:
 
     click.echo("architectures: " + ", ".join(supported_architectures()))
     click.echo("presets: " + ", ".join(PRESETS))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="UTF-8 text to run, cut into windows of the model's context.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Use only the first N tokens of the text (default: all).")
+@click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-' for stdout).")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write PNG plots (selection map, ΔUniform per layer, hit rate vs cache size) here.")
+def analyze(path: str, text: Path, max_tokens: int | None, json_path: str | None, plots: Path | None) -> None:
+    """Routing statistics of PATH (checkpoint directory or bundle) over a text: perplexity, ExRep
+    (CoSMoEs Eq. 4-5), ΔUniform, expert loads per token under the Eq. 8 policy, and the hit rate of
+    a per-layer expert cache (LRU and the Belady optimum) for every cache size.
+
+    \b
+    Examples:
+      cosmoe-export analyze recipes/models/tiny-bles --text ../shared/data/wikitext-2/test.txt
+      cosmoe-export analyze bundles/tiny-bles --text notes.txt --max-tokens 65536 --json r.json --plots plots/
+    """
+    from cosmoe_export.analyze import analyze as run_analyze
+
+    r = run_analyze(path=path, text=text, max_tokens=max_tokens, plots=plots)
+    out = sys.stderr if json_path == "-" else sys.stdout
+    e, half = r["num_experts"], r["num_experts"] // 2
+    click.echo(f"{path} ({r['kind']}): {r['tokens']:,} tokens in {r['windows']} windows of {r['window_tokens']}, "
+               f"perplexity {r['perplexity']:.2f}", file=out)
+    click.echo(f"  layer  ExRep %  ΔUniform  loads/token  LRU@{half}/{e}  Belady@{half}/{e}", file=out)
+    rows = [(str(p["layer"]), p["exrep"], p["delta_uniform"], p["loads_per_token"], p["hit_rate_lru"][half - 1],
+             p["hit_rate_belady"][half - 1]) for p in r["per_layer"]]
+    c = r["hit_rate_curve"]
+    rows.append(("all", r["exrep"], r["delta_uniform"], r["loads_per_token"], c["lru"][half - 1],
+                 c["belady"][half - 1]))
+    for name, x, du, loads, lru, bel in rows:
+        click.echo(f"  {name:>5}  {x:7.2f}  {du:8.2f}  {loads:11.3f}  {100 * lru:8.1f} %  {100 * bel:9.1f} %", file=out)
+    for p in r.get("plots", []):
+        click.echo(f"  wrote {p}", file=out)
+    _write_json(json_path, r)
 
 
 def _quiet_libraries() -> None:

@@ -29,7 +29,10 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
         experts = [f.bytes for f in bundle.files if f.role == "expert"]
         report["backbone_bytes"] = bundle.backbone.bytes
         report["bytes_per_expert"] = max(experts)
-        report["dtype"] = bundle.backbone.dtype
+        report["dtype"] = bundle.backbone.dtype  # of the tensors kept in float
+        if bundle.quantization is not None:  # quantized bundles: what the bytes above hold
+            report["quantization"] = {k: bundle.quantization[k]
+                                      for k in ("experts", "backbone", "group_size", "rounding")}
         return report
     source = open_source(path, allow_pickle=allow_pickle, hash_files=False)
     arch = source.adapter.architecture if source.adapter else "CosmoeForCausalLM"

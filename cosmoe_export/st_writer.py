@@ -29,20 +29,8 @@ class SafetensorsWriter:
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
-        # safetensors orders tensors by dtype, then name; our files hold one dtype, so by name.
-        self.order = sorted(specs, key=lambda n: (-_dtype_rank(specs[n][0]), n))
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(sorted(metadata.items()))
-        offset = 0
-        for name in self.order:
-            dtype, shape = specs[name]
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+        self.order, blob = plan_header(specs, metadata)
         self.specs = specs
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * ((8 - len(blob) % 8) % 8)
         self._hash = hashlib.sha256()
         self._file = open(self.path, "xb")  # never overwrite: callers write into fresh temp dirs
         self._next = 0
@@ -85,6 +73,30 @@ class SafetensorsWriter:
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def plan_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                metadata: dict[str, str] | None = None) -> tuple[list[str], bytes]:
+    """(tensor order, padded JSON header) of a file holding ``specs``, exactly as safetensors writes it."""
+    # safetensors orders tensors by dtype (see _ST_ORDER), then name.
+    order = sorted(specs, key=lambda n: (-_dtype_rank(specs[n][0]), n))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return order, blob + b" " * ((8 - len(blob) % 8) % 8)
+
+
+def file_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> int:
+    """The exact size of the file the writer makes for ``specs``, without writing it (size planning)."""
+    _, blob = plan_header(specs, metadata)
+    return 8 + len(blob) + sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in specs.values())
 
 
 # safetensors sorts by its Dtype enum (declaration order), descending.

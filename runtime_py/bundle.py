@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import jsonschema
 
 from runtime_py import format as fmt
+from runtime_py import quant
 from runtime_py.config import CosmoeConfig
 from runtime_py.errors import FormatError, IntegrityError
 
@@ -26,6 +27,16 @@ class FileEntry:
     dtype: str | None = None
     layer: int | None = None
     expert: int | None = None
+    tensors: dict | None = None  # quantized bundles: canonical name -> encoding (runtime_py.quant)
+    target: str | None = None  # programs: "executorch" | "onnx"
+    unit: str | None = None  # programs: "embed" | "layer" | "head" | "expert"
+    precision: str | None = None  # programs: "fp32", "8da4w", "matmulnbits-int4", ...
+
+    def encodings(self) -> dict[str, quant.Encoding] | None:
+        """How each tensor of this file is stored; None for float bundles (all in ``dtype``)."""
+        if self.tensors is None:
+            return None
+        return {name: quant.Encoding.from_json(e) for name, e in self.tensors.items()}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -105,6 +116,11 @@ class Bundle:
         return next(f for f in self.files if f.role == "backbone")
 
     @property
+    def quantization(self) -> dict | None:
+        """The manifest's ``quantization`` section; None for a float bundle."""
+        return self.manifest.get(fmt.QUANTIZATION_KEY)
+
+    @property
     def tokenizer_dir(self) -> Path | None:
         tok = self.manifest.get("tokenizer")
         return self.root / fmt.TOKENIZER_DIR if tok and tok.get("files") else None
@@ -155,3 +171,10 @@ def validate_manifest(manifest: object, *, where: str) -> None:
         check_relative_path(f["path"], where)
         if f["role"] == "expert" and ("layer" not in f or "expert" not in f):
             raise FormatError(f"{where}: expert file {f['path']!r} lacks its layer or expert index")
+        # A quantized bundle says how every tensor is stored; a float bundle never does. A file
+        # without ``tensors`` in a quantized bundle would be read as float: refuse it instead.
+        quantized = fmt.QUANTIZATION_KEY in manifest
+        if f["role"] in ("backbone", "expert") and ("tensors" in f) != quantized:
+            raise FormatError(f"{where}: file {f['path']!r} {'has' if 'tensors' in f else 'lacks'} per-tensor "
+                              f"encodings but the manifest {'is' if quantized else 'is not'} quantized; "
+                              "rebuild the bundle")

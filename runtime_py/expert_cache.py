@@ -1,87 +1,94 @@
 """Per-layer expert cache simulators: how many expert loads a cache of C experts saves when the
-model decodes token by token.
+model decodes token by token. The runtime's budgeted store will use the same policies: LRU
+online, and Belady's optimum as the bound no online policy can beat.
 
-The request stream of one layer is its selection sequence ``sel [T, K]`` read row by row: token
-t's K experts in routing order, then token t+1's. A request hits when the expert is resident;
-otherwise the expert is loaded and, when the cache is full, one resident expert is evicted first.
-The runtime's budgeted store will use the same policies (LRU online, Belady as the bound no
-online policy can beat).
+One layer's selections ``sel [T, K]`` are processed token by token. The router picks all K
+experts of a token before any of them runs, so a token first uses its resident experts (hits),
+then loads the missing ones (misses), each evicting one resident expert when the cache is full.
+Hits first matters: loading a miss must not evict an expert the same token is about to use.
+With that order, LRU with C = K is exactly the CoSMoEs Eq. 8 policy (keep only the currently
+selected experts), so its miss count equals floor(H/2) of Eq. 4 plus the K cold-start loads.
 
-With C >= K the order inside a token does not matter for LRU, and LRU with C = K is exactly the
-CoSMoEs Eq. 8 policy (keep only the currently selected experts).
+Hit rate = hits / (T*K) requests; the cache starts empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
 
 import numpy as np
 
 
-def request_stream(sel: np.ndarray) -> list[int]:
-    """[T, K] (or [B, T, K], sequences one after another) -> [T*K] expert ids in decode order."""
-    return [int(e) for e in np.asarray(sel).reshape(-1)]
+def _tokens(sel: np.ndarray) -> np.ndarray:
+    """[T, K] or [B, T, K] (sequences decoded one after another) -> [T', K] ints."""
+    sel = np.asarray(sel)
+    if sel.ndim not in (2, 3):
+        raise ValueError(f"selections must be [T, K] or [B, T, K], got shape {sel.shape}")
+    return sel.reshape(-1, sel.shape[-1])
 
 
-def lru_hit_counts(requests: Sequence[int], max_capacity: int) -> list[int]:
-    """Hits of an LRU cache for every capacity 1..max_capacity, in one pass (Mattson's stack
-    algorithm: a request hits in every LRU cache larger than its stack distance, the number of
-    distinct experts used since its last use).
-
-    -> hits[c - 1] for capacity c
-    """
-    stack: list[int] = []  # most recent first
-    at_distance = [0] * max_capacity  # requests whose stack distance is d
-    for e in requests:
-        try:
-            d = stack.index(e)
-        except ValueError:
-            d = -1  # first use: a miss at every capacity
-        if d >= 0:
-            del stack[d]
-            if d < max_capacity:
-                at_distance[d] += 1
-        stack.insert(0, e)
-    hits, total = [], 0
-    for d in range(max_capacity):
-        total += at_distance[d]
-        hits.append(total)
-    return hits
-
-
-def lru_hits(requests: Sequence[int], capacity: int) -> int:
-    return lru_hit_counts(requests, capacity)[-1]
-
-
-def belady_hits(requests: Sequence[int], capacity: int) -> int:
-    """Hits of Belady's optimal offline policy: on a miss with a full cache, evict the resident
-    expert whose next request lies farthest in the future (never requested again = infinitely far)."""
+def lru_hits(sel: np.ndarray, capacity: int) -> int:
+    """Hits of a least-recently-used cache holding ``capacity`` experts."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    n = len(requests)
-    next_use = [n] * n  # index of the next request of the same expert; n = never
-    last: dict[int, int] = {}
-    for i in range(n - 1, -1, -1):
-        next_use[i] = last.get(requests[i], n)
-        last[requests[i]] = i
-    resident: dict[int, int] = {}  # expert -> index of its next request
+    cache: OrderedDict[int, None] = OrderedDict()  # least recent first
     hits = 0
-    for i, e in enumerate(requests):
-        if e in resident:
-            hits += 1
-        elif len(resident) >= capacity:
-            del resident[max(resident, key=resident.__getitem__)]
-        resident[e] = next_use[i]
+    for row in _tokens(sel).tolist():  # row: the K experts of one token
+        misses = []
+        for e in row:
+            if e in cache:
+                hits += 1
+                cache.move_to_end(e)
+            else:
+                misses.append(e)
+        for e in misses:
+            if len(cache) >= capacity:
+                cache.popitem(last=False)
+            cache[e] = None
     return hits
 
 
-def hit_rate_curve(sel: np.ndarray, num_experts: int) -> dict[str, list[float]]:
+def next_use(sel: np.ndarray, num_experts: int) -> np.ndarray:
+    """[T, K] -> [T, E]: for token t and expert e, the first token after t that selects e (T if none)."""
+    tokens = _tokens(sel)
+    t = len(tokens)
+    mask = np.zeros((t, num_experts), dtype=bool)  # [T, E]
+    np.put_along_axis(mask, tokens, True, axis=1)
+    out = np.empty((t, num_experts), dtype=np.int64)
+    steps = np.arange(t)
+    for e in range(num_experts):
+        uses = np.append(np.flatnonzero(mask[:, e]), t)  # [U+1], sentinel T = never again
+        out[:, e] = uses[np.searchsorted(uses, steps, side="right")]
+    return out
+
+
+def belady_hits(sel: np.ndarray, capacity: int, num_experts: int) -> int:
+    """Hits of Belady's optimal offline policy: on a miss with a full cache, evict the resident
+    expert whose next use lies farthest in the future (never used again = farthest of all)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    tokens = _tokens(sel).tolist()
+    nxt = next_use(sel, num_experts).tolist()  # [T, E]
+    cache: set[int] = set()
+    hits = 0
+    for t, row in enumerate(tokens):
+        misses = [e for e in row if e not in cache]
+        hits += len(row) - len(misses)
+        future = nxt[t]
+        for e in misses:
+            if len(cache) >= capacity:
+                # Ties (same next use) go to the lowest expert id: deterministic.
+                cache.remove(max(sorted(cache), key=future.__getitem__))
+            cache.add(e)
+    return hits
+
+
+def hit_rate_curve(sel: np.ndarray, num_experts: int) -> dict[str, list]:
     """Hit rates of LRU and Belady for cache sizes 1..E experts, over one layer's selections."""
-    reqs = request_stream(sel)
-    n = max(1, len(reqs))
-    lru = lru_hit_counts(reqs, num_experts)
+    requests = max(1, _tokens(sel).size)
+    sizes = list(range(1, num_experts + 1))
     return {
-        "cache_size": list(range(1, num_experts + 1)),
-        "lru": [h / n for h in lru],
-        "belady": [belady_hits(reqs, c) / n for c in range(1, num_experts + 1)],
+        "cache_size": sizes,
+        "lru": [lru_hits(sel, c) / requests for c in sizes],
+        "belady": [belady_hits(sel, c, num_experts) / requests for c in sizes],
     }

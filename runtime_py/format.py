@@ -5,6 +5,9 @@ A bundle is a directory:
     backbone.safetensors                           every non-expert tensor
     experts/layer_{L:03d}/expert_{E:03d}.safetensors   one routed expert of one layer
     tokenizer/...                                  tokenizer files passed through from the source
+
+Quantized bundles add the manifest's QUANTIZATION_KEY section and a per-file ``tensors`` map;
+runtime_py/quant.py is the spec of their tensors' bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from importlib import resources
 FORMAT_NAME = "cosmoe-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"
 EXPERT_PATH = "experts/layer_{layer:03d}/expert_{expert:03d}.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -22,7 +26,7 @@ TOKENIZER_DIR = "tokenizer"
 # multi-GB "manifest" from being read into memory.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-ROLES = ("backbone", "expert", "tokenizer")
+ROLES = ("backbone", "expert", "tokenizer", "program")  # program: a lowered unit (cosmoe-export lower)
 # Tensor dtypes a v1 bundle may hold (safetensors spelling -> torch spelling).
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # CLI spelling -> torch dtype name.

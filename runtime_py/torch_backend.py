@@ -1,5 +1,6 @@
 """PyTorch backend: the backbone resident, each routed expert read from its shard the first time
-the router selects it (memory-mapped through safetensors, no copy for fp32 bundles).
+the router selects it (memory-mapped through safetensors, no copy for fp32 bundles; quantized
+shards are dequantized to the runtime's dtype as they load).
 
 The budgeted store and its eviction policies come with the runtime issue; this store keeps what
 it loaded and counts loads, bytes and load times so that verify can report them.
@@ -13,29 +14,60 @@ from functools import partial
 import torch
 from safetensors import SafetensorError, safe_open
 
+from runtime_py import quant
 from runtime_py.bundle import Bundle
 from runtime_py.config import expert_of, expert_tensor_shapes, tensor_shapes
 from runtime_py.errors import FormatError
 from runtime_py.model import CosmoeForCausalLM, Expert, KVCache, rope_inv_freq
 
 
-def read_safetensors(path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of one shard, checked against the names and shapes the config implies."""
+def read_safetensors(path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                     encodings: dict[str, quant.Encoding] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one shard, checked against the names and shapes the config implies.
+
+    ``encodings`` (quantized bundles) says how each canonical tensor is stored; quantized ones are
+    checked entry by entry (codes and scales, dtypes and shapes) and dequantized to ``dtype`` here,
+    once, when the shard loads: bench/quant_kernels.py measured PyTorch's int8/int4 CPU kernels 5-15x
+    slower than fp32 F.linear for one token, and dequantizing costs about what their own repacking does.
+    """
+    if encodings is not None and set(encodings) != set(expected):
+        extra, missing = sorted(set(encodings) - set(expected))[:3], sorted(set(expected) - set(encodings))[:3]
+        raise FormatError(f"{path}: the manifest's tensor encodings do not match the model config "
+                          f"(extra {extra}, missing {missing})")
+    encodings = encodings or {}
+    stored: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}  # None: any float dtype
+    for name, shape in expected.items():
+        enc = encodings.get(name)
+        if enc is None or not enc.quantized:
+            stored[name] = (None, tuple(shape))
+            continue
+        quant.check_encoding(enc, tuple(shape), f"{path}: {name}")
+        stored.update(quant.stored_specs(name, tuple(shape), enc, dtype))
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            if names != set(expected):
-                extra, missing = sorted(names - set(expected))[:3], sorted(set(expected) - names)[:3]
+            if names != set(stored):
+                extra, missing = sorted(names - set(stored))[:3], sorted(set(stored) - names)[:3]
                 raise FormatError(f"{path}: tensors do not match the model config (extra {extra}, missing {missing})")
-            out = {}
-            for name in expected:
+            raw = {}
+            for name, (want_dtype, want_shape) in stored.items():
                 t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(expected[name]):
-                    raise FormatError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {expected[name]}")
-                out[name] = t if t.dtype == dtype else t.to(dtype)
-            return out
+                if tuple(t.shape) != want_shape:
+                    raise FormatError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {want_shape}")
+                if want_dtype is not None and t.dtype != want_dtype:
+                    raise FormatError(f"{path}: {name} is {t.dtype}, its encoding needs {want_dtype}")
+                raw[name] = t
     except SafetensorError as e:
         raise FormatError(f"{path}: not a valid safetensors file ({e})") from None
+    out = {}
+    for name, shape in expected.items():
+        enc = encodings.get(name)
+        if enc is not None and enc.quantized:
+            out[name] = quant.dequantize(raw[name], raw[name + quant.SCALE_SUFFIX], enc, shape[1], dtype)
+        else:
+            t = raw[name]
+            out[name] = t if t.dtype == dtype else t.to(dtype)
+    return out
 
 
 class ExpertStore:
@@ -62,7 +94,7 @@ class ExpertStore:
         path = self.bundle.checked_path(entry)
         cfg = self.config
         shapes = expert_tensor_shapes(cfg, layer, expert)
-        tensors = read_safetensors(path, shapes, self.dtype)
+        tensors = read_safetensors(path, shapes, self.dtype, entry.encodings())
         prefix = f"layers.{layer}.moe.experts.{expert}."
         with torch.device("meta"):
             module = Expert(cfg.hidden_size, cfg.intermediate_size, cfg.expert_kind, cfg.rank)
@@ -80,7 +112,7 @@ class TorchRuntime:
         self.bundle, self.config, self.dtype = bundle, bundle.config, dtype
         cfg = self.config
         expected = {n: s for n, s in tensor_shapes(cfg).items() if expert_of(n) is None}
-        state = read_safetensors(bundle.checked_path(bundle.backbone), expected, dtype)
+        state = read_safetensors(bundle.checked_path(bundle.backbone), expected, dtype, bundle.backbone.encodings())
         with torch.device("meta"):
             model = CosmoeForCausalLM(cfg, with_experts=False)
         model.load_state_dict(state, assign=True, strict=True)

@@ -9,4 +9,4 @@ EXTRAS=test bash scripts/install.sh
 if grep -rnE '^\s*(from|import) cosmoe_export' runtime_py; then
   echo "runtime_py imports cosmoe_export" >&2; exit 1
 fi
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+.venv/bin/python -m pytest -p no:cacheprovider tests "$@"

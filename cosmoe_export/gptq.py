@@ -1,0 +1,75 @@
+"""GPTQ rounding (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", Algorithm 1): round a weight matrix's columns one at a time and push each
+column's rounding error onto the columns not yet rounded, weighted by the inverse Hessian of the
+layer's inputs, so that the layer's *output* on calibration inputs moves as little as possible.
+
+It only chooses codes and scales; the bytes are the same scheme as round-to-nearest
+(runtime_py/quant.py), so a runtime cannot tell the two apart. Measured on tiny-moe
+(docs/QUANTIZATION.md): int4 g32 experts, top-1 agreement 92.5 % rounded to nearest -> 96.1 % with GPTQ.
+
+Deterministic: float64 throughout, fixed block order; the caller runs it on one thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime_py import quant
+
+DAMP = 0.01  # GPTQ's default: add 1 % of the mean diagonal to H so that it inverts
+BLOCK = 128  # columns per lazy-update block; a multiple of every int4 group size, so groups never straddle
+
+
+def hessian(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, K] inputs (and optional per-row weights [n]) -> H = sum_t w_t^2 x_t x_t^T [K, K] float64.
+
+    For a routed expert the weight is the token's routing weight: the layer output moves by w_t times
+    the expert's change, so its squared error is weighted by w_t^2."""
+    x = x.double()
+    xw = x if weight is None else x * weight.double()[:, None] ** 2
+    return xw.t() @ x
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, enc: quant.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float, h [K, K] float64 -> (stored codes, bf16 scales [N, ceil(K/G)]) under ``enc``,
+    the same layout ``quant.quantize`` writes.
+
+    Scales follow the scheme's rule (amax / divisor, rounded up to bf16), taken from each group's
+    weights *as updated* when the algorithm reaches the group's first column; per-channel int8 takes
+    its scale from the original row."""
+    s = quant.SCHEMES[enc.scheme]
+    n, k = w.shape
+    g = enc.group_size
+    W = w.double().clone()  # [N, K], updated in place as errors are pushed right
+    H = h.double().clone()  # [K, K]
+    dead = torch.diag(H) == 0  # inputs never active on the calibration text: keep W, decouple them
+    H[dead, dead] = 1.0
+    H += DAMP * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
+    # Upper Cholesky factor of H^-1: row i holds the update coefficients for column i (GPTQ Alg. 1).
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [K, K]
+
+    codes = torch.zeros(n, k, dtype=torch.int8)
+    scales = torch.empty(n, -(-k // g), dtype=quant.SCALE_DTYPE)
+    col_scale = torch.empty(n, dtype=torch.float64)
+    if g >= k:  # one group per row: the scale of the original row
+        scales[:, 0] = quant.scales(w, enc)[:, 0]
+        col_scale = scales[:, 0].double()
+    for b0 in range(0, k, BLOCK):
+        b1 = min(b0 + BLOCK, k)
+        block = W[:, b0:b1].clone()  # [N, B]
+        err = torch.zeros_like(block)  # [N, B] scaled errors, for the lazy update of later blocks
+        hb = hinv[b0:b1, b0:b1]  # [B, B]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if g < k and col % g == 0:  # group start: scale from the group's updated weights
+                grp = block[:, i:i + g].float()  # [N, <=G], within this block since BLOCK % G == 0
+                scales[:, col // g] = quant.scales(grp, quant.Encoding(enc.scheme, enc.bits, grp.shape[1],
+                                                                      enc.scale_dtype))[:, 0]
+                col_scale = scales[:, col // g].double()
+            q = torch.round(block[:, i] / col_scale).clamp_(s.qmin, s.qmax)  # [N]
+            codes[:, col] = q.to(torch.int8)
+            e = (block[:, i] - q * col_scale) / hb[i, i]  # [N]
+            block[:, i:] -= e[:, None] * hb[i, i:][None, :]
+            err[:, i] = e
+        W[:, b1:] -= err @ hinv[b0:b1, b1:]  # [N, K-b1]
+    return s.pack(codes), scales

@@ -1,0 +1,86 @@
+"""ExecuTorch programs (XNNPACK) for each unit.
+
+XNNPACK packs a method's weights when it loads and refuses quantized weights as inputs, so each
+(layer, expert) is its own small program with its weights inside: loading one expert is loading
+one ``.pte``. Quantized experts use torchao's Int8DynamicActivationIntxWeightConfig ("8da4w" /
+"8da8w"); its codes and scales are overwritten with the bundle's own, so the program computes
+the bundle's weights exactly, with XNNPACK's dynamic int8 activation quantization on top (a
+re-quantization the backend forces: measured in docs/LOWERING.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosmoe_export.lower.units import QuantWeight, Weight
+from runtime_py.config import CosmoeConfig
+
+
+def to_pte(module: nn.Module, inputs: tuple, dynamic_shapes=None) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with torch.no_grad():
+        ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    return bytes(edge.to_executorch().buffer)
+
+
+class QLinear(nn.Module):
+    """A linear layer holding a bundle's integer weights through torchao's 8da{4,8}w tensor.
+
+    XNNPACK needs K to be a multiple of the group size; when it is not (hidden 432 at G = 32), the
+    codes are padded with zeros (exactly zero weights) and the input with zeros to match."""
+
+    def __init__(self, w: QuantWeight) -> None:
+        super().__init__()
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        n, k = w.codes.shape
+        g = w.encoding.group_size
+        per_channel = w.encoding.scheme == "int8"
+        kp = k if per_channel else -(-k // g) * g
+        self.pad = kp - k
+        self.lin = nn.Linear(kp, n, bias=False)
+        config = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int8 if per_channel else torch.int4,
+            weight_granularity=PerAxis(0) if per_channel else PerGroup(g))
+        quantize_(self, config)
+        qw = self.lin.weight
+        with torch.no_grad():
+            qw.qdata.copy_(F.pad(w.codes, (0, self.pad)))  # [N, Kp] int8 codes, zero padding
+            qw.scale.copy_(w.scales.reshape(qw.scale.shape))  # [N, Kp/G] fp32, exact from bf16
+            qw.zero_point.zero_()  # symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(F.pad(x, (0, self.pad)) if self.pad else x)
+
+
+def linear(w: Weight) -> nn.Module:
+    if isinstance(w, QuantWeight):
+        return QLinear(w)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+class ExpertProgram(nn.Module):
+    """SwiGLU expert from per-matrix linear layers; WD matrices (Eq. 1) stay two matmuls, R then L."""
+
+    def __init__(self, config: CosmoeConfig, weights: dict[str, Weight]) -> None:
+        super().__init__()
+        self.wd = config.expert_kind == "wd"
+        mats = {}
+        for m in ("gate", "up", "down"):
+            if self.wd:
+                mats[m] = nn.Sequential(linear(weights[f"{m}.right"]), linear(weights[f"{m}.left"]))
+            else:
+                mats[m] = linear(weights[f"{m}.weight"])
+        self.gate, self.up, self.down = mats["gate"], mats["up"], mats["down"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # [N, D]

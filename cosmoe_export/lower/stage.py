@@ -1,0 +1,163 @@
+"""``lower``: add ExecuTorch and ONNX programs to a bundle, one per unit (docs/LOWERING.md).
+
+Programs are written into a temporary directory inside the bundle and renamed into place; the
+manifest is then replaced atomically (write + rename). A run killed in between leaves at worst an
+unlisted directory that the next run replaces: readers only open files the manifest lists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cosmoe_export.errors import CosmoeError
+from cosmoe_export.lower import executorch_target, onnx_target, units
+from cosmoe_export.versions import tool_versions
+from runtime_py import format as fmt
+from runtime_py.bundle import Bundle, sha256_file
+from runtime_py.config import CosmoeConfig
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    suffix: str
+    expert: Callable[[CosmoeConfig, dict[str, units.Weight]], bytes]
+    module: Callable[[torch.nn.Module, tuple, list[str], list[str]], bytes]  # backbone units
+    precision: Callable[[dict[str, units.Weight]], str]
+    packages: tuple[str, ...]
+
+
+def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
+    program = executorch_target.ExpertProgram(config, weights).eval()
+    x = torch.zeros(2, config.hidden_size)
+    n = torch.export.Dim("n", min=1, max=config.max_position_embeddings)
+    return executorch_target.to_pte(program, (x,), dynamic_shapes=({0: n},))
+
+
+def _et_module(module: torch.nn.Module, inputs: tuple, names: list[str], outputs: list[str]) -> bytes:
+    return executorch_target.to_pte(module, inputs)
+
+
+def _onnx_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
+    return onnx_target.expert_model(config, weights).SerializeToString()
+
+
+def _onnx_module(module: torch.nn.Module, inputs: tuple, names: list[str], outputs: list[str]) -> bytes:
+    return onnx_target.export_module(module, inputs, None, names, outputs).SerializeToString()
+
+
+def _et_precision(weights: dict[str, units.Weight]) -> str:
+    return {"fp32": "fp32", "int4": "8da4w", "int8": "8da8w", "int4+int8": "8da4w+8da8w"}[units.expert_name(weights)]
+
+
+def _onnx_precision(weights: dict[str, units.Weight]) -> str:
+    label = units.expert_name(weights)
+    return "fp32" if label == "fp32" else "matmulnbits-" + label
+
+
+TARGETS: dict[str, Target] = {
+    "executorch": Target("executorch", ".pte", _et_expert, _et_module, _et_precision, ("executorch", "torchao")),
+    "onnx": Target("onnx", ".onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript")),
+}
+
+
+def unit_path(target: Target, unit: str, layer: int | None = None, expert: int | None = None) -> str:
+    if unit == "expert":
+        return f"{target.name}/experts/layer_{layer:03d}/expert_{expert:03d}{target.suffix}"
+    if unit == "layer":
+        return f"{target.name}/layer_{layer:03d}{target.suffix}"
+    return f"{target.name}/{unit}{target.suffix}"
+
+
+def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> dict[str, Any]:
+    """Lower every unit of the bundle for each target; returns timings per target."""
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise CosmoeError(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)} or 'all'")
+    bundle = Bundle.open(bundle_path)
+    cfg = bundle.config
+    backbone = units.backbone_weights(bundle)
+    timings: dict[str, Any] = {}
+    new_entries: list[dict] = []
+    for name in targets:
+        target = TARGETS[name]
+        tmp = bundle.root / f".{name}{'.cosmoe-tmp-'}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            entries, timings[name] = _lower_target(bundle, cfg, backbone, target, tmp, progress)
+            final = bundle.root / name
+            if final.exists():
+                old = bundle.root / f".{name}.cosmoe-old-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        new_entries.extend(entries)
+    _update_manifest(bundle, targets, new_entries)
+    return timings
+
+
+def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, torch.Tensor], target: Target,
+                  tmp: Path, progress: bool) -> tuple[list[dict], dict[str, float]]:
+    entries: list[dict] = []
+    t_backbone = time.perf_counter()
+
+    def write(rel: str, data: bytes, unit: str, precision: str, **where: int) -> None:
+        path = tmp / rel.split("/", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **where,
+                        "precision": precision, "bytes": len(data), "sha256": sha256_file(path)})
+
+    embed = units.build_embed(cfg, backbone)
+    write(unit_path(target, "embed"), target.module(embed, (torch.zeros(1, 1, dtype=torch.long),), ["ids"], ["x"]),
+          "embed", "fp32")
+    for layer in range(cfg.num_hidden_layers):
+        module = units.build_layer(cfg, backbone, layer)
+        data = target.module(module, units.layer_example_inputs(cfg), units.LAYER_INPUTS, units.LAYER_OUTPUTS)
+        write(unit_path(target, "layer", layer), data, "layer", "fp32", layer=layer)
+    head = units.build_head(cfg, backbone)
+    write(unit_path(target, "head"), target.module(head, (torch.zeros(1, 1, cfg.hidden_size),), ["x"], ["logits"]),
+          "head", "fp32")
+    t_experts = time.perf_counter()
+    bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
+               disable=not progress or None)
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_experts):
+            weights = units.expert_weights(bundle, layer, e)
+            write(unit_path(target, "expert", layer, e), target.expert(cfg, weights), "expert",
+                  target.precision(weights), layer=layer, expert=e)
+            bar.update(1)
+    bar.close()
+    done = time.perf_counter()
+    n = cfg.num_hidden_layers * cfg.num_experts
+    return entries, {"backbone_s": t_experts - t_backbone, "experts_s": done - t_experts,
+                     "per_expert_s": (done - t_experts) / n}
+
+
+def _update_manifest(bundle: Bundle, targets: list[str], entries: list[dict]) -> None:
+    manifest = dict(bundle.manifest)
+    keep = [f for f in manifest["files"] if not (f["role"] == "program" and f.get("target") in targets)]
+    manifest["files"] = keep + entries
+    tools = dict(manifest["provenance"]["tools"])
+    for name in targets:
+        tools.update(tool_versions(*TARGETS[name].packages))
+    manifest["provenance"] = {**manifest["provenance"], "tools": dict(sorted(tools.items()))}
+    path = bundle.root / fmt.MANIFEST_NAME
+    tmp = path.with_name(f".{fmt.MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_bytes(fmt.dumps_manifest(manifest))
+    os.replace(tmp, path)

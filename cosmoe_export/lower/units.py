@@ -1,0 +1,206 @@
+"""The units a device runs, as export-friendly PyTorch modules, and their weights from a bundle.
+
+Cut (docs/LOWERING.md): ``embed`` (ids -> x), one ``layer`` program per decoder layer (attention
+with the KV cache passed in, the router logits and the shared expert), one ``expert`` program per
+(layer, routed expert), and ``head`` (final norm + output projection). Top-k routing and the
+weighted sum of expert outputs happen in the runtime, so no unit needs another expert's weights.
+
+Shape legend: T tokens in this call, S cache slots (the context), D hidden, G kv heads, Dh head
+size, E experts, N tokens routed to one expert, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from runtime_py import quant
+from runtime_py.bundle import Bundle, FileEntry
+from runtime_py.config import CosmoeConfig, backbone_layer_shapes, expert_tensor_shapes
+from runtime_py.model import Attention, Expert, RMSNorm, apply_rope
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A bundle's own integers: codes int8 [N, K] and fp32 scales [N, ceil(K/G)] (exact from bf16)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    encoding: quant.Encoding
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.encoding.group_size
+        k = self.codes.shape[1]
+        return (self.codes.float() * self.scales.repeat_interleave(g, dim=1)[:, :k])  # [N, K]
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+def read_weights(bundle: Bundle, entry: FileEntry, shapes: dict[str, tuple[int, ...]]) -> dict[str, Weight]:
+    """Canonical name -> fp32 tensor, or QuantWeight for quantized tensors (codes kept)."""
+    path = bundle.checked_path(entry)
+    encodings = entry.encodings() or {}
+    out: dict[str, Weight] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, shape in shapes.items():
+            enc = encodings.get(name)
+            if enc is not None and enc.quantized:
+                quant.check_encoding(enc, tuple(shape), f"{path}: {name}")
+                codes = quant.codes(f.get_tensor(name), enc, shape[1])
+                out[name] = QuantWeight(codes, f.get_tensor(name + quant.SCALE_SUFFIX).float(), enc)
+            else:
+                out[name] = f.get_tensor(name).float()
+    return out
+
+
+def dequantized(weights: dict[str, Weight], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): (v.dequantize() if isinstance(v, QuantWeight) else v) for k, v in weights.items()}
+
+
+def expert_weights(bundle: Bundle, layer: int, expert: int) -> dict[str, Weight]:
+    """Weights of one expert, keys relative to the expert ('gate.weight', 'up.left', ...)."""
+    shapes = expert_tensor_shapes(bundle.config, layer, expert)
+    prefix = f"layers.{layer}.moe.experts.{expert}."
+    return {k.removeprefix(prefix): v for k, v in read_weights(bundle, bundle.experts[(layer, expert)], shapes).items()}
+
+
+def backbone_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
+    """Every backbone tensor as fp32 (backbone programs are lowered from dequantized weights)."""
+    cfg = bundle.config
+    shapes = {"embed.weight": (cfg.vocab_size, cfg.hidden_size), "norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for layer in range(cfg.num_hidden_layers):
+        shapes.update(backbone_layer_shapes(cfg, layer))
+    return dequantized(read_weights(bundle, bundle.backbone, shapes))
+
+
+class EmbedUnit(nn.Module):
+    def __init__(self, config: CosmoeConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)  # [1, T] -> [1, T, D]
+
+
+class LayerUnit(nn.Module):
+    """One decoder layer without its routed experts.
+
+    The cache is state the runtime owns: it passes the S past slots in and gets this call's keys
+    and values back (it writes them at its position). Keys attended to are the S slots followed by
+    the T new ones; ``mask`` [T, S+T] (0 or -inf) says which are visible, so the graph has no
+    data-dependent indexing and one program serves prefill and decode.
+    """
+
+    def __init__(self, config: CosmoeConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.router = nn.Linear(d, config.num_experts, bias=False)
+        fs = config.shared_expert_intermediate_size
+        self.shared = Expert(d, fs) if fs else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if self.shared is not None else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """x [1, T, D], cos/sin [T, Dh], mask [T, S+T], k/v_cache [1, G, S, Dh] ->
+        base [1, T, D] (residual + shared expert), xn [T, D] (expert input), logits [T, E],
+        k_new, v_new [1, G, T, Dh]."""
+        a = self.attn
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q, k, v = a.q(h), a.k(h), a.v(h)
+        if a.qk_norm == "full":
+            q, k = a.q_norm(q), a.k_norm(k)
+        if a.clip_qkv is not None:
+            q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, a.n_heads, a.head_dim)
+        k = k.view(b, t, a.n_kv, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = a.q_norm(q), a.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [1, H, T, Dh]
+        k_new = apply_rope(k.transpose(1, 2), cos, sin)  # [1, G, T, Dh]
+        v_new = v.view(b, t, a.n_kv, a.head_dim).transpose(1, 2)  # [1, G, T, Dh]
+        keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
+        values = torch.cat([v_cache, v_new], dim=2)
+        if a.n_kv != a.n_heads:  # expand kv heads explicitly: not every backend takes SDPA's enable_gqa
+            rep, s = a.n_heads // a.n_kv, keys.shape[2]
+            keys = keys[:, :, None].expand(b, a.n_kv, rep, s, a.head_dim).reshape(b, a.n_heads, s, a.head_dim)
+            values = values[:, :, None].expand(b, a.n_kv, rep, s, a.head_dim).reshape(b, a.n_heads, s, a.head_dim)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, H, T, Dh]
+        x = x + a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))  # [1, T, D]
+        xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
+        logits = self.router(xn)  # [T, E]
+        base = x
+        if self.shared is not None:
+            base = x + (torch.sigmoid(self.shared_gate(xn)) * self.shared(xn)).view(b, t, -1)
+        return base, xn, logits, k_new, v_new
+
+
+class HeadUnit(nn.Module):
+    def __init__(self, config: CosmoeConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))  # [1, T, D] -> [1, T, V]
+
+
+def build_layer(config: CosmoeConfig, weights: dict[str, torch.Tensor], layer: int) -> LayerUnit:
+    prefix = f"layers.{layer}."
+    sd = {k.removeprefix(prefix).replace("moe.", ""): v for k, v in weights.items() if k.startswith(prefix)}
+    with torch.device("meta"):
+        unit = LayerUnit(config)
+    unit.load_state_dict(sd, assign=True, strict=True)
+    return unit.eval()
+
+
+def build_head(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> HeadUnit:
+    with torch.device("meta"):
+        unit = HeadUnit(config)
+    head = weights["embed.weight"] if config.tie_word_embeddings else weights["lm_head.weight"]
+    unit.load_state_dict({"norm.weight": weights["norm.weight"], "lm_head.weight": head}, assign=True, strict=True)
+    return unit.eval()
+
+
+def build_embed(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> EmbedUnit:
+    with torch.device("meta"):
+        unit = EmbedUnit(config)
+    unit.load_state_dict({"embed.weight": weights["embed.weight"]}, assign=True, strict=True)
+    return unit.eval()
+
+
+def build_expert(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> Expert:
+    with torch.device("meta"):
+        unit = Expert(config.hidden_size, config.intermediate_size, config.expert_kind, config.rank)
+    unit.load_state_dict(weights, assign=True, strict=True)
+    return unit.eval()
+
+
+def layer_example_inputs(config: CosmoeConfig) -> tuple[torch.Tensor, ...]:
+    """Decode-step inputs of a layer program (T = 1; S = the context): x, cos, sin, mask, k, v.
+
+    T is static: with a dynamic T, torch.export cannot prove the stride guards of the cache
+    concatenation (it fails with a constraint violation), so prefill runs one token per call."""
+    s, g, dh, d = config.max_position_embeddings, config.num_key_value_heads, config.head_size, config.hidden_size
+    return (torch.zeros(1, 1, d), torch.ones(1, dh), torch.zeros(1, dh), torch.zeros(1, s + 1),
+            torch.zeros(1, g, s, dh), torch.zeros(1, g, s, dh))
+
+
+LAYER_INPUTS = ["x", "cos", "sin", "mask", "k_cache", "v_cache"]
+LAYER_OUTPUTS = ["base", "xn", "router_logits", "k_new", "v_new"]
+
+
+def expert_name(weights: dict) -> str:
+    """Precision label of a unit's weights: 'fp32', or the integer scheme(s) it carries."""
+    schemes = sorted({w.encoding.scheme for w in weights.values() if isinstance(w, QuantWeight)})
+    return "+".join(schemes) if schemes else "fp32"

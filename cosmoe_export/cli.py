@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,8 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--reference", required=True, help="Checkpoint directory or preset the bundle was split from.")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "executorch", "onnxruntime", "all"]), default="all",
+              show_default=True, help="'all': torch plus every backend the bundle has programs for.")
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for kl_mean, ppl and ppl_ref (needed for quantized bundles).")
@@ -341,8 +343,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("torchao", "torch.utils._pytree", "torch._logging"):
+    for name in ("torchao", "torch.utils._pytree", "torch._logging", "torch.onnx", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Export-time deprecation chatter from torch / executorch internals; our own warnings still show.
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|executorch|torchao|onnxscript|copyreg)")
 
 
 def main() -> None:

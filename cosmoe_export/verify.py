@@ -26,6 +26,7 @@ from cosmoe_export.sources import Source, open_source
 from cosmoe_export.text import batches, encode_file, windows
 from runtime_py.bundle import Bundle
 from runtime_py.model import CosmoeForCausalLM
+from runtime_py.program_backend import ProgramRuntime, available_backends
 from runtime_py.torch_backend import TorchRuntime
 
 # Fixed prompts: encoded with the bundle's tokenizer when it has one.
@@ -34,7 +35,13 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Offloading keeps only the experts in use on the phone, and",
 ]
-BACKENDS = ("torch",)
+# Backend name -> how to open a bundle with it. Program backends need `cosmoe-export lower` first.
+RUNTIMES: dict[str, Any] = {
+    "torch": TorchRuntime,
+    "executorch": lambda bundle: ProgramRuntime(bundle, "executorch"),
+    "onnxruntime": lambda bundle: ProgramRuntime(bundle, "onnxruntime"),
+}
+BACKENDS = (*RUNTIMES, "all")
 
 
 # Every gate: the metric it reads and how the value must compare with the threshold.
@@ -58,11 +65,11 @@ def precision_class(bundle: Bundle) -> str:
     return "float" if not bits else "int4" if min(bits) <= 4 else "int8"
 
 
-def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tokens: int = 32,
+def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_tokens: int = 32,
            text: Path | None = None, max_tokens: int | None = None, gates: dict[str, float | None] | None = None,
            allow_pickle: bool = False) -> dict[str, Any]:
     if backend not in BACKENDS:
-        raise CosmoeError(f"backend {backend!r} is not available yet; choose from {list(BACKENDS)}")
+        raise CosmoeError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     unknown = sorted(set(gates or {}) - set(GATE_OPS))
     if unknown:
         raise CosmoeError(f"unknown gate(s) {unknown}; gates are {list(GATE_OPS)}")
@@ -80,9 +87,39 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tok
         ids = encode_file(bundle, text, max_tokens=max_tokens, purpose="verify --text")
         text_ids = windows(ids, bundle.config.max_position_embeddings)  # [B, T]
     ref = _reference_model(source, dtype)
-    runtime = TorchRuntime(bundle)
     prompts = _prompts(bundle, new_tokens)
+    thresholds = {**DEFAULT_GATES[precision], **(gates or {})}
+    results = [_measure(name, RUNTIMES[name](bundle), bundle, ref, prompts, new_tokens, text_ids, precision,
+                        thresholds) for name in _backends(bundle, backend)]
+    report = {
+        "passed": all(r["passed"] for r in results),
+        "bundle": str(bundle_path),
+        "reference": reference,
+        "reference_kind": "transformers" if source.reference_is_transformers else "cosmoe",
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+    }
+    if text is not None:
+        report["text"] = {"file": str(text), "tokens": int(text_ids.numel()), "windows": int(text_ids.shape[0])}
+    report["results"] = results
+    return report
 
+
+def _backends(bundle: Bundle, backend: str) -> list[str]:
+    """'all': the PyTorch runtime plus every backend whose programs the bundle holds."""
+    present = ["torch", *available_backends(bundle)]
+    if backend == "all":
+        return present
+    if backend not in present:
+        raise CosmoeError(f"{bundle.root}: has no programs for backend {backend!r}; run `cosmoe-export lower "
+                          f"{bundle.root} --target {'onnx' if backend == 'onnxruntime' else backend}` first")
+    return [backend]
+
+
+def _measure(backend: str, runtime: Any, bundle: Bundle, ref: torch.nn.Module, prompts: list[list[int]],
+             new_tokens: int, text_ids: torch.Tensor | None, precision: str,
+             thresholds: dict[str, float | None]) -> dict[str, Any]:
+    """One backend's row of the report: parity on the prompts (and the text), its loads, its gates."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
         for ids in prompts:
@@ -95,7 +132,6 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tok
             ref_tokens = _reference_greedy(ref, ids, new_tokens)
             got_tokens = runtime.greedy(x, new_tokens)
             greedy_equal += sum(a == b for a, b in zip(ref_tokens, got_tokens, strict=True))
-    store = runtime.store
     result: dict[str, Any] = {
         "backend": backend,
         "dtype": bundle.backbone.dtype,
@@ -107,9 +143,9 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tok
     if text_ids is not None:
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
         result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size))
-    result["expert_loads"] = store.loads
-    result["expert_bytes_loaded"] = store.bytes_loaded
-    thresholds = {**DEFAULT_GATES[precision], **(gates or {})}
+    loads = runtime.store if backend == "torch" else runtime
+    result["expert_loads"] = loads.loads
+    result["expert_bytes_loaded"] = loads.bytes_loaded
     result["gates"] = {}
     for name, threshold in thresholds.items():
         if threshold is None:
@@ -118,18 +154,7 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "torch", new_tok
             raise CosmoeError(f"gate {name} needs --text FILE: it is measured on a text")
         result["gates"][name] = _gate(result[name], GATE_OPS[name], threshold)
     result["passed"] = all(g["passed"] for g in result["gates"].values())
-    report = {
-        "passed": result["passed"],
-        "bundle": str(bundle_path),
-        "reference": reference,
-        "reference_kind": "transformers" if source.reference_is_transformers else "cosmoe",
-        "prompts": len(prompts),
-        "new_tokens": new_tokens,
-    }
-    if text is not None:
-        report["text"] = {"file": str(text), "tokens": int(text_ids.numel()), "windows": int(text_ids.shape[0])}
-    report["results"] = [result]
-    return report
+    return result
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -137,7 +162,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def _text_metrics(ref: torch.nn.Module, runtime: TorchRuntime, ids: torch.Tensor, vocab: int) -> dict[str, float]:
+def _text_metrics(ref: torch.nn.Module, runtime: Any, ids: torch.Tensor, vocab: int) -> dict[str, float]:
     """ids [B, T] windows -> KL(ref || bundle) per position (mean, nats), top-1 agreement, perplexities."""
     kl_sum, agree, positions, nll_ref, nll_got, predicted = 0.0, 0, 0, 0.0, 0.0, 0
     with torch.inference_mode():

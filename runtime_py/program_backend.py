@@ -120,9 +120,12 @@ class ProgramRuntime:
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, T] -> logits [1, T, V], one decode step per token."""
-        cache = self._new_cache()
-        return torch.stack([self._step(int(t), pos, cache) for pos, t in enumerate(ids[0])])[None]
+        """ids [B, T] -> logits [B, T, V], one decode step per token, one sequence at a time."""
+        rows = []
+        for row in ids:
+            cache = self._new_cache()
+            rows.append(torch.stack([self._step(int(t), pos, cache) for pos, t in enumerate(row)]))
+        return torch.stack(rows)
 
     @torch.inference_mode()
     def greedy(self, ids: torch.Tensor, new_tokens: int) -> list[int]:

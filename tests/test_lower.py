@@ -178,3 +178,21 @@ def test_decode_over_lowered_units_matches_pytorch_runtime(lowered, backend):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert runtime.greedy(ids, 12) == TorchRuntime(bundle).greedy(ids, 12)
     assert 0 < runtime.loads <= bundle.config.num_hidden_layers * bundle.config.num_experts
+
+
+def test_verify_runs_every_backend_in_the_bundle(lowered, tmp_path):
+    r = CliRunner().invoke(cli, ["verify", str(lowered), "--reference", "tiny", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [x["backend"] for x in report["results"]] == ["torch", "executorch", "onnxruntime"]
+    for res in report["results"]:
+        assert res["max_abs_logit_err"] <= 1e-4 and res["greedy_match"] == 1.0 and res["passed"]
+    r = CliRunner().invoke(cli, ["verify", str(lowered), "--reference", "tiny", "--backend", "onnxruntime"])
+    assert r.exit_code == 0 and "executorch" not in r.output
+
+
+def test_verify_asks_for_lower_when_programs_are_missing(tmp_path):
+    out = tmp_path / "b"
+    assert CliRunner().invoke(cli, ["-q", "split", "tiny", "-o", str(out)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["verify", str(out), "--reference", "tiny", "--backend", "executorch"])
+    assert r.exit_code == 2 and "cosmoe-export lower" in r.output

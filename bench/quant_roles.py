@@ -15,6 +15,11 @@ measures against the float model, over the text's windows:
                      the rounded router (the router's own effect, no upstream drift)
     bytes saved      what the role's weights would save vs the bundle's float dtype
 
+plus a "float, bf16 math" row (the float weights run in bf16 arithmetic: the metrics' noise floor),
+"expert L<l>" rows (int4 experts of one layer only), and a per-layer table: router logit gaps and
+the int8 router's logit error, and the int4 experts' calibration error relative to the MoE output
+and to the layer output, next to that layer's KL (which normalisation mixed precision should use).
+
     .venv/bin/python bench/quant_roles.py /tmp/tiny-bles --text ../shared/data/wikitext-2/test.txt \
         --max-tokens 65536 --json roles.json
 """
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cosmoe_export import calibrate  # noqa: E402
 from cosmoe_export import text as textlib  # noqa: E402
 from cosmoe_export.quantize import role_of  # noqa: E402
 from runtime_py import quant, routing_metrics  # noqa: E402
@@ -81,6 +87,43 @@ def run(runtime: TorchRuntime, batches: list[torch.Tensor], router_weights: dict
     return out, [np.concatenate(s) for s in sels], (flips[0] / flips[1] if router_weights is not None else None)
 
 
+@torch.inference_mode()
+def layer_statistics(runtime: TorchRuntime, batches: list[torch.Tensor], group: int, float_name: str) -> list[dict]:
+    """Per layer, on the float model's own inputs: router logit gaps, the int8 router's logit error, and
+    the int4 experts' output error relative to the MoE output's and to the layer output's energy."""
+    cfg, model = runtime.config, runtime.model
+    out = []
+    hidden = [model.embed(ids) for ids in batches]  # [b, T, D]
+    for layer in range(cfg.num_hidden_layers):
+        moe = model.layers[layer].moe
+        taps: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
+
+        def tap(module, args, output, taps=taps) -> None:  # returns None: a hook's return value replaces the output
+            taps["x"].append(args[0])
+            taps["y"].append(output[0])
+
+        handle = moe.register_forward_hook(tap)
+        try:
+            hidden, calib = calibrate._run_layer(runtime, layer, hidden, set())
+        finally:
+            handle.remove()
+        x, y = torch.cat(taps["x"]), torch.cat(taps["y"])  # [N, D] x2
+        w = moe.router.weight  # [E, D]
+        logits = F.linear(x, w).sort(-1, descending=True).values  # [N, E]
+        w8 = quant.fake_quantize(w, quant.choose_encoding("int8", tuple(w.shape), group, float_name))
+        err8 = (F.linear(x, w8) - F.linear(x, w)).abs().amax(-1)  # [N]
+        err = 0.0
+        for e, routed in calib.routed.items():
+            expert = runtime.store.get(layer, e)
+            rounded = {n: quant.fake_quantize(p, quant.choose_encoding("int4", tuple(p.shape), group, float_name))
+                       for n, p in expert.named_parameters()}
+            err += calibrate.output_error(expert, rounded, routed)
+        out.append({"layer": layer, "router_gap": float((logits[:, 1] - logits[:, 2]).median()),
+                    "router_int8_err": float(err8.median()),
+                    "err_moe": err / float(y.double().pow(2).sum()), "err_layer": err / calib.out_energy})
+    return out
+
+
 def compare(ref_lp, lp, batches, ref_sel, sel, num_experts) -> dict[str, float]:
     kl = agree = pos = 0.0
     nll = pred = 0.0
@@ -119,11 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     ref_lp, ref_sel, _ = run(runtime, batches)
     rows = [{"role": "float", "scheme": "none", "bytes_saved": 0,
              **compare(ref_lp, ref_lp, batches, ref_sel, ref_sel, cfg.num_experts)}]
-    for role in ROLES:
-        names = [n for n in params if params[n].dim() == 2 and role_of(n) == role]
+    # The noise floor of these metrics: the same float weights, bf16 arithmetic.
+    lp16, sel16, _ = run(TorchRuntime(bundle, torch.bfloat16), batches)
+    rows.append({"role": "float", "scheme": "bf16 math", "bytes_saved": 0,
+                 **compare(ref_lp, lp16, batches, ref_sel, sel16, cfg.num_experts)})
+    groups = [(role, [n for n in params if params[n].dim() == 2 and role_of(n) == role], args.schemes)
+              for role in ROLES]
+    # Per-layer expert sensitivity (int4 only): which layer's experts matter (mixed precision's objective).
+    groups += [(f"expert L{layer}", [n for n in params if n.startswith(f"layers.{layer}.moe.experts.")], ["int4"])
+               for layer in range(cfg.num_hidden_layers)]
+    for role, names, schemes in groups:
         if not names:
             continue
-        for scheme in args.schemes:
+        for scheme in schemes:
             saved = 0
             with torch.no_grad():
                 for n in names:
@@ -153,15 +204,28 @@ def main(argv: list[str] | None = None) -> int:
 
     ppl0 = rows[0]["ppl"]
     print(f"{args.bundle}: {ids.numel():,} tokens of {args.text.name}, int4 group {args.group_size}")
-    print(f"{'role':10} {'scheme':6} {'ppl':>9} {'dppl %':>8} {'kl':>9} {'top1':>7} {'sel flips %':>11} "
+    print(f"{'role':10} {'scheme':9} {'ppl':>9} {'dppl %':>8} {'kl':>9} {'top1':>7} {'sel flips %':>11} "
           f"{'ExRep %':>8} {'router flips %':>14} {'bytes saved':>12}")
     for r in rows:
         rf = f"{100 * r['router_flips']:14.2f}" if "router_flips" in r else f"{'':14}"
-        print(f"{r['role']:10} {r['scheme']:6} {r['ppl']:9.3f} {100 * (r['ppl'] / ppl0 - 1):+8.2f} {r['kl']:9.5f} "
+        print(f"{r['role']:10} {r['scheme']:9} {r['ppl']:9.3f} {100 * (r['ppl'] / ppl0 - 1):+8.2f} {r['kl']:9.5f} "
               f"{r['top1']:7.4f} {100 * r['sel_flips']:11.2f} {r['exrep']:8.2f} {rf} {r['bytes_saved']:12,}")
+
+    layers = layer_statistics(runtime, batches, args.group_size, bundle.backbone.dtype)
+    print("\nper layer: router logit gap (2nd - 3rd largest, median), int8 router logit error (median of the max"
+          " over experts),\nint4 expert error sum_t w^2 ||dE||^2 relative to the MoE output's energy and to the"
+          " layer output's energy,\nand KL when only that layer's experts are int4 (rows 'expert L*' above)")
+    kl_by_layer = {int(r["role"][len("expert L"):]): r["kl"] for r in rows if r["role"].startswith("expert L")}
+    print(f"{'layer':>5} {'gap':>8} {'int8 err':>9} {'err/moe':>9} {'err/layer':>10} {'KL':>9} "
+          f"{'KL/(err/moe)':>13} {'KL/(err/layer)':>15}")
+    for st in layers:
+        kl = kl_by_layer[st["layer"]]
+        print(f"{st['layer']:5d} {st['router_gap']:8.4f} {st['router_int8_err']:9.4f} {st['err_moe']:9.5f} "
+              f"{st['err_layer']:10.6f} {kl:9.5f} {kl / st['err_moe']:13.3f} {kl / st['err_layer']:15.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"bundle": str(args.bundle), "text": str(args.text),
-                                               "tokens": int(ids.numel()), "rows": rows}, indent=2) + "\n")
+                                               "tokens": int(ids.numel()), "rows": rows, "layers": layers},
+                                              indent=2) + "\n")
     return 0
 
 

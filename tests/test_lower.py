@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cosmoe_export.cli import cli
-from cosmoe_export.lower import units
+from cosmoe_export.lower import executorch_target, units
 from cosmoe_export.lower.stage import TARGETS
 from runtime_py import quant
 from runtime_py.bundle import Bundle
@@ -196,3 +196,33 @@ def test_verify_asks_for_lower_when_programs_are_missing(tmp_path):
     assert CliRunner().invoke(cli, ["-q", "split", "tiny", "-o", str(out)]).exit_code == 0
     r = CliRunner().invoke(cli, ["verify", str(out), "--reference", "tiny", "--backend", "executorch"])
     assert r.exit_code == 2 and "cosmoe-export lower" in r.output
+
+
+def test_executorch_layer_with_bundle_integers(tmp_path):
+    """A quantized backbone's attention runs on its own int8 codes (8da8w) in the layer program."""
+    config = dataclasses.replace(CFG, attention_bias=True)  # biases stay float beside the codes
+    g = torch.Generator().manual_seed(5)
+    with torch.device("meta"):
+        names = {k: tuple(v.shape) for k, v in units.LayerUnit(config).state_dict().items()}
+    floats, raw = {}, {}
+    for name, shape in names.items():
+        w = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 else 0.1)
+        if name.endswith("norm.weight"):
+            w = 1 + w
+        canonical = "layers.0." + (name.replace("router", "moe.router"))
+        if len(shape) == 2 and name.startswith("attn."):
+            enc = quant.choose_encoding("int8", shape, 32, "float32")
+            stored, scales = quant.quantize(w, enc)
+            raw[canonical] = units.QuantWeight(quant.codes(stored, enc, shape[1]), scales.float(), enc)
+            floats["layers.0." + name.replace("router", "moe.router")] = raw[canonical].dequantize()
+        else:
+            raw[canonical] = floats[canonical] = w
+    unit = units.build_layer(config, floats, 0)
+    inputs = units.layer_example_inputs(config)
+    inputs = (torch.randn(inputs[0].shape, generator=g), *inputs[1:])
+    want = unit(*inputs)
+    assert executorch_target.use_bundle_integers(unit, units.layer_linears(config, 0), raw)
+    assert isinstance(unit.attn.q, executorch_target.QLinear)
+    got = run_pte(executorch_target.to_pte(unit, inputs), tmp_path, list(inputs))
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) <= 0.05  # the dynamic int8 activation quantization XNNPACK adds

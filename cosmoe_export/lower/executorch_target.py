@@ -34,7 +34,7 @@ class QLinear(nn.Module):
     XNNPACK needs K to be a multiple of the group size; when it is not (hidden 432 at G = 32), the
     codes are padded with zeros (exactly zero weights) and the input with zeros to match."""
 
-    def __init__(self, w: QuantWeight) -> None:
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
@@ -44,7 +44,10 @@ class QLinear(nn.Module):
         per_channel = w.encoding.scheme == "int8"
         kp = k if per_channel else -(-k // g) * g
         self.pad = kp - k
-        self.lin = nn.Linear(kp, n, bias=False)
+        self.lin = nn.Linear(kp, n, bias=bias is not None)
+        if bias is not None:
+            with torch.no_grad():
+                self.lin.bias.copy_(bias)  # biases stay float, as torchao keeps them
         config = Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int8 if per_channel else torch.int4,
             weight_granularity=PerAxis(0) if per_channel else PerGroup(g))
@@ -84,3 +87,18 @@ class ExpertProgram(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))  # [N, D]
+
+
+def use_bundle_integers(unit: nn.Module, linears: dict[str, str], raw: dict[str, Weight]) -> bool:
+    """Replace the unit's float linears by QLinear where the bundle holds integers; True if any."""
+    swapped = False
+    for attr, name in linears.items():
+        w = raw.get(name)
+        if not isinstance(w, QuantWeight):
+            continue
+        parent, _, leaf = attr.rpartition(".")
+        owner = unit.get_submodule(parent) if parent else unit
+        old = getattr(owner, leaf)
+        setattr(owner, leaf, QLinear(w, old.bias.detach() if old.bias is not None else None))
+        swapped = True
+    return swapped

@@ -35,6 +35,9 @@ class Target:
     module: Callable[[torch.nn.Module, tuple, list[str], list[str]], bytes]  # backbone units
     precision: Callable[[dict[str, units.Weight]], str]
     packages: tuple[str, ...]
+    # Swap a backbone unit's linears for the bundle's integers (names: units.*_linears); returns the
+    # unit's precision label. None: the target lowers backbone units from dequantized weights.
+    backbone_integers: Callable[[torch.nn.Module, dict[str, str], dict[str, units.Weight]], str] | None = None
 
 
 def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
@@ -65,8 +68,13 @@ def _onnx_precision(weights: dict[str, units.Weight]) -> str:
     return "fp32" if label == "fp32" else "matmulnbits-" + label
 
 
+def _et_backbone_integers(unit: torch.nn.Module, linears: dict[str, str], raw: dict[str, units.Weight]) -> str:
+    return "8da8w" if executorch_target.use_bundle_integers(unit, linears, raw) else "fp32"
+
+
 TARGETS: dict[str, Target] = {
-    "executorch": Target("executorch", ".pte", _et_expert, _et_module, _et_precision, ("executorch", "torchao")),
+    "executorch": Target("executorch", ".pte", _et_expert, _et_module, _et_precision, ("executorch", "torchao"),
+                         _et_backbone_integers),
     "onnx": Target("onnx", ".onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript")),
 }
 
@@ -86,7 +94,7 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> di
         raise CosmoeError(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)} or 'all'")
     bundle = Bundle.open(bundle_path)
     cfg = bundle.config
-    backbone = units.backbone_weights(bundle)
+    backbone = units.backbone_weights(bundle)  # raw: QuantWeight where the bundle holds integers
     timings: dict[str, Any] = {}
     new_entries: list[dict] = []
     for name in targets:
@@ -111,7 +119,7 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> di
     return timings
 
 
-def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, torch.Tensor], target: Target,
+def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.Weight], target: Target,
                   tmp: Path, progress: bool) -> tuple[list[dict], dict[str, float]]:
     entries: list[dict] = []
     t_backbone = time.perf_counter()
@@ -123,16 +131,23 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, torch.T
         entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **where,
                         "precision": precision, "bytes": len(data), "sha256": sha256_file(path)})
 
-    embed = units.build_embed(cfg, backbone)
+    floats = units.dequantized(backbone)
+
+    def integers(unit: torch.nn.Module, linears: dict[str, str]) -> str:
+        return target.backbone_integers(unit, linears, backbone) if target.backbone_integers else "fp32"
+
+    embed = units.build_embed(cfg, floats)  # a gather: kept float, there is no matmul to quantize
     write(unit_path(target, "embed"), target.module(embed, (torch.zeros(1, 1, dtype=torch.long),), ["ids"], ["x"]),
           "embed", "fp32")
     for layer in range(cfg.num_hidden_layers):
-        module = units.build_layer(cfg, backbone, layer)
+        module = units.build_layer(cfg, floats, layer)
+        precision = integers(module, units.layer_linears(cfg, layer))
         data = target.module(module, units.layer_example_inputs(cfg), units.LAYER_INPUTS, units.LAYER_OUTPUTS)
-        write(unit_path(target, "layer", layer), data, "layer", "fp32", layer=layer)
-    head = units.build_head(cfg, backbone)
+        write(unit_path(target, "layer", layer), data, "layer", precision, layer=layer)
+    head = units.build_head(cfg, floats)
+    precision = integers(head, units.head_linears(cfg))
     write(unit_path(target, "head"), target.module(head, (torch.zeros(1, 1, cfg.hidden_size),), ["x"], ["logits"]),
-          "head", "fp32")
+          "head", precision)
     t_experts = time.perf_counter()
     bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)

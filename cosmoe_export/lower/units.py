@@ -69,15 +69,30 @@ def expert_weights(bundle: Bundle, layer: int, expert: int) -> dict[str, Weight]
     return {k.removeprefix(prefix): v for k, v in read_weights(bundle, bundle.experts[(layer, expert)], shapes).items()}
 
 
-def backbone_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """Every backbone tensor as fp32 (backbone programs are lowered from dequantized weights)."""
+def backbone_weights(bundle: Bundle) -> dict[str, Weight]:
+    """Every backbone tensor: fp32, or QuantWeight where the bundle holds integers."""
     cfg = bundle.config
     shapes = {"embed.weight": (cfg.vocab_size, cfg.hidden_size), "norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     for layer in range(cfg.num_hidden_layers):
         shapes.update(backbone_layer_shapes(cfg, layer))
-    return dequantized(read_weights(bundle, bundle.backbone, shapes))
+    return read_weights(bundle, bundle.backbone, shapes)
+
+
+# Which linear of a backbone unit holds which canonical tensor: how a target swaps in the bundle's
+# integer weights after building the unit from dequantized ones.
+def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
+    pre = f"layers.{layer}."
+    out = {f"attn.{p}": f"{pre}attn.{p}.weight" for p in "qkvo"}
+    if config.shared_expert_intermediate_size:
+        out.update({f"shared.{m}": f"{pre}moe.shared.{m}.weight" for m in ("gate", "up", "down")})
+        out["shared_gate"] = f"{pre}moe.shared_gate.weight"
+    return out
+
+
+def head_linears(config: CosmoeConfig) -> dict[str, str]:
+    return {} if config.tie_word_embeddings else {"lm_head": "lm_head.weight"}
 
 
 class EmbedUnit(nn.Module):

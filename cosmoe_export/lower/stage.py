@@ -8,9 +8,7 @@ unlisted directory that the next run replaces: readers only open files the manif
 from __future__ import annotations
 
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.lower import executorch_target, onnx_target, units
 from cosmoe_export.versions import tool_versions
@@ -99,21 +98,9 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> di
     new_entries: list[dict] = []
     for name in targets:
         target = TARGETS[name]
-        tmp = bundle.root / f".{name}{'.cosmoe-tmp-'}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        # The target's directory is replaced as a whole, like any output: written beside, renamed in.
+        with atomic_dir(bundle.root / name, force=True) as tmp:
             entries, timings[name] = _lower_target(bundle, cfg, backbone, target, tmp, progress)
-            final = bundle.root / name
-            if final.exists():
-                old = bundle.root / f".{name}.cosmoe-old-{uuid.uuid4().hex[:8]}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         new_entries.extend(entries)
     _update_manifest(bundle, targets, new_entries)
     return timings

@@ -4,8 +4,9 @@ column's rounding error onto the columns not yet rounded, weighted by the invers
 layer's inputs, so that the layer's *output* on calibration inputs moves as little as possible.
 
 It only chooses codes and scales; the bytes are the same scheme as round-to-nearest
-(runtime_py/quant.py), so a runtime cannot tell the two apart. Measured on tiny-moe
-(docs/QUANTIZATION.md): int4 g32 experts, top-1 agreement 92.5 % rounded to nearest -> 96.1 % with GPTQ.
+(runtime_py/quant.py), so a runtime cannot tell the two apart. Measured on tiny-bles
+(docs/QUANTIZATION.md): int4 g32 experts + int8 backbone, top-1 agreement with the float model
+92.4 % rounded to nearest -> 95.4 % with GPTQ, KL 0.0051 -> 0.0019.
 
 Deterministic: float64 throughout, fixed block order; the caller runs it on one thread.
 """

@@ -150,6 +150,44 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
     if src.quantization is not None:
         raise CosmoeError(f"{bundle}: is already quantized ({src.quantization['experts']} experts, "
                           f"{src.quantization['backbone']} backbone); quantize the float bundle it came from")
+    plan = _plan(src, config)
+    tokenizer_files = [f for f in src.files if f.role == "tokenizer"]
+    fixed_bytes = (file_bytes(_specs(plan.backbone, plan.shapes, plan.float_dtype), ST_METADATA)
+                   + sum(f.bytes for f in tokenizer_files))
+    calib = _open_calibration(src, config)
+    # One thread: GPTQ's and calibration's sums reduce in an order that depends on the thread count,
+    # and the bytes written from them must not.
+    with torch.inference_mode(), calibrate.one_thread():
+        mixed = None
+        if config.experts == AUTO:
+            assert config.target_bytes is not None and calib is not None
+            mixed = _decide(plan, calib, fixed_bytes, config.target_bytes)
+        with atomic_dir(out, force=force) as tmp:
+            backbone_src = _read_source(plan, src.backbone, plan.backbone)
+            entries, rounded, nearest = _write_experts(tmp, plan, calib, backbone_src, progress)
+            entries.insert(0, _write_backbone(tmp, plan, backbone_src, rounded))
+            for f in tokenizer_files:
+                (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.checked_path(f), tmp / f.path)
+                entries.append({"path": f.path, "role": "tokenizer", "bytes": f.bytes, "sha256": f.sha256})
+            total = sum(e["bytes"] for e in entries)
+            if mixed is not None and total != mixed["bundle_bytes"]:  # the size plan and the writer must agree
+                raise RuntimeError(f"planned {mixed['bundle_bytes']} bytes, wrote {total}")
+            manifest = _manifest(plan, entries, calib, nearest, mixed)
+            validate_manifest(manifest, where="quantize: the manifest it wrote")  # never ship one readers refuse
+            (tmp / fmt.MANIFEST_NAME).write_bytes(fmt.dumps_manifest(manifest))
+    return QuantizeResult(out, len(entries) + 1, total, sum(f.bytes for f in src.files), mixed)
+
+
+@dataclass
+class _Calibration:
+    runtime: TorchRuntime  # the float bundle, run layer by layer
+    batches: list[torch.Tensor]  # [b, T] windows of the calibration text
+    record: dict  # the manifest's quantization.calibration
+
+
+def _plan(src: Bundle, config: QuantConfig) -> _Plan:
+    """Every tensor's encoding by its role; the expert ladder (one rung unless ``auto``)."""
     cfg, float_name = src.config, src.backbone.dtype
     shapes = tensor_shapes(cfg)
     schemes = {"experts": config.experts, "backbone": config.backbone}
@@ -159,100 +197,89 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
         return schemes[which] if which else quant.FLOAT
 
     scheme_by_name = {n: scheme_of(n) for n in shapes}
-    backbone_enc = {n: quant.choose_encoding(scheme_by_name[n], shapes[n], config.group_size, float_name)
-                    for n in shapes if expert_of(n) is None}
+    backbone = {n: quant.choose_encoding(scheme_by_name[n], shapes[n], config.group_size, float_name)
+                for n in shapes if expert_of(n) is None}
     if config.experts == AUTO:
         levels = mixed_precision.ladder(config.group_size)
     else:
         levels = [mixed_precision.Level(config.experts, config.group_size if config.experts == "int4" else None)]
-    plan = _Plan(src, config, float_name, FLOAT_DTYPES[float_name], shapes, backbone_enc, levels,
+    return _Plan(src, config, float_name, FLOAT_DTYPES[float_name], shapes, backbone, levels,
                  np.zeros(cfg.num_hidden_layers * cfg.num_experts, dtype=np.int64))
-    tokenizer_files = [f for f in src.files if f.role == "tokenizer"]
-    fixed_bytes = (file_bytes(_specs(backbone_enc, shapes, plan.float_dtype), ST_METADATA)
-                   + sum(f.bytes for f in tokenizer_files))
 
-    runtime = batches = calibration = None
-    if config.calibration is not None:
-        c = config.calibration
-        ids = text.encode_file(src, c.text, max_tokens=c.max_tokens, purpose="calibration")
-        windows = text.windows(ids, cfg.max_position_embeddings)  # [B, T]
-        batches = text.batches(windows, cfg.vocab_size)
-        runtime = TorchRuntime(src)
-        calibration = {"file": Path(c.text).name, "sha256": hashlib.sha256(Path(c.text).read_bytes()).hexdigest(),
-                       "tokens": int(windows.numel()), "windows": int(windows.shape[0])}
-    # One thread: GPTQ's and calibration's sums reduce in an order that depends on the thread count,
-    # and the bytes written from them must not.
-    with torch.inference_mode(), calibrate.one_thread():
-        mixed = None
-        if config.experts == AUTO:
-            assert config.target_bytes is not None and runtime is not None and batches is not None
-            mixed = _decide(plan, runtime, batches, fixed_bytes, config.target_bytes)
-        gptq_matrices = ({n for n, e in backbone_enc.items() if e.quantized and role_of(n) != "embedding"}
-                         if config.rounding == "gptq" else set())
-        nearest_experts: list[str] = []  # GPTQ fell back to nearest: too few calibration tokens
 
-        with atomic_dir(out, force=force) as tmp:
-            entries = []
-            rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # backbone matrices rounded by GPTQ
-            backbone_src = _read_source(plan, src.backbone, backbone_enc)
-            bar = tqdm(total=cfg.num_hidden_layers + 1, desc="quantize", unit="layer", disable=not progress or None)
-            if config.rounding == "gptq":
-                assert runtime is not None and batches is not None
-                for lc in calibrate.walk(runtime, batches, gptq_matrices):
-                    for name, h in lc.hessians.items():
-                        rounded[name] = gptq.gptq_quantize(backbone_src[name], h, backbone_enc[name])
-                    if lc.layer == cfg.num_hidden_layers:
-                        continue  # the output head's Hessian comes last, alone
-                    for e in range(cfg.num_experts):
-                        hessians = _expert_hessians(runtime, lc, e, plan)
-                        if hessians is None:
-                            nearest_experts.append(f"layers.{lc.layer}.moe.experts.{e}")
-                        entries.append(_write_expert(tmp, plan, lc.layer, e, hessians or {}))
-                        runtime.store.resident.pop((lc.layer, e), None)  # one layer of experts in memory
-                    bar.update(1)
-            else:
-                for layer in range(cfg.num_hidden_layers):
-                    for e in range(cfg.num_experts):
-                        entries.append(_write_expert(tmp, plan, layer, e, {}))
-                    bar.update(1)
-            entries.insert(0, _write_backbone(tmp, plan, backbone_src, rounded))
+def _open_calibration(src: Bundle, config: QuantConfig) -> _Calibration | None:
+    c = config.calibration
+    if c is None:
+        return None
+    ids = text.encode_file(src, c.text, max_tokens=c.max_tokens, purpose="calibration")
+    windows = text.windows(ids, src.config.max_position_embeddings)  # [B, T]
+    record = {"file": Path(c.text).name, "sha256": hashlib.sha256(Path(c.text).read_bytes()).hexdigest(),
+              "tokens": int(windows.numel()), "windows": int(windows.shape[0])}
+    return _Calibration(TorchRuntime(src), text.batches(windows, src.config.vocab_size), record)
+
+
+def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone_src: dict[str, torch.Tensor],
+                   progress: bool) -> tuple[list[dict], dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """Write every expert shard, layer by layer. With GPTQ, the calibration walk also rounds the
+    backbone's matrices as their Hessians come in. Returns (expert entries, backbone matrices
+    rounded by GPTQ, experts GPTQ left to nearest rounding for lack of calibration tokens)."""
+    cfg = plan.cfg
+    entries: list[dict] = []
+    rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    nearest: list[str] = []
+    bar = tqdm(total=cfg.num_hidden_layers, desc="quantize", unit="layer", disable=not progress or None)
+    if plan.config.rounding != "gptq":
+        for layer in range(cfg.num_hidden_layers):
+            entries += [_write_expert(root, plan, layer, e, {}) for e in range(cfg.num_experts)]
             bar.update(1)
-            bar.close()
-            for f in tokenizer_files:
-                (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src.checked_path(f), tmp / f.path)
-                entries.append({"path": f.path, "role": "tokenizer", "bytes": f.bytes, "sha256": f.sha256})
-            total = sum(e["bytes"] for e in entries)
-            if mixed is not None and total != mixed["bundle_bytes"]:  # the size plan and the writer must agree
-                raise RuntimeError(f"planned {mixed['bundle_bytes']} bytes, wrote {total}")
-            roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
-                     for role, s in ROLE_SCHEME.items()}
-            quantization: dict = {"experts": config.experts, "backbone": config.backbone,
-                                  "group_size": config.group_size, "rounding": config.rounding, "roles": roles}
-            if calibration is not None:
-                quantization["calibration"] = calibration
-            if config.rounding == "gptq":
-                quantization["gptq"] = {"damp": gptq.DAMP, "block": gptq.BLOCK,
-                                        "rounded_to_nearest": nearest_experts}
-            if mixed is not None:
-                quantization["mixed_precision"] = mixed
-            source_manifest = (src.root / fmt.MANIFEST_NAME).read_bytes()
-            provenance = {"source": src.manifest["provenance"]["source"],
-                          "quantized_from": {"manifest_sha256": hashlib.sha256(source_manifest).hexdigest(),
-                                             "tools": src.manifest["provenance"]["tools"]},
-                          "tools": tool_versions(*(("tokenizers",) if calibration is not None else ()))}
-            manifest = {
-                "format": fmt.FORMAT_NAME,
-                "format_version": fmt.FORMAT_VERSION,
-                "model": src.manifest["model"],
-                "tokenizer": src.manifest.get("tokenizer"),
-                fmt.QUANTIZATION_KEY: quantization,
-                "provenance": provenance,
-                "files": entries,
-            }
-            validate_manifest(manifest, where="quantize: the manifest it wrote")  # never ship one readers refuse
-            (tmp / fmt.MANIFEST_NAME).write_bytes(fmt.dumps_manifest(manifest))
-    return QuantizeResult(out, len(entries) + 1, total, sum(f.bytes for f in src.files), mixed)
+        bar.close()
+        return entries, rounded, nearest
+    assert calib is not None
+    matrices = {n for n, e in plan.backbone.items() if e.quantized and role_of(n) != "embedding"}
+    for lc in calibrate.walk(calib.runtime, calib.batches, matrices):
+        for name, h in lc.hessians.items():
+            rounded[name] = gptq.gptq_quantize(backbone_src[name], h, plan.backbone[name])
+        if lc.layer == cfg.num_hidden_layers:
+            continue  # the output head's Hessian comes last, alone
+        for e in range(cfg.num_experts):
+            hessians = _expert_hessians(calib.runtime, lc, e, plan)
+            if hessians is None:
+                nearest.append(f"layers.{lc.layer}.moe.experts.{e}")
+            entries.append(_write_expert(root, plan, lc.layer, e, hessians or {}))
+            calib.runtime.store.resident.pop((lc.layer, e), None)  # one layer of experts in memory
+        bar.update(1)
+    bar.close()
+    return entries, rounded, nearest
+
+
+def _manifest(plan: _Plan, entries: list[dict], calib: _Calibration | None, nearest: list[str],
+              mixed: dict | None) -> dict:
+    config, src = plan.config, plan.src
+    schemes = {"experts": config.experts, "backbone": config.backbone}
+    roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
+             for role, s in ROLE_SCHEME.items()}
+    quantization: dict = {"experts": config.experts, "backbone": config.backbone, "group_size": config.group_size,
+                          "rounding": config.rounding, "roles": roles}
+    if calib is not None:
+        quantization["calibration"] = calib.record
+    if config.rounding == "gptq":
+        quantization["gptq"] = {"damp": gptq.DAMP, "block": gptq.BLOCK, "rounded_to_nearest": nearest}
+    if mixed is not None:
+        quantization["mixed_precision"] = mixed
+    source_manifest = (src.root / fmt.MANIFEST_NAME).read_bytes()
+    provenance = {"source": src.manifest["provenance"]["source"],
+                  "quantized_from": {"manifest_sha256": hashlib.sha256(source_manifest).hexdigest(),
+                                     "tools": src.manifest["provenance"]["tools"]},
+                  "tools": tool_versions(*(("tokenizers",) if calib is not None else ()))}
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "model": src.manifest["model"],
+        "tokenizer": src.manifest.get("tokenizer"),
+        fmt.QUANTIZATION_KEY: quantization,
+        "provenance": provenance,
+        "files": entries,
+    }
 
 
 # ---- rounding ----------------------------------------------------------------------------------------
@@ -338,8 +365,7 @@ def _tensors_json(encodings: dict[str, quant.Encoding]) -> dict[str, dict]:
 
 
 # ---- per-expert mixed precision ----------------------------------------------------------------------
-def _decide(plan: _Plan, runtime: TorchRuntime, batches: list[torch.Tensor], fixed_bytes: int,
-            target_bytes: int) -> dict:
+def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: int) -> dict:
     """Measure every expert under every level, choose a level per expert within the target (sets
     ``plan.choice``), and return the manifest's record of the decision."""
     cfg, levels = plan.cfg, plan.levels
@@ -354,7 +380,8 @@ def _decide(plan: _Plan, runtime: TorchRuntime, batches: list[torch.Tensor], fix
                           f"every expert {levels[0].name}); raise the target or quantize the backbone more")
     selections = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)
     error = np.zeros((cfg.num_hidden_layers, cfg.num_experts, len(levels)))
-    for lc in calibrate.walk(runtime, batches, set()):
+    runtime = calib.runtime
+    for lc in calibrate.walk(runtime, calib.batches, set()):
         selections[lc.layer] = lc.selections
         for e, routed in lc.routed.items():
             expert = runtime.store.get(lc.layer, e)

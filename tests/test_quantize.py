@@ -340,3 +340,36 @@ def test_quantize_help_has_examples_and_inspect_shows_the_schemes(tiny):
     assert json.loads(r.output)["quantization"] == {"experts": "int4", "backbone": "int8", "group_size": 64,
                                                     "rounding": "nearest"}
     assert "quantized: experts int4, backbone int8, int4 group 64" in run("inspect", q).output
+
+
+def test_golden_manifest_records_and_shard_header(tmp_path):
+    """Pin the bytes a reader depends on: the manifest's records and a quantized shard's header."""
+    src, out = tmp_path / "tiny", tmp_path / "tiny-q4"
+    assert run("-q", "split", "tiny", "-o", src).exit_code == 0
+    assert run("-q", "quantize", src, "-o", out, "--expert-scheme", "int4", "--group-size", "64").exit_code == 0
+    text = (out / "manifest.json").read_text()
+    assert text.endswith("}\n") and '\n  "quantization": {\n    "experts": "int4",' in text
+    m = json.loads(text)
+    assert m["quantization"] == {"experts": "int4", "backbone": "int8", "group_size": 64, "rounding": "nearest",
+                                 "roles": {"expert": "int4", "router": "none", "norm": "none", "bias": "none",
+                                           "embedding": "int8", "head": "int8", "attention": "int8",
+                                           "shared_expert": "int8"}}
+    q4 = {"scheme": "int4", "bits": 4, "group_size": 64, "scale_dtype": "bfloat16"}
+    entry = m["files"][16]
+    assert list(entry) == ["path", "bytes", "sha256", "dtype", "role", "layer", "expert", "tensors"]
+    assert entry["tensors"] == {f"layers.1.moe.experts.7.{n}.weight": q4 for n in ("gate", "up", "down")}
+    assert list(m["files"][0]["tensors"].items())[:2] == [
+        ("embed.weight", {"scheme": "int8", "bits": 8, "group_size": 64, "scale_dtype": "bfloat16"}),
+        ("layers.0.attn_norm.weight", {"scheme": "none", "bits": 32})]
+    data = (out / entry["path"]).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    p = "layers.1.moe.experts.7"
+    header = ('{"__metadata__":{"format":"pt"},'
+              f'"{p}.down.weight_scale":{{"dtype":"BF16","shape":[64,2],"data_offsets":[0,256]}},'
+              f'"{p}.gate.weight_scale":{{"dtype":"BF16","shape":[128,1],"data_offsets":[256,512]}},'
+              f'"{p}.up.weight_scale":{{"dtype":"BF16","shape":[128,1],"data_offsets":[512,768]}},'
+              f'"{p}.down.weight":{{"dtype":"U8","shape":[64,64],"data_offsets":[768,4864]}},'
+              f'"{p}.gate.weight":{{"dtype":"U8","shape":[128,32],"data_offsets":[4864,8960]}},'
+              f'"{p}.up.weight":{{"dtype":"U8","shape":[128,32],"data_offsets":[8960,13056]}}}}')
+    assert data[8:8 + n].decode().rstrip(" ") == header and n % 8 == 0
+    assert len(data) == entry["bytes"] == 8 + n + 13056

@@ -59,11 +59,12 @@ def _onnx_module(module: torch.nn.Module, inputs: tuple, names: list[str], outpu
 
 
 def _et_precision(weights: dict[str, units.Weight]) -> str:
-    return {"fp32": "fp32", "int4": "8da4w", "int8": "8da8w", "int4+int8": "8da4w+8da8w"}[units.expert_name(weights)]
+    labels = {"fp32": "fp32", "int4": "8da4w", "int8": "8da8w", "int4+int8": "8da4w+8da8w"}
+    return labels[units.precision_label(weights)]
 
 
 def _onnx_precision(weights: dict[str, units.Weight]) -> str:
-    label = units.expert_name(weights)
+    label = units.precision_label(weights)
     return "fp32" if label == "fp32" else "matmulnbits-" + label
 
 

@@ -215,7 +215,7 @@ LAYER_INPUTS = ["x", "cos", "sin", "mask", "k_cache", "v_cache"]
 LAYER_OUTPUTS = ["base", "xn", "router_logits", "k_new", "v_new"]
 
 
-def expert_name(weights: dict) -> str:
+def precision_label(weights: dict) -> str:
     """Precision label of a unit's weights: 'fp32', or the integer scheme(s) it carries."""
     schemes = sorted({w.encoding.scheme for w in weights.values() if isinstance(w, QuantWeight)})
     return "+".join(schemes) if schemes else "fp32"

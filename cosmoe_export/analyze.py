@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosmoe_export.errors import CosmoeError
+from cosmoe_export.text import encode_with, windows
 from runtime_py import expert_cache, routing_metrics
 from runtime_py.config import CosmoeConfig
 from runtime_py.format import MANIFEST_NAME
@@ -59,15 +59,6 @@ def load(path: str) -> Loaded:
     model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
     tok = next((f for f in source.tokenizer_files if f.name == "tokenizer.json"), None)
     return Loaded(model.eval(), source.config, tok, "checkpoint")
-
-
-def windows(ids: list[int], context: int) -> torch.Tensor:
-    """ids [N] -> [B, T]: full windows of the context; a text shorter than one window is one window."""
-    if len(ids) < 2:
-        raise CosmoeError(f"the text encodes to {len(ids)} token(s); analyze needs at least 2")
-    t = min(context, len(ids))
-    b = len(ids) // t
-    return torch.tensor(ids[:b * t]).view(b, t)
 
 
 @torch.inference_mode()
@@ -138,24 +129,13 @@ def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[
     return report, sels
 
 
-def encode_text(tok, text: Path, max_tokens: int | None) -> list[int]:
-    """The text's ids under ``tok`` (a ``tokenizers.Tokenizer``), cut to ``max_tokens``."""
-    try:
-        raw = Path(text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CosmoeError(f"{text}: cannot read as UTF-8 text ({e})") from None
-    return tok.encode(raw).ids[:max_tokens]
-
-
 def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path | None = None,
             plot_layer: int | None = None) -> dict[str, Any]:
     loaded = load(path)
     cfg = loaded.config
-    if loaded.tokenizer_path is None or not loaded.tokenizer_path.is_file():
-        raise CosmoeError(f"{path}: has no tokenizer.json; analyze needs the model's tokenizer to encode --text")
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(loaded.tokenizer_path))
-    batch = windows(encode_text(tok, text, max_tokens), cfg.max_position_embeddings)  # [B, T]
+    ids = encode_with(loaded.tokenizer_path, text, vocab_size=cfg.vocab_size, max_tokens=max_tokens,
+                      purpose="analyze", owner=path)
+    batch = windows(ids, cfg.max_position_embeddings)  # [B, T]
     numbers, sels = routing_report(loaded.model, batch)
     report = {"model": str(path), "kind": loaded.kind, "text": str(text), **numbers}
     if plots is not None:

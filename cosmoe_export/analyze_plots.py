@@ -36,11 +36,7 @@ def selection_map(out: Path, sel: np.ndarray, num_experts: int, layer: int, titl
     ax.set_xlabel("token position")
     ax.set_title(f"{title}: layer {layer}, experts selected per token "
                  f"(ExRep {routing_metrics.exrep(sel, num_experts):.1f} % over these {len(sel)} tokens)")
-    fig.tight_layout()
-    path = out / "selection_map.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "selection_map.png")
 
 
 def delta_uniform(out: Path, report: dict[str, Any], title: str) -> Path:
@@ -55,11 +51,7 @@ def delta_uniform(out: Path, report: dict[str, Any], title: str) -> Path:
     ax.set_ylabel("ΔUniform (percentage points)")
     ax.set_title(f"{title}: distance of expert load from uniform")
     ax.legend()
-    fig.tight_layout()
-    path = out / "delta_uniform.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "delta_uniform.png")
 
 
 def hit_rate(out: Path, report: dict[str, Any], title: str) -> Path:
@@ -78,11 +70,7 @@ def hit_rate(out: Path, report: dict[str, Any], title: str) -> Path:
     ax.set_title(f"{title}: expert cache hit rate")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = out / "hit_rate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "hit_rate.png")
 
 
 def write_all(out: Path, report: dict[str, Any], window_sel: np.ndarray, layer: int) -> list[Path]:
@@ -91,3 +79,10 @@ def write_all(out: Path, report: dict[str, Any], window_sel: np.ndarray, layer: 
     title = Path(report["model"]).name
     return [selection_map(out, window_sel, report["num_experts"], layer, title),
             delta_uniform(out, report, title), hit_rate(out, report, title)]
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

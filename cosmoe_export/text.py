@@ -1,5 +1,5 @@
 """Text for measuring a model: encode a file with the bundle's own tokenizer and cut it into
-windows of the model's context. Used by quantize (calibration) and verify (perplexity, KL)."""
+windows of the model's context. Used by quantize (calibration), verify (perplexity, KL) and analyze."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ from runtime_py.bundle import Bundle
 def encode_file(bundle: Bundle, text: Path, *, max_tokens: int | None, purpose: str) -> list[int]:
     """Token ids of ``text`` (UTF-8), at most ``max_tokens``, encoded with the bundle's tokenizer.json."""
     tok_dir = bundle.tokenizer_dir
-    tok_path = tok_dir / "tokenizer.json" if tok_dir is not None else None
+    return encode_with(tok_dir / "tokenizer.json" if tok_dir is not None else None, text,
+                       vocab_size=bundle.config.vocab_size, max_tokens=max_tokens, purpose=purpose, owner=bundle.root)
+
+
+def encode_with(tok_path: Path | None, text: Path, *, vocab_size: int, max_tokens: int | None, purpose: str,
+                owner: str | Path) -> list[int]:
+    """Token ids of ``text`` under the tokenizer.json at ``tok_path`` (the model ``owner``'s)."""
     if tok_path is None or not tok_path.is_file():
-        raise CosmoeError(f"{bundle.root}: has no tokenizer/tokenizer.json; {purpose} needs the model's tokenizer "
+        raise CosmoeError(f"{owner}: has no tokenizer.json; {purpose} needs the model's tokenizer "
                           "to encode the text (split a checkpoint that has one)")
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tok_path))
@@ -27,9 +33,9 @@ def encode_file(bundle: Bundle, text: Path, *, max_tokens: int | None, purpose: 
     ids = tok.encode(raw).ids[:max_tokens]
     if len(ids) < 2:
         raise CosmoeError(f"{text}: encodes to {len(ids)} token(s); {purpose} needs at least 2")
-    if max(ids) >= bundle.config.vocab_size:
-        raise CosmoeError(f"{bundle.root}: its tokenizer makes id {max(ids)}, beyond the model's vocabulary "
-                          f"({bundle.config.vocab_size}); the tokenizer does not belong to this model")
+    if max(ids) >= vocab_size:
+        raise CosmoeError(f"{owner}: its tokenizer makes id {max(ids)}, beyond the model's vocabulary "
+                          f"({vocab_size}); the tokenizer does not belong to this model")
     return ids
 
 

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from cosmoe_export import analyze as A  # noqa: E402
 from cosmoe_export import train as T  # noqa: E402
+from cosmoe_export.text import windows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = T.train_tokenizer(args.corpus, 4096)
     ids = T.encode_corpus(tok, args.corpus)
     eot = tok.token_to_id(T.EOT)
-    held_out = A.encode_text(tok, args.text, args.max_tokens)
+    # The sweep's tokenizer lives in memory only (nothing saved), so it encodes the text itself.
+    held_out = tok.encode(args.text.read_text(encoding="utf-8")).ids[:args.max_tokens]
     rows = []
     print("weight  perplexity  ExRep %  ΔUniform  LRU@4/8  final bles", file=sys.stderr)
     for w in args.weights:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                            bles_weight=w)
         config = T.tiny_config(variant, vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot)
         result = T.train(config, ids, tc, log_every=args.steps)
-        report, _ = A.routing_report(result.model, A.windows(held_out, config.max_position_embeddings))
+        report, _ = A.routing_report(result.model, windows(held_out, config.max_position_embeddings))
         half = config.num_experts // 2
         row = {"bles_weight": w, "steps": args.steps, "perplexity": report["perplexity"], "exrep": report["exrep"],
                "delta_uniform": report["delta_uniform"], "lru_hit_rate_half": report["hit_rate_curve"]["lru"][half - 1],

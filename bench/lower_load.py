@@ -7,11 +7,18 @@ the time to read the unit's bytes at this machine's memory bandwidth (measured h
 
     .venv/bin/python bench/lower_load.py                      # wearable-moe expert: 432 -> 1280
     .venv/bin/python bench/lower_load.py --hidden 1440 --ffn 3840 --repeats 5   # phone-moe
+
+With ``--layer-bundle BUNDLE`` it measures a layer program instead (layer 0 of that bundle, on the
+bundle's integers): export time and time per call of the T = 1 program the stage used to write
+and of the dynamic-T program it writes now, at T = 1, 16 and max_tokens (prefill in one call).
+
+    .venv/bin/python bench/lower_load.py --layer-bundle /tmp/h1/tb4
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -21,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cosmoe_export.lower import units
 from cosmoe_export.lower.stage import TARGETS
 from cosmoe_export.lower.units import QuantWeight
 from runtime_py import quant
+from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 
 SCHEMES = [("none", None), ("int8", None), ("int4", 32), ("int4", 128)]
@@ -76,14 +85,61 @@ def load_onnx(path: Path) -> float:
 LOADERS = {"executorch": load_et, "onnx": load_onnx}
 
 
+def _runner(target: str, path: Path):
+    if target == "executorch":
+        from executorch.runtime import Runtime
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+        return lambda xs: method.execute(xs)
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda xs: sess.run(None, {n: x.numpy() for n, x in zip(units.LAYER_INPUTS, xs, strict=True)})
+
+
+def layer_tokens(bundle_path: str, repeats: int) -> None:
+    """Export seconds and ms per call of layer 0: static T = 1 vs dynamic T (median of ``repeats`` calls)."""
+    bundle = Bundle.open(bundle_path)
+    cfg = bundle.config
+    raw = units.backbone_weights(bundle)
+    floats = units.dequantized(raw)
+    p = units.max_tokens(cfg)
+    print(f"{bundle_path} layer 0; median of {repeats} calls after 3; S = {cfg.max_position_embeddings}, P = {p}")
+    print(f"{'target':<11}{'program':<10}{'precision':<20}{'export s':>9}  ms per call at T")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, target in sorted(TARGETS.items()):
+            programs = (("T=1", units.layer_example_inputs(cfg, 1), None, (1,)),
+                        ("T=1..P", units.layer_example_inputs(cfg), units.layer_dynamic_shapes(cfg), (1, 16, p)))
+            for kind, inputs, shapes, ts in programs:
+                unit = units.build_layer(cfg, floats, 0)
+                precision = target.backbone_integers(unit, units.layer_linears(cfg, 0), raw)
+                t = time.perf_counter()
+                data = target.module(unit, inputs, shapes, units.LAYER_INPUTS, units.LAYER_OUTPUTS)
+                export_s = time.perf_counter() - t
+                path = Path(tmp) / f"{name}-{kind.replace('=', '')}{target.suffix}"
+                path.write_bytes(data)
+                run = _runner(name, path)
+                cells = []
+                for n in ts:
+                    call = functools.partial(run, list(units.layer_example_inputs(cfg, n)))
+                    for _ in range(3):
+                        call()
+                    cells.append(f"{n}: {statistics.median(_timed(call) for _ in range(repeats)) * 1e3:.2f}")
+                print(f"{name:<11}{kind:<10}{precision:<20}{export_s:>9.2f}  " + ", ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=432)
     ap.add_argument("--ffn", type=int, default=1280)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--layer-bundle", default=None, help="time a layer program of this bundle instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.layer_bundle:
+        layer_tokens(args.layer_bundle, max(args.repeats, 20))
+        return
     cfg = CosmoeConfig(vocab_size=16, hidden_size=args.hidden, num_hidden_layers=1, num_attention_heads=1,
                        num_key_value_heads=1, head_dim=2, intermediate_size=args.ffn)
     bw = read_bandwidth_gbs()

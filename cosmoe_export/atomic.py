@@ -7,6 +7,7 @@ sibling it leaves is removed by the next run for the same OUT.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -16,6 +17,8 @@ from pathlib import Path
 from runtime_py.errors import CosmoeError
 
 TMP_MARK = ".cosmoe-tmp-"
+# A write that fails for lack of room: disk full, quota, or a file-size limit (RLIMIT_FSIZE).
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -52,14 +55,26 @@ def atomic_dir(out: Path, *, force: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():  # --force: move the old one aside, then swap, then delete
+        if out.exists() and force:  # move the old one aside, then swap, then delete
             old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            # rename(2) refuses to replace a non-empty directory: a run racing us into the same OUT
+            # that finished first wins, and this one fails below instead of mixing the two.
             os.rename(tmp, out)
         _fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _DISK_FULL:
+            where = f" ({e.filename})" if e.filename else ""
+            raise CosmoeError(f"{out}: a write failed{where}: {os.strerror(e.errno)}; nothing was written: free disk "
+                              "space or raise the file-size limit, then run again") from None
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and e.filename == str(tmp):
+            raise CosmoeError(f"{out}: another run wrote it while this one was running (two runs into one OUT?); "
+                              "this run's result was discarded, OUT is the other run's") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,7 +39,14 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """Convert sparse Mixture-of-Experts checkpoints into split bundles for phones and wearables.
 
     \b
-    Quickstart:
+    Quickstart: one recipe, one command, a verified bundle and its report
+      cosmoe-export build recipes/demo.toml -o build/demo          # the committed tiny-bles model
+      cosmoe-export build recipes/mixtral.toml --source ./my-mixtral -o build/mixtral
+      cosmoe-export verify build/demo/bundle --integrity           # re-hash every file
+    Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input.
+
+    \b
+    The stages one by one:
       cosmoe-export inspect wearable-moe                # sizes and memory of a preset
       cosmoe-export split ./my-mixtral -o out/bundle    # backbone + one file per expert
       cosmoe-export verify out/bundle --reference ./my-mixtral --json report.json
@@ -53,6 +60,25 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     ctx.meta["progress"] = not quiet
 
 
+def _budget_options(f: Any) -> Any:
+    """--budget / --experts-per-layer / --policy, shared by run and verify."""
+    from runtime_py.store import POLICIES
+
+    f = click.option("--policy", type=click.Choice(list(POLICIES)), default="lru", show_default=True,
+                     help="Which experts stay resident: resident (all, up front), paper (CoSMoEs Eq. 8: only the "
+                          "selected ones), lru, lfu, lru+prefetch (also loads the next layer's guessed experts).")(f)
+    f = click.option("--experts-per-layer", type=click.IntRange(min=1), default=None,
+                     help="Budget as backbone + N experts per layer.")(f)
+    return click.option("--budget", default=None, metavar="SIZE",
+                        help="Memory for backbone, KV cache and experts, e.g. 300MB (default: everything).")(f)
+
+
+def _parse_budget(budget: str | None) -> int | None:
+    from runtime_py.memory import parse_size
+
+    return None if budget is None else parse_size(budget)
+
+
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         text = json.dumps(data, indent=2) + "\n"
@@ -63,14 +89,66 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("recipe")
+@click.option("--source", default=None, help="Checkpoint directory or preset; replaces the recipe's source.model.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Output directory: bundle/, report.json, report.md, plots/  [default: build/RECIPE-NAME]")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Stage outputs and their stamps; keep it to make reruns fast  [default: OUT.work]")
+@click.option("--json", "json_path", default=None, help="Write the report as JSON to this file too ('-' for stdout).")
+@click.pass_context
+def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None, work: Path | None,
+          json_path: str | None) -> None:
+    """Build a release bundle from RECIPE and gate it: split -> quantize -> lower -> verify, plus the
+    routing analysis and the memory-vs-speed curve, into OUT: bundle/ (only when every gate passed),
+    report.json, report.md and plots/ (docs/REPORT.md).
+
+    RECIPE is a TOML file or the name of a shipped one (recipes/NAME.toml: demo, wearable, phone,
+    mixtral, qwen2-moe, qwen3-moe, olmoe). Stages whose inputs did not change are skipped, so a rerun
+    after a threshold change only re-gates. Exit code 0 when every gate passes, 1 when one fails,
+    2 on bad input.
+
+    \b
+    Examples:
+      cosmoe-export build recipes/demo.toml -o build/demo
+      cosmoe-export build mixtral --source ./my-mixtral -o build/mixtral --json mixtral.json
+      cosmoe-export -q build wearable --source ./wearable-ckpt -o /out/wearable
+    """
+    from cosmoe_export.build import build as run_build
+    from cosmoe_export.recipe import find_recipe, load_recipe
+    from runtime_py.errors import GateFailed
+
+    r = load_recipe(find_recipe(recipe))
+    out = out if out is not None else Path("build") / r.name
+    info = json_path == "-"  # keep stdout for the JSON
+    result = run_build(recipe=r, source=source, out=out, work=work, progress=ctx.meta["progress"],
+                       log=lambda line: click.echo(line, err=True))
+    for row in result.report["backends"]:
+        gates = " ".join(f"{g['name']}={'n/a' if g['value'] is None else format(g['value'], '.4g')}"
+                         f"{'' if g['passed'] else '(FAIL)'}" for g in row["gates"])
+        click.echo(f"{row['backend']} ({row['precision']}): {gates}  {'PASS' if row['passed'] else 'FAIL'}", err=info)
+    b = result.report["bundle"]
+    where = f"bundle {result.bundle}" if result.passed else f"no bundle published (candidate: {result.candidate})"
+    click.echo(f"build {r.name}: {'PASS' if result.passed else 'FAIL'}; {where}, {b['files']} files, "
+               f"{b['bytes'] / 1e6:.2f} MB; report {out / 'report.md'}", err=info)
+    _write_json(json_path, result.report)
+    if not result.passed:
+        from cosmoe_export.report import failed_gates
+        raise GateFailed(f"build {r.name}: gate(s) failed: {'; '.join(failed_gates(result.report))} "
+                         f"(see {out / 'report.md'})")
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("src")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Precision of the bundle's tensors (default: the source's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints (weights-only unpickler).")
+@click.option("--json", "json_path", default=None, help="Write files and bytes as JSON to this file ('-' for stdout).")
 @click.pass_context
-def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: bool, allow_pickle: bool) -> None:
+def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: bool, allow_pickle: bool,
+          json_path: str | None) -> None:
     """Split SRC (checkpoint directory or preset) into a bundle: a backbone and one file per expert.
 
     The bundle is written atomically (a temporary directory renamed on success) and is byte-for-byte
@@ -88,7 +166,8 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
     source = open_source(src, allow_pickle=allow_pickle)
     result = run_split(source=source, out=out, dtype=DTYPE_ALIASES[dtype] if dtype else None, force=force,
                        progress=ctx.meta["progress"])
-    click.echo(f"wrote {result.out}: {result.files} files, {result.bytes / 1e6:.1f} MB")
+    click.echo(f"wrote {result.out}: {result.files} files, {result.bytes / 1e6:.1f} MB", err=json_path == "-")
+    _write_json(json_path, {"out": str(result.out), "files": result.files, "bytes": result.bytes})
 
 
 @cli.command(context_settings=CONTEXT)
@@ -231,7 +310,96 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--reference", required=True, help="Checkpoint directory or preset the bundle was split from.")
+@click.option("--prompt", default=None, help="Text to continue (the bundle's tokenizer encodes it).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the prompt from a UTF-8 file.")
+@click.option("--prompt-ids", default=None, metavar="IDS",
+              help="Comma-separated token ids (for bundles without a tokenizer).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "executorch", "onnxruntime"]), default="torch",
+              show_default=True, help="executorch/onnxruntime need `cosmoe-export lower` first.")
+@_budget_options
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--check-hash", type=click.Choice(["first", "always", "never"]), default="first", show_default=True,
+              help="When to check an expert shard's sha256 against the manifest (its size is checked on every load).")
+@click.option("--json", "json_path", default=None, help="Write the metrics as JSON to this file ('-' for stdout).")
+def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, max_new_tokens: int,
+        backend: str, budget: str | None, experts_per_layer: int | None, policy: str, temperature: float,
+        top_p: float, seed: int, check_hash: str, json_path: str | None) -> None:
+    """Generate text with BUNDLE the way a device would: the backbone resident and the routed experts
+    loaded on demand under a memory budget. Text streams to stdout; the metrics (prefill, decode
+    tokens/s, peak RSS, expert loads and load times, hit rate, ExRep, loads per token) print at the
+    end and go to --json.
+
+    \b
+    Examples:
+      cosmoe-export run build/demo/bundle --prompt "The router picks"
+      cosmoe-export run build/demo/bundle --prompt "Hello" --backend executorch --experts-per-layer 4 \\
+          --policy lru+prefetch --json metrics.json
+      cosmoe-export run build/demo/bundle --prompt-file p.txt --budget 12MB --policy paper --temperature 0.8 --top-p 0.9
+    """
+    from runtime_py.bundle import Bundle
+    from runtime_py.runner import Runner
+    from runtime_py.tokenizer import BundleTokenizer, TextStream
+
+    given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompt-ids", prompt_ids))
+             if v is not None]
+    if len(given) != 1:
+        raise CosmoeError("give exactly one of --prompt, --prompt-file, --prompt-ids")
+    b = Bundle.open(bundle)
+    tokenizer = None
+    if prompt_ids is not None:
+        try:
+            ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise CosmoeError(f"--prompt-ids {prompt_ids!r}: write comma-separated integers") from None
+        if not ids:
+            raise CosmoeError("--prompt-ids: is empty; give at least one token id")
+    else:
+        if prompt_file is not None:
+            try:
+                prompt = prompt_file.read_bytes().decode("utf-8")
+            except FileNotFoundError:
+                raise CosmoeError(f"{prompt_file}: no such file") from None
+            except UnicodeDecodeError as e:
+                raise CosmoeError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        tokenizer = BundleTokenizer(b)
+        ids = tokenizer.encode(prompt, where=str(prompt_file) if prompt_file else "--prompt")
+    out = sys.stderr if json_path == "-" else sys.stdout
+    stream = TextStream(tokenizer) if tokenizer else None
+
+    def show(token: int) -> None:
+        click.echo(stream.feed(token) if stream else f"{token} ", nl=False, file=out)
+        out.flush()
+
+    with Runner(b, backend=backend, budget_bytes=_parse_budget(budget), experts_per_layer=experts_per_layer,
+                policy=policy, check_hash=check_hash) as runner:
+        runner.check_prompt(ids, max_new_tokens)  # refuse before printing anything
+        if prompt is not None:
+            click.echo(prompt, nl=False, file=out)
+        result = runner.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 stop_ids=tokenizer.stop_ids if tokenizer else (), on_token=show)
+    m = result.metrics
+    click.echo("", file=out)
+    click.echo(f"[{backend}, {policy}] prefill {m['prompt_tokens']} tokens {m['prefill_ms']:.1f} ms, decode "
+               f"{m['decode_tok_s'] or 0:.1f} tok/s, peak RSS {m['peak_rss_mb']:.0f} MB, budget "
+               f"{m['budget_bytes'] / 1e6:.1f} MB (experts resident at most "
+               f"{m['resident_expert_bytes_max'] / 1e6:.1f} MB), {m['expert_loads']} expert loads "
+               f"(p50 {m['expert_load_ms_p50']:.2f} ms, p95 {m['expert_load_ms_p95']:.2f} ms), hit rate "
+               f"{m['hit_rate']:.3f}, {m['loads_per_token']:.2f} loads/token, ExRep {m['exrep']:.1f} %, "
+               f"stopped: {result.stopped}", err=True)
+    _write_json(json_path, {**m, "tokens": result.tokens, "stopped": result.stopped,
+                            "text": tokenizer.decode(result.tokens) if tokenizer else None})
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", default=None, help="Checkpoint directory or preset the bundle was split from.")
+@click.option("--integrity", is_flag=True,
+              help="Re-hash every file against the manifest first (alone: only that); exit 1 on any difference.")
 @click.option("--backend", type=click.Choice(["torch", "executorch", "onnxruntime", "all"]), default="all",
               show_default=True, help="'all': torch plus every backend the bundle has programs for.")
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
@@ -243,8 +411,10 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
                    "kl_mean, ppl_increase (relative, 0.03 = +3 %). Repeatable.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt reference checkpoints.")
-def verify(bundle: Path, reference: str, backend: str, new_tokens: int, text: Path | None, max_tokens: int | None,
-           gate_specs: tuple[str, ...], json_path: str | None, allow_pickle: bool) -> None:
+@_budget_options
+def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, new_tokens: int, text: Path | None,
+           max_tokens: int | None, gate_specs: tuple[str, ...], json_path: str | None, allow_pickle: bool,
+           budget: str | None, experts_per_layer: int | None, policy: str) -> None:
     """Run BUNDLE through the reference runtime and compare it with the reference model.
 
     A float bundle must match it (logits within 1e-4, same top-1 and greedy tokens). A quantized
@@ -256,11 +426,19 @@ def verify(bundle: Path, reference: str, backend: str, new_tokens: int, text: Pa
     Examples:
       cosmoe-export verify bundles/mixtral-tiny --reference ./mixtral-tiny
       cosmoe-export verify bundles/tiny --reference tiny --json report.json
+      cosmoe-export verify build/demo/bundle --integrity
       cosmoe-export verify bundles/tiny-bles-q4 --reference recipes/models/tiny-bles \\
           --text ../shared/data/wikitext-2/test.txt --gate ppl_increase=0.05
     """
     from cosmoe_export.verify import verify as run_verify
 
+    if integrity:
+        _check_integrity(bundle, json_path if reference is None else None)
+    if reference is None:
+        if integrity:
+            return
+        raise CosmoeError("verify needs --reference SRC (the checkpoint or preset the bundle came from), "
+                          "or --integrity to re-hash the bundle's files only")
     gates: dict[str, float | None] = {}
     for spec in gate_specs:
         name, _, value = spec.partition("=")
@@ -269,18 +447,36 @@ def verify(bundle: Path, reference: str, backend: str, new_tokens: int, text: Pa
         except ValueError:
             raise CosmoeError(f"--gate {spec!r}: write NAME=NUMBER or NAME=off") from None
     report = run_verify(bundle_path=bundle, reference=reference, backend=backend, new_tokens=new_tokens,
-                        text=text, max_tokens=max_tokens, gates=gates, allow_pickle=allow_pickle)
+                        text=text, max_tokens=max_tokens, gates=gates, allow_pickle=allow_pickle,
+                        budget=_parse_budget(budget), experts_per_layer=experts_per_layer, policy=policy)
     for r in report["results"]:
         status = "PASS" if r["passed"] else "FAIL"
         extra = (f" kl_mean={r['kl_mean']:.4f} ppl={r['ppl']:.3f} ppl_ref={r['ppl_ref']:.3f} "
                  f"({100 * r['ppl_increase']:+.2f} %)" if "kl_mean" in r else "")
         click.echo(f"{r['backend']} {r['dtype']} ({r['precision']}): max_abs_logit_err={r['max_abs_logit_err']:.2e} "
                    f"top1_agreement={r['top1_agreement']:.3f} greedy_match={r['greedy_match']:.3f}{extra} "
-                   f"expert_loads={r['expert_loads']}  {status}", err=json_path == "-")
+                   f"expert_loads={r['expert_loads']} hit_rate={r['hit_rate']:.3f} "
+                   f"decode_tok_s={r['decode_tok_s'] or 0:.1f}  {status}", err=json_path == "-")
     _write_json(json_path, report)
     if not report["passed"]:
         click.echo("error: verify: a gate failed (see above)", err=True)
         sys.exit(1)
+
+
+def _check_integrity(bundle: Path, json_path: str | None) -> None:
+    """Re-hash every file of BUNDLE against its manifest: a truncated or edited shard must never run."""
+    from runtime_py.bundle import Bundle
+    from runtime_py.errors import GateFailed
+
+    opened = Bundle.open(bundle)
+    problems = opened.verify_integrity()
+    for line in problems:
+        click.echo(line, err=True)
+    _write_json(json_path, {"bundle": str(bundle), "files": len(opened.files), "problems": problems})
+    if problems:
+        raise GateFailed(f"{bundle}: {len(problems)} of {len(opened.files)} files differ from the manifest; "
+                         "rebuild the bundle (never run it)")
+    click.echo(f"{bundle}: {len(opened.files)} files match the manifest", err=json_path == "-")
 
 
 @cli.command(context_settings=CONTEXT)

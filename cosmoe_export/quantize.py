@@ -37,6 +37,7 @@ from runtime_py import format as fmt
 from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry, validate_manifest
 from runtime_py.config import CosmoeConfig, expert_of, expert_tensor_shapes, tensor_shapes
+from runtime_py.memory import parse_size  # noqa: F401  (re-exported for the CLI)
 from runtime_py.torch_backend import TorchRuntime, read_safetensors
 
 ST_METADATA = {"format": "pt"}
@@ -69,15 +70,6 @@ def role_of(name: str) -> str:
         if pattern.search(name):
             return role
     raise CosmoeError(f"tensor {name!r} has no quantization role; add it to cosmoe_export.quantize.ROLES")
-
-
-def parse_size(spec: str) -> int:
-    """'300MB', '2.5MB', '1.5GiB', '123456' -> bytes (kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", spec)
-    if not m or m.group(2).lower() not in units:
-        raise CosmoeError(f"size {spec!r} not understood; write e.g. 300MB, 2.5MB, 1GiB or a byte count")
-    return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -326,7 +318,7 @@ def _write_backbone(root: Path, plan: _Plan, source: dict[str, torch.Tensor],
 
 def _read_source(plan: _Plan, entry: FileEntry, encodings: dict[str, quant.Encoding]) -> dict[str, torch.Tensor]:
     """The file's float tensors, names and shapes checked, memory-mapped; NaN or Inf refused."""
-    path = plan.src.checked_path(entry)
+    path = plan.src.hashed_path(entry)  # a shard changed on disk must not be quantized into a new bundle
     source = read_safetensors(path, {n: plan.shapes[n] for n in encodings}, plan.float_dtype)
     for name, w in source.items():
         if not bool(torch.isfinite(w).all()):

@@ -24,6 +24,7 @@ from cosmoe_export.errors import CheckpointError
 from cosmoe_export.presets import get_preset
 from runtime_py.bundle import sha256_file
 from runtime_py.config import CosmoeConfig, expert_of, tensor_shapes
+from runtime_py.safetensors_header import Header, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -99,10 +100,19 @@ class _SafetensorsFiles:
 
     def __init__(self) -> None:
         self._open: dict[Path, Any] = {}
+        self._headers: dict[Path, Header] = {}  # validated once; release() reopens files per tensor
+
+    def header(self, path: Path) -> Header:
+        """The file's header, read by our strict reader (it names the exact problem, and refuses
+        duplicate names that the library would resolve silently) without mapping the file."""
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        return self._headers[path]
 
     def handle(self, path: Path) -> Any:
         h = self._open.get(path)
         if h is None:
+            self.header(path)
             try:
                 h = self._open[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # SafetensorError, OSError
@@ -127,6 +137,9 @@ def checkpoint_source(path: Path, *, allow_pickle: bool = False, hash_files: boo
         raise CheckpointError(f"{path}: no such checkpoint directory or preset")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory with config.json and safetensors files")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: neither a bundle (no manifest.json) nor a checkpoint (no config.json); "
+                              "pass a bundle written by `cosmoe-export split` or a checkpoint directory")
     raw = _read_json(path / "config.json")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
@@ -179,13 +192,13 @@ def _index_safetensors(shards: list[Path], files: _SafetensorsFiles) -> dict[str
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"{shard}: shard listed in the index is missing")
-        h = files.handle(shard)
-        for key in h.keys():
+        # From the header alone: mapping every shard here would hold the whole checkpoint's address
+        # space at once (and the library's private maps count against RLIMIT_DATA, bench/memory_limit.py).
+        tensors = files.header(shard).tensors
+        for key in sorted(tensors):
             if key in out:
                 raise CheckpointError(f"{shard}: tensor {key!r} also in {out[key][0].name}")
-            sl = h.get_slice(key)
-            st_dtype = sl.get_dtype()
-            out[key] = (shard, tuple(sl.get_shape()), st_dtype,
+            out[key] = (shard, tensors[key].shape, tensors[key].dtype,
                         lambda shard=shard, key=key: files.handle(shard).get_slice(key))
     return out
 

@@ -13,6 +13,7 @@ came. Anything else raises, so a file is either complete or never renamed into p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -72,7 +73,10 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            # close() flushes, and fails again on a full disk; the file is thrown away and the error
+            # being handled already says why, so a second one must not replace it.
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
 def plan_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],

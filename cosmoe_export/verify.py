@@ -26,8 +26,8 @@ from cosmoe_export.sources import Source, open_source
 from cosmoe_export.text import batches, encode_file, windows
 from runtime_py.bundle import Bundle
 from runtime_py.model import CosmoeForCausalLM
-from runtime_py.program_backend import ProgramRuntime, available_backends
-from runtime_py.torch_backend import TorchRuntime
+from runtime_py.program_backend import available_backends
+from runtime_py.runner import ENGINES, Runner
 
 # Fixed prompts: encoded with the bundle's tokenizer when it has one.
 PROMPTS = [
@@ -35,13 +35,8 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Offloading keeps only the experts in use on the phone, and",
 ]
-# Backend name -> how to open a bundle with it. Program backends need `cosmoe-export lower` first.
-RUNTIMES: dict[str, Any] = {
-    "torch": TorchRuntime,
-    "executorch": lambda bundle: ProgramRuntime(bundle, "executorch"),
-    "onnxruntime": lambda bundle: ProgramRuntime(bundle, "onnxruntime"),
-}
-BACKENDS = (*RUNTIMES, "all")
+# Every backend runs through runtime_py.runner (program backends need `cosmoe-export lower` first).
+BACKENDS = (*ENGINES, "all")
 
 
 # Every gate: the metric it reads and how the value must compare with the threshold.
@@ -67,7 +62,11 @@ def precision_class(bundle: Bundle) -> str:
 
 def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_tokens: int = 32,
            text: Path | None = None, max_tokens: int | None = None, gates: dict[str, float | None] | None = None,
-           allow_pickle: bool = False) -> dict[str, Any]:
+           allow_pickle: bool = False, budget: int | None = None, experts_per_layer: int | None = None,
+           policy: str = "lru") -> dict[str, Any]:
+    """Parity and quality of every requested backend against the reference, each run through the
+    runtime under ``budget`` (or ``experts_per_layer``) with ``policy``; the runtime's metrics
+    (speed, memory, expert loads, ExRep) of the last prompt's generation go into each result."""
     if backend not in BACKENDS:
         raise CosmoeError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     unknown = sorted(set(gates or {}) - set(GATE_OPS))
@@ -89,8 +88,11 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_token
     ref = _reference_model(source, dtype)
     prompts = _prompts(bundle, new_tokens)
     thresholds = {**DEFAULT_GATES[precision], **(gates or {})}
-    results = [_measure(name, RUNTIMES[name](bundle), bundle, ref, prompts, new_tokens, text_ids, precision,
-                        thresholds) for name in _backends(bundle, backend)]
+    results = []
+    for name in _backends(bundle, backend):
+        with Runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
+                    policy=policy) as runner:
+            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision, thresholds))
     report = {
         "passed": all(r["passed"] for r in results),
         "bundle": str(bundle_path),
@@ -98,6 +100,7 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_token
         "reference_kind": "transformers" if source.reference_is_transformers else "cosmoe",
         "prompts": len(prompts),
         "new_tokens": new_tokens,
+        "policy": policy,
     }
     if text is not None:
         report["text"] = {"file": str(text), "tokens": int(text_ids.numel()), "windows": int(text_ids.shape[0])}
@@ -116,7 +119,7 @@ def _backends(bundle: Bundle, backend: str) -> list[str]:
     return [backend]
 
 
-def _measure(backend: str, runtime: Any, bundle: Bundle, ref: torch.nn.Module, prompts: list[list[int]],
+def _measure(backend: str, runtime: Runner, bundle: Bundle, ref: torch.nn.Module, prompts: list[list[int]],
              new_tokens: int, text_ids: torch.Tensor | None, precision: str,
              thresholds: dict[str, float | None]) -> dict[str, Any]:
     """One backend's row of the report: parity on the prompts (and the text), its loads, its gates."""
@@ -130,7 +133,8 @@ def _measure(backend: str, runtime: Any, bundle: Bundle, ref: torch.nn.Module, p
             agree += int((want.argmax(-1) == got.argmax(-1)).sum())
             positions += x.shape[1]
             ref_tokens = _reference_greedy(ref, ids, new_tokens)
-            got_tokens = runtime.greedy(x, new_tokens)
+            generation = runtime.generate(ids, new_tokens)
+            got_tokens = generation.tokens
             greedy_equal += sum(a == b for a, b in zip(ref_tokens, got_tokens, strict=True))
     result: dict[str, Any] = {
         "backend": backend,
@@ -143,9 +147,7 @@ def _measure(backend: str, runtime: Any, bundle: Bundle, ref: torch.nn.Module, p
     if text_ids is not None:
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
         result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size))
-    loads = runtime.store if backend == "torch" else runtime
-    result["expert_loads"] = loads.loads
-    result["expert_bytes_loaded"] = loads.bytes_loaded
+    result.update({k: v for k, v in generation.metrics.items() if k != "backend"})
     result["gates"] = {}
     for name, threshold in thresholds.items():
         if threshold is None:

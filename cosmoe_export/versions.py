@@ -8,7 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 def tool_versions(*packages: str) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("cosmoe-export", "torch", "safetensors", *packages):
+    # numpy: the safetensors writer, mixed-precision choices and ONNX initializers pass through it.
+    for name in ("cosmoe-export", "torch", "safetensors", "numpy", *packages):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -31,6 +31,7 @@ class FileEntry:
     target: str | None = None  # programs: "executorch" | "onnx"
     unit: str | None = None  # programs: "embed" | "layer" | "head" | "expert"
     precision: str | None = None  # programs: "fp32", "8da4w", "matmulnbits-int4", ...
+    max_tokens: int | None = None  # programs: most tokens one call takes (T of embed/layer/head, N of an expert)
 
     def encodings(self) -> dict[str, quant.Encoding] | None:
         """How each tensor of this file is stored; None for float bundles (all in ``dtype``)."""
@@ -65,6 +66,7 @@ class Bundle:
         self.config = CosmoeConfig.from_dict(manifest["model"], source=f"{root / fmt.MANIFEST_NAME} (model)")
         self.files = [FileEntry(**f) for f in manifest["files"]]
         self._by_path = {f.path: f for f in self.files}
+        self._hashed: set[str] = set()
         self.experts = {(f.layer, f.expert): f for f in self.files if f.role == "expert"}
         self._check_files()
 
@@ -81,9 +83,9 @@ class Bundle:
         if size > fmt.MAX_MANIFEST_BYTES:
             raise FormatError(f"{mpath}: {size} bytes exceeds the {fmt.MAX_MANIFEST_BYTES}-byte manifest limit")
         try:
-            manifest = json.loads(mpath.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+            manifest = json.loads(mpath.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, duplicate keys, 5,000-digit ints, deep nesting
+            raise FormatError(f"{mpath}: not valid UTF-8 JSON ({str(e)[:200]!r}); rebuild the bundle") from None
         validate_manifest(manifest, where=str(mpath))
         return cls(root, manifest)
 
@@ -137,6 +139,18 @@ class Bundle:
                                  "after the bundle was written, rebuild it")
         return p
 
+    def hashed_path(self, entry: FileEntry) -> Path:
+        """The file's path after a size and a sha256 check: for stages that read a whole file once
+        (quantize, lower), where re-reading it to hash costs little next to the work on its tensors."""
+        p = self.checked_path(entry)
+        if entry.path in self._hashed:  # hashed once per open bundle; the size is checked every time
+            return p
+        if sha256_file(p) != entry.sha256:
+            raise IntegrityError(f"{p}: sha256 differs from the manifest; the file was modified after the bundle "
+                                 "was written, rebuild it")
+        self._hashed.add(entry.path)
+        return p
+
     def verify_integrity(self) -> list[str]:
         """Re-hash every file; returns one problem line per bad file (empty when intact)."""
         problems = []
@@ -150,6 +164,15 @@ class Bundle:
             if sha256_file(p) != f.sha256:
                 problems.append(f"{p}: sha256 differs from the manifest; the file was modified")
         return problems
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json keeps the last of two equal keys silently; two "files" lists would mean two bundles.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise ValueError(f"key {dup!r} appears twice")
+    return out
 
 
 def validate_manifest(manifest: object, *, where: str) -> None:

@@ -28,6 +28,12 @@ _IGNORED_KEYS = {"model_type", "architectures", "transformers_version", "torch_d
 # A model past this many parameters would not fit any machine this tool targets; refusing it early
 # keeps a typo in a config (hidden_size 14400000) from exhausting memory instead of failing.
 MAX_PARAMS = 200_000_000_000
+# The other two ways a config can make us allocate without bound, checked before anything is built:
+# tensor_shapes() and the manifest list every (layer, expert), so their count must stay sane (the
+# largest MoE LMs have ~16k: DeepSeek-V3 61 x 256); and the runtime's static KV cache holds one full
+# context (2 x layers x kv heads x context x head size, fp32), 16 GB for Qwen3-235B at 40k tokens.
+MAX_EXPERT_FILES = 1 << 16
+MAX_KV_CACHE_BYTES = 128 << 30
 
 EXPERT_NAME_RE = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)$")
 
@@ -146,6 +152,15 @@ class CosmoeConfig:
                 total = param_counts(self).total
                 if total > MAX_PARAMS:
                     p.append(f"{total:,} parameters exceeds the limit of {MAX_PARAMS:,}; check the sizes")
+                files = self.num_hidden_layers * self.num_experts
+                if files > MAX_EXPERT_FILES:
+                    p.append(f"{self.num_hidden_layers} layers x {self.num_experts} experts = {files:,} expert files "
+                             f"exceeds the limit of {MAX_EXPERT_FILES:,}; check the sizes")
+                kv = 2 * self.num_hidden_layers * self.num_key_value_heads * self.max_position_embeddings * \
+                    self.head_size * 4
+                if kv > MAX_KV_CACHE_BYTES:
+                    p.append(f"max_position_embeddings {self.max_position_embeddings:,} needs a {kv / 2**30:,.0f} GiB "
+                             f"KV cache, above the limit of {MAX_KV_CACHE_BYTES >> 30} GiB; check the sizes")
         if p:
             raise ConfigError(f"{source}: " + "; ".join(p))
 

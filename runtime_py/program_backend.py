@@ -1,36 +1,44 @@
 """Run a bundle's lowered programs: ExecuTorch (XNNPACK) or ONNX Runtime, one unit at a time.
 
 The decode loop is the device's: embed -> for each layer (attention program with the KV cache
-passed in; top-k routing here; the selected experts' programs, loaded on first use; weighted sum)
--> head. The layer programs take one token (see cosmoe_export/lower/units.py), so prefill is a
-loop of decode steps.
+passed in; top-k routing here; the selected experts' programs through the runner's budgeted store;
+weighted sum) -> head. Programs take up to ``max_tokens`` tokens per call (manifest), so a
+prompt is prefilled in chunks of that many.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from runtime_py.bundle import Bundle, FileEntry
-from runtime_py.errors import FormatError
-from runtime_py.model import rope_cos_sin, rope_inv_freq, route
+from runtime_py.bundle import Bundle, FileEntry, sha256_file
+from runtime_py.errors import FormatError, IntegrityError
+from runtime_py.memory import rss_bytes
+from runtime_py.model import guess_logits, rope_cos_sin, rope_inv_freq, route
 
 Program = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def _load_executorch(path: Path) -> Program:
+def _load_executorch(path: Path, threads: int) -> Program:  # XNNPACK uses the runtime's shared threadpool
     from executorch.runtime import Runtime
     method = Runtime.get().load_program(str(path)).load_method("forward")
     return lambda xs: list(method.execute(xs))
 
 
-def _load_onnxruntime(path: Path) -> Program:
+def _load_onnxruntime(path: Path, threads: int) -> Program:
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Every session owns a thread pool. An expert is a few small matmuls for one token: with
+    # hundreds of expert sessions, pools whose threads spin between calls cost far more than they
+    # save (26 -> 388 tok/s on tiny-bles, 2 cores), so experts get one thread, the backbone all.
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     return lambda xs: [torch.from_numpy(o) for o in sess.run(None, {n: x.numpy()
@@ -38,7 +46,7 @@ def _load_onnxruntime(path: Path) -> Program:
 
 
 # Backend name (as in verify/run) -> (the manifest's target, loader).
-BACKENDS: dict[str, tuple[str, Callable[[Path], Program]]] = {
+BACKENDS: dict[str, tuple[str, Callable[[Path, int], Program]]] = {
     "executorch": ("executorch", _load_executorch),
     "onnxruntime": ("onnx", _load_onnxruntime),
 }
@@ -49,14 +57,14 @@ def available_backends(bundle: Bundle) -> list[str]:
     return [name for name, (target, _) in BACKENDS.items() if target in targets]
 
 
-class ProgramRuntime:
-    """``logits(ids)`` and ``greedy(ids, n)`` over the lowered units of one backend."""
+class ProgramEngine:
+    """The decode loop over one backend's lowered units; the runner supplies the expert dispatch."""
 
-    def __init__(self, bundle: Bundle, backend: str) -> None:
+    def __init__(self, bundle: Bundle, backend: str, *, check_hash: str = "first") -> None:
         if backend not in BACKENDS:
             raise FormatError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
         target, self._loader = BACKENDS[backend]
-        self.bundle, self.config, self.backend = bundle, bundle.config, backend
+        self.name, self.bundle, self.config, self.check_hash = backend, bundle, bundle.config, check_hash
         self.units: dict[tuple[str, int | None, int | None], FileEntry] = {
             (f.unit, f.layer, f.expert): f for f in bundle.files if f.role == "program" and f.target == target}
         cfg = self.config
@@ -66,78 +74,126 @@ class ProgramRuntime:
         if set(self.units) != want:
             raise FormatError(f"{bundle.root}: the {target} programs do not cover every unit; run "
                               f"`cosmoe-export lower {bundle.root} --target {target}`")
-        self._programs: dict[tuple, Program] = {}
         self.inv_freq = rope_inv_freq(cfg)
-        self.loads = 0
-        self.bytes_loaded = 0
-        self.load_ms: list[float] = []
-        # Backbone programs stay resident: load them now.
-        for key in want:
-            if key[0] != "expert":
-                self._program(key)
+        # Tokens per program call: bundles lowered before programs took several have no max_tokens (1).
+        self.chunk = min(self.units[(name, i, None)].max_tokens or 1
+                         for name, i in [("embed", None), ("head", None), *(("layer", i) for i in layers)])
+        self._hashed: set[Path] = set()
+        self._dispatch = None
+        # Backbone programs stay resident. Their cost is what loading them added to RSS (packed
+        # weights, program buffers), and never less than their files.
+        before = rss_bytes()
+        threads = os.cpu_count() or 1
+        self._backbone = {key: self._open(self.units[key], threads) for key in sorted(want, key=str)
+                          if key[0] != "expert"}
+        files = sum(self.units[key].bytes for key in self._backbone)
+        self.backbone_bytes = max(rss_bytes() - before, files)
+        self.routers = self._routers()
+        self.unit_bytes = self._measure_unit_bytes()
 
-    def _program(self, key: tuple) -> Program:
-        prog = self._programs.get(key)
-        if prog is None:
-            entry = self.units[key]
-            t = time.perf_counter()
-            prog = self._programs[key] = self._loader(self.bundle.checked_path(entry))
-            if key[0] == "expert":
-                self.loads += 1
-                self.bytes_loaded += entry.bytes
-                self.load_ms.append((time.perf_counter() - t) * 1e3)
-        return prog
+    # ---- units
+    def _open(self, entry: FileEntry, threads: int = 1) -> Program:
+        path = self.bundle.checked_path(entry)  # size check on every load
+        if self.check_hash == "always" or (self.check_hash == "first" and path not in self._hashed):
+            if sha256_file(path) != entry.sha256:
+                raise IntegrityError(f"{path}: sha256 differs from the manifest; the program changed after the "
+                                     "bundle was written. Rebuild it or run `cosmoe-export verify --integrity`")
+            self._hashed.add(path)
+        return self._loader(path, threads)
 
-    def _new_cache(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _measure_unit_bytes(self) -> int:
+        """Resident bytes of one expert unit as loaded: the RSS growth of loading two of them (layer
+        0, experts 0 and 1), halved; never less than the file. Experts of a bundle share one shape
+        and precision, so one measurement stands for all."""
+        entries = [self.units[("expert", 0, e)] for e in range(min(2, self.config.num_experts))]
+        before = rss_bytes()
+        held = [self._loader(self.bundle.checked_path(e), 1) for e in entries]
+        grown = (rss_bytes() - before) // len(held)
+        del held
+        return max(grown, max(e.bytes for e in entries))
+
+    def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (router weight [E, D], MoE norm weight [D]) fp32, for the prefetch guess
+        (routers and norms are never quantized)."""
+        path = self.bundle.checked_path(self.bundle.backbone)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return [(f.get_tensor(f"layers.{i}.moe.router.weight").float(),
+                         f.get_tensor(f"layers.{i}.ffn_norm.weight").float())
+                        for i in range(self.config.num_hidden_layers)]
+        except (SafetensorError, KeyError) as e:
+            raise FormatError(f"{path}: cannot read the routers ({e})") from None
+
+    def load_expert(self, layer: int, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        program = self._open(self.units[("expert", layer, expert)])
+        return lambda x: program([x])[0]  # x [N, D] -> [N, D]
+
+    def expert_file_bytes(self, layer: int, expert: int) -> int:
+        return self.units[("expert", layer, expert)].bytes
+
+    def release_expert(self, unit: Program) -> None:
+        pass  # the store drops its reference; the program (and its packed weights) is freed with it
+
+    def set_dispatch(self, dispatch) -> None:
+        self._dispatch = dispatch
+
+    def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
+        (router, norm), (_, prev_norm) = self.routers[layer], self.routers[layer - 1]
+        return guess_logits(router, norm, prev_norm, x_prev)
+
+    # ---- cache and steps
+    def cache_bytes(self, max_len: int) -> int:
+        cfg = self.config
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.max_position_embeddings * cfg.head_size * 4
+
+    def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # The layer programs were exported for the model's whole context: the cache has that size.
         cfg = self.config
         shape = (1, cfg.num_key_value_heads, cfg.max_position_embeddings, cfg.head_size)
         return ([torch.zeros(shape) for _ in range(cfg.num_hidden_layers)],
                 [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)])
 
-    def _step(self, tok: int, pos: int, cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-        """One token at position ``pos`` -> logits [V]; writes this token's keys/values into the cache."""
+    def _chunk(self, ids: list[int], pos: int, cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        """T <= max_tokens tokens at positions pos..pos+T-1 -> logits [T, V]; writes their keys and
+        values into the cache. Shapes: S context, T tokens, D hidden, E experts, K experts per token."""
         cfg = self.config
-        s = cfg.max_position_embeddings
-        if pos >= s:
-            raise FormatError(f"position {pos} is past the model's context of {s} tokens")
+        s, t = cfg.max_position_embeddings, len(ids)
+        if pos + t > s:
+            raise FormatError(f"positions up to {pos + t - 1} are past the model's context of {s} tokens")
         k_cache, v_cache = cache
-        x = self._program(("embed", None, None))([torch.tensor([[tok]])])[0]  # [1, 1, D]
-        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([pos]), torch.float32)  # [1, Dh] x2
-        mask = torch.zeros(1, s + 1)  # [T=1, S+1]: cache slots, then this token
-        mask[0, pos:s] = float("-inf")  # slots not written yet
+        x = self._backbone[("embed", None, None)]([torch.tensor([ids])])[0]  # [1, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), torch.float32)  # [T, Dh] x2
+        # [T, S+T]: cache slots written so far, then the new keys causally (docs/LOWERING.md).
+        mask = torch.full((t, s + t), float("-inf"))
+        mask[:, :pos] = 0
+        mask[:, s:] = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
         for layer in range(cfg.num_hidden_layers):
-            base, xn, logits, k_new, v_new = self._program(("layer", layer, None))(
-                [x, cos, sin, mask, k_cache[layer], v_cache[layer]])
-            k_cache[layer][:, :, pos] = k_new[:, :, 0]
-            v_cache[layer][:, :, pos] = v_new[:, :, 0]
-            weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [1, K] x2
-            y = base.clone()  # [1, 1, D]
-            for slot in range(cfg.num_experts_per_tok):
-                out = self._program(("expert", layer, int(idx[0, slot])))([xn])[0]  # [1, D]
-                y += weights[0, slot] * out.view(1, 1, -1)
-            x = y
-        return self._program(("head", None, None))([x])[0][0, -1]  # [V]
+            base, xn, logits, k_new, v_new = self._backbone[("layer", layer, None)](
+                [x, cos, sin, mask, k_cache[layer], v_cache[layer]])  # [1,T,D] [T,D] [T,E] [1,G,T,Dh] x2
+            k_cache[layer][:, :, pos:pos + t] = k_new
+            v_cache[layer][:, :, pos:pos + t] = v_new
+            weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, K] x2
+            x = base + self._dispatch(layer, xn, weights, idx).view(1, t, -1)  # [1, T, D]
+        return self._backbone[("head", None, None)]([x])[0][0]  # [T, V]
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache, pos: int) -> torch.Tensor:
+        """Tokens [T] at positions pos.. -> logits of the last one [V]; prompts longer than what one
+        program call takes (its manifest ``max_tokens``) are prefilled in chunks."""
+        logits = None
+        for i in range(0, len(ids), self.chunk):
+            logits = self._chunk([int(t) for t in ids[i:i + self.chunk]], pos + i, cache)
+        return logits[-1]
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, V], one decode step per token, one sequence at a time."""
+        """ids [B, T] -> logits [B, T, V], in chunks, one sequence at a time."""
         rows = []
-        for row in ids:
-            cache = self._new_cache()
-            rows.append(torch.stack([self._step(int(t), pos, cache) for pos, t in enumerate(row)]))
+        for row in ids.tolist():
+            cache = self.new_cache(len(row))
+            rows.append(torch.cat([self._chunk(row[i:i + self.chunk], i, cache)
+                                   for i in range(0, len(row), self.chunk)]))
         return torch.stack(rows)
 
-    @torch.inference_mode()
-    def greedy(self, ids: torch.Tensor, new_tokens: int) -> list[int]:
-        cache = self._new_cache()
-        logits = None
-        for pos, t in enumerate(ids[0]):
-            logits = self._step(int(t), pos, cache)
-        out: list[int] = []
-        pos = ids.shape[1]
-        while len(out) < new_tokens:
-            out.append(int(logits.argmax()))
-            if len(out) < new_tokens:
-                logits = self._step(out[-1], pos, cache)
-                pos += 1
-        return out
+    def close(self) -> None:
+        self._backbone.clear()

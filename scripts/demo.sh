@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# The README's main command: install, then take the embedded default model (the committed,
-# trained `tiny-bles` fixture) through split -> lower -> verify on every backend.
-# (The recipe-driven `build` with quantization replaces this as it lands.)
+# The README's main command: install, then build the embedded default recipe, recipes/demo.toml
+# (the committed, trained tiny-bles fixture -> int4 experts, int8 backbone, ExecuTorch + ONNX
+# programs, verified on every backend under a memory budget), and re-hash what it shipped.
+# Exit code: 0 every gate passed, 1 a gate failed, 2 bad input.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-MODEL=recipes/models/tiny-bles
 OUT="${OUT:-build/demo}"
-mkdir -p "$(dirname "$OUT")"
-.venv/bin/cosmoe-export inspect "$MODEL"
-.venv/bin/cosmoe-export split "$MODEL" -o "$OUT" --force
-.venv/bin/cosmoe-export lower "$OUT" --target all
-.venv/bin/cosmoe-export verify "$OUT" --reference "$MODEL" --json "$OUT.report.json"
-echo "demo: bundle in $OUT, report in $OUT.report.json"
+.venv/bin/cosmoe-export build recipes/demo.toml -o "$OUT"
+.venv/bin/cosmoe-export verify "$OUT/bundle" --integrity
+echo "demo: bundle in $OUT/bundle, report in $OUT/report.md"

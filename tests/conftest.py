@@ -75,3 +75,34 @@ def hf_checkpoint(tmp_path):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def lowered_tiny(tmp_path_factory) -> Path:
+    """The `tiny` preset split and lowered to every target, once per test session (lowering is the
+    slow step). Tests must not modify it; copy it first."""
+    from click.testing import CliRunner
+
+    from cosmoe_export.cli import cli
+
+    out = tmp_path_factory.mktemp("lowered") / "tiny"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["-q", "split", "tiny", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["-q", "lower", str(out), "--target", "all"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bles_bundle(tmp_path_factory) -> Path:
+    """The committed trained fixture recipes/models/tiny-bles (bf16) split to fp32, with its tokenizer."""
+    from click.testing import CliRunner
+
+    from cosmoe_export.cli import cli
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-bles"
+    args = ["-q", "split", str(ROOT / "recipes/models/tiny-bles"), "-o", str(out), "--dtype", "fp32"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return out

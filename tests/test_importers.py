@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -62,6 +63,15 @@ def test_verify_fails_on_a_tampered_expert(hf_checkpoint, tmp_path):
     a, b = out / "experts/layer_000/expert_000.safetensors", out / "experts/layer_000/expert_001.safetensors"
     ta, tb = load_file(str(a)), load_file(str(b))
     save_file({k: tb[k.replace("experts.0.", "experts.1.")] for k in ta}, str(a), metadata={"format": "pt"})
+    # As it stands the shard no longer matches its manifest hash: the runtime refuses to run it.
+    r = runner.invoke(cli, ["verify", str(out), "--reference", str(ckpt)])
+    assert r.exit_code == 2 and "sha256 differs" in r.output, r.output
+    # A converter that wrote the wrong expert consistently (manifest and file agree): parity catches it.
+    manifest = json.loads((out / "manifest.json").read_text())
+    for f in manifest["files"]:
+        if f["path"] == "experts/layer_000/expert_000.safetensors":
+            f["sha256"] = hashlib.sha256(a.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
     r = runner.invoke(cli, ["verify", str(out), "--reference", str(ckpt)])
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output

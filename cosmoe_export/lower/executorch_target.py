@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosmoe_export.lower.units import QuantWeight, Weight
+from cosmoe_export.lower.units import QuantWeight, Weight, swap_quantized
 from runtime_py.config import CosmoeConfig
 
 
@@ -90,15 +90,13 @@ class ExpertProgram(nn.Module):
 
 
 def use_bundle_integers(unit: nn.Module, linears: dict[str, str], raw: dict[str, Weight]) -> bool:
-    """Replace the unit's float linears by QLinear where the bundle holds integers; True if any."""
-    swapped = False
-    for attr, name in linears.items():
-        w = raw.get(name)
-        if not isinstance(w, QuantWeight):
-            continue
-        parent, _, leaf = attr.rpartition(".")
-        owner = unit.get_submodule(parent) if parent else unit
-        old = getattr(owner, leaf)
-        setattr(owner, leaf, QLinear(w, old.bias.detach() if old.bias is not None else None))
-        swapped = True
-    return swapped
+    """Replace the unit's float linears by QLinear where the bundle holds integers; True if any.
+
+    Embeddings stay float: a gather is not a linear and XNNPACK does not take it; ExecuTorch's
+    quantized embedding ops (``quantized_decomposed::embedding_{byte,4bit}``) live in its separate
+    quantized-kernels library, which a runtime has to link (docs/LOWERING.md)."""
+    def make(old: nn.Module, w: QuantWeight) -> nn.Module | None:
+        if isinstance(old, nn.Embedding):
+            return None
+        return QLinear(w, old.bias.detach() if old.bias is not None else None)
+    return swap_quantized(unit, linears, raw, make)

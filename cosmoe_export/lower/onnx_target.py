@@ -6,9 +6,12 @@ small model whose weights are initializers. Expert graphs are written directly w
 same bytes every time); quantized weights become ``com.microsoft::MatMulNBits`` whose packed
 ``B`` is the bundle's own int4 nibbles or int8 codes (offset binary, default zero point), and
 whose scales are the bundle's bf16 scales converted exactly to fp32. Backbone units (layer,
-head, embed) are exported with ``torch.onnx.export``; their weights
-are not substituted: the exporter folds and deduplicates initializers (two all-ones norms become
-one), so each layer is exported on its own (about 2 s each, measured in docs/LOWERING.md).
+head, embed) are exported with ``torch.onnx.export``, one export each (the exporter folds and
+deduplicates initializers, so weights are not substituted into a shared graph). Where the bundle
+holds integers, their linears are first replaced by ``NBitsLinear`` and the embedding by
+``NBitsEmbedding``: two custom torch ops that the exporter translates to ``MatMulNBits`` and
+``com.microsoft::GatherBlockQuantized`` fed by the same packed codes, so the exported graph holds
+the bundle's integers, never a dequantized fp32 copy.
 """
 
 from __future__ import annotations
@@ -16,47 +19,169 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
-from cosmoe_export.lower.units import QuantWeight, Weight
+from cosmoe_export.lower.units import QuantWeight, Weight, swap_quantized
 from runtime_py.config import CosmoeConfig
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
 
 
-def _matmul_nbits_block(k: int, w: QuantWeight) -> int:
-    """MatMulNBits needs a power-of-two block of at least 16. int4 groups are 32/64/128 already;
-    per-channel int8 (one scale per row) is expressed with the scale repeated over 32-wide blocks,
-    which is the same function."""
+def _matmul_nbits_block(w: QuantWeight) -> int:
+    """MatMulNBits and GatherBlockQuantized need a power-of-two block of at least 16. int4 groups
+    are 32/64/128 already; per-channel int8 (one scale per row) is expressed with the scale
+    repeated over 32-wide blocks, which is the same function."""
     return w.encoding.group_size if w.encoding.scheme == "int4" else 32
 
 
-def _nbits_initializers(name: str, w: QuantWeight) -> tuple[list[onnx.TensorProto], dict]:
+def nbits_tensors(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The bundle's codes as MatMulNBits inputs: B uint8 [N, blocks, blob], scales fp32 [N * blocks],
+    and the node's attributes. Codes are offset binary (ORT's default zero point 2^(bits-1)); a
+    block that runs past K is padded with zero codes, which MatMulNBits ignores."""
     n, k = w.codes.shape
-    block = _matmul_nbits_block(k, w)
+    block = _matmul_nbits_block(w)
     blocks = -(-k // block)
-    bits = 4 if w.encoding.scheme == "int4" else 8
-    codes = torch.nn.functional.pad(w.codes, (0, blocks * block - k)).to(torch.int16)  # [N, Kb], zero codes
+    bits = w.encoding.bits
+    codes = F.pad(w.codes, (0, blocks * block - k)).to(torch.int16)  # [N, Kb], zero codes
     u = (codes + (1 << (bits - 1))).to(torch.uint8)  # offset binary: ORT's default zero point
     if bits == 4:
         u = u[:, 0::2] | (u[:, 1::2] << 4)  # [N, Kb/2], even column in the low nibble
-    packed = u.reshape(n, blocks, -1).numpy()  # [N, blocks, blob]
-    if w.encoding.scheme == "int4":
-        scales = w.scales  # [N, blocks]
-    else:
-        scales = w.scales.expand(n, blocks)  # one per-channel scale repeated over the blocks
-    inits = [numpy_helper.from_array(np.ascontiguousarray(packed), name + ".B"),
-             numpy_helper.from_array(np.ascontiguousarray(scales.reshape(-1).numpy().astype(np.float32)),
-                                     name + ".scales")]
-    return inits, {"K": k, "N": n, "bits": bits, "block_size": block}
+    packed = u.reshape(n, blocks, -1).contiguous()  # [N, blocks, blob]
+    scales = w.scales if w.encoding.scheme == "int4" else w.scales.expand(n, blocks)  # [N, blocks]
+    return packed, scales.reshape(-1).float().contiguous(), {"K": k, "N": n, "bits": bits, "block_size": block}
+
+
+def _unpack_blocks(packed: torch.Tensor, scales: torch.Tensor, rows: int, bits: int, block: int) -> torch.Tensor:
+    """Inverse of the packing above: uint8 [R, bytes] -> fp32 [R, blocks * block], the eager path of
+    the custom ops (the exported graph never runs it)."""
+    u = packed.reshape(rows, -1)
+    if bits == 4:
+        u = torch.stack((u & 0x0F, u >> 4), dim=-1).reshape(rows, -1)  # [R, blocks*block] 0..15
+    codes = u.to(torch.int16) - (1 << (bits - 1))
+    return (codes.float().view(rows, -1, block) * scales.view(rows, -1, 1)).view(rows, -1)
+
+
+@torch.library.custom_op("cosmoe::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, bits: int,
+                 block: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] with W held as MatMulNBits' B and scales."""
+    return F.linear(x, _unpack_blocks(packed, scales, n, bits, block)[:, :k])
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, k, n, bits, block):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("cosmoe::gather_block_quantized", mutates_args=())
+def gather_block_quantized(data: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor, bits: int,
+                           block: int) -> torch.Tensor:
+    """Rows ``ids`` of a table held as uint8 codes [V, bytes] and fp32 scales [V, blocks] -> [..., Kp]
+    (Kp = the row's codes: K, or K rounded up to even for int4)."""
+    rows = data[ids.reshape(-1)]  # [n, bytes]
+    table = _unpack_blocks(F.pad(rows, (0, -rows.shape[1] % (block * bits // 8))), scales[ids.reshape(-1)],
+                           rows.shape[0], bits, block)
+    return table[:, :data.shape[1] * (8 // bits)].reshape(*ids.shape, -1)
+
+
+@gather_block_quantized.register_fake
+def _(data, ids, scales, bits, block):
+    return scales.new_empty((*ids.shape, data.shape[1] * (8 // bits)))
+
+
+def _contrib_schemas() -> None:
+    """Declare the two com.microsoft ops to onnx (ONNX Runtime implements them but does not register
+    their schemas with the onnx package), so the exporter can emit them; only what we use."""
+    from onnx import defs
+
+    param, attr, int_attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute, defs.OpSchema.AttrType.INT
+    floats, bytes_, ids = ["tensor(float)"], ["tensor(uint8)"], ["tensor(int64)", "tensor(int32)"]
+    schemas = [
+        defs.OpSchema("MatMulNBits", MS_DOMAIN, 1, inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
+                      outputs=[param("Y", "T1")], type_constraints=[("T1", floats, ""), ("T2", bytes_, "")],
+                      attributes=[attr(a, int_attr) for a in ("K", "N", "bits", "block_size")]),
+        defs.OpSchema("GatherBlockQuantized", MS_DOMAIN, 1,
+                      inputs=[param("data", "T1"), param("indices", "Tind"), param("scales", "T2")],
+                      outputs=[param("output", "T2")],
+                      type_constraints=[("T1", bytes_, ""), ("T2", floats, ""), ("Tind", ids, "")],
+                      attributes=[attr(a, int_attr) for a in ("bits", "block_size", "gather_axis", "quantize_axis")]),
+    ]
+    for schema in schemas:
+        if not defs.has(schema.name, schema.domain):
+            defs.register_schema(schema)
+
+
+def _translations() -> dict:
+    import onnxscript
+
+    _contrib_schemas()
+    ms = onnxscript.values.Opset(MS_DOMAIN, 1)
+
+    def matmul(x, packed, scales, k: int, n: int, bits: int, block: int):
+        return ms.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block)
+
+    def gather(data, ids, scales, bits: int, block: int):
+        return ms.GatherBlockQuantized(data, ids, scales, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+
+    return {torch.ops.cosmoe.matmul_nbits.default: matmul, torch.ops.cosmoe.gather_block_quantized.default: gather}
+
+
+class NBitsLinear(nn.Module):
+    """A linear layer on the bundle's integers, exported as one MatMulNBits (bias, if any, stays float)."""
+
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        packed, scales, self.attrs = nbits_tensors(w)
+        self.register_buffer("B", packed)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attrs
+        y = matmul_nbits(x, self.B, self.scales, a["K"], a["N"], a["bits"], a["block_size"])  # [..., N]
+        return y if self.bias is None else y + self.bias
+
+
+class NBitsEmbedding(nn.Module):
+    """An embedding table on the bundle's integers, exported as one GatherBlockQuantized: the codes
+    in the bundle's own layout (int4: two per byte, even column low; int8: one per byte), offset
+    binary, one fp32 scale per block of the row."""
+
+    def __init__(self, w: QuantWeight) -> None:
+        super().__init__()
+        v, self.dim = w.codes.shape
+        bits, self.block = w.encoding.bits, _matmul_nbits_block(w)
+        blocks = -(-self.dim // self.block)
+        u = (F.pad(w.codes, (0, -self.dim % (8 // bits))).to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        if bits == 4:
+            u = u[:, 0::2] | (u[:, 1::2] << 4)  # [V, ceil(D/2)]
+        scales = w.scales if w.encoding.scheme == "int4" else w.scales.expand(v, blocks)  # [V, blocks]
+        self.bits = bits
+        self.register_buffer("data", u.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = gather_block_quantized(self.data, ids, self.scales, self.bits, self.block)  # [..., Dp]
+        return y if y.shape[-1] == self.dim else y[..., :self.dim]  # odd D at int4: drop the pad nibble
+
+
+def use_bundle_integers(unit: nn.Module, tensors: dict[str, str], raw: dict[str, Weight]) -> bool:
+    """Replace the unit's float linears and embeddings (attribute -> canonical tensor) by their
+    integer versions where the bundle holds integers; True if any was replaced."""
+    def make(old: nn.Module, w: QuantWeight) -> nn.Module:
+        return NBitsEmbedding(w) if isinstance(old, nn.Embedding) else NBitsLinear(w, old.bias)
+    return swap_quantized(unit, tensors, raw, make)
 
 
 def _linear(nodes: list, inits: list, x: str, name: str, w: Weight) -> str:
     out = name + ".out"
     if isinstance(w, QuantWeight):
-        new, attrs = _nbits_initializers(name, w)
-        inits.extend(new)
+        packed, scales, attrs = nbits_tensors(w)
+        inits += [numpy_helper.from_array(packed.numpy(), name + ".B"),
+                  numpy_helper.from_array(scales.numpy(), name + ".scales")]
         nodes.append(helper.make_node("MatMulNBits", [x, name + ".B", name + ".scales"], [out], name=name,
                                       domain=MS_DOMAIN, **attrs))
     else:
@@ -95,11 +220,16 @@ def expert_model(config: CosmoeConfig, weights: dict[str, Weight]) -> onnx.Model
 
 def export_module(module: torch.nn.Module, inputs: tuple, dynamic_shapes, input_names: list[str],
                   output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx (dynamo) export of one backbone unit."""
+    """torch.onnx (dynamo) export of one backbone unit; the custom integer ops become com.microsoft ops."""
     with torch.no_grad():
         prog = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True,
                                  input_names=input_names, output_names=output_names, opset_version=OPSET,
-                                 verbose=False)
+                                 custom_translation_table=_translations(), verbose=False)
     model = prog.model_proto
-    model.producer_version = ""  # keep the bytes free of anything but the graph
+    # Keep the bytes free of anything but the graph: per-node metadata holds stack traces with this
+    # checkout's absolute paths (and is a third of a small layer's bytes); the graph's own metadata
+    # (signature, T's range) stays.
+    model.producer_version = ""
+    for node in model.graph.node:
+        del node.metadata_props[:]
     return model

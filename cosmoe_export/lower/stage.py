@@ -31,12 +31,13 @@ class Target:
     name: str
     suffix: str
     expert: Callable[[CosmoeConfig, dict[str, units.Weight]], bytes]
-    module: Callable[[torch.nn.Module, tuple, list[str], list[str]], bytes]  # backbone units
+    # Backbone units: (module, example inputs, dynamic shapes, input names, output names) -> bytes.
+    module: Callable[[torch.nn.Module, tuple, Any, list[str], list[str]], bytes]
     precision: Callable[[dict[str, units.Weight]], str]
     packages: tuple[str, ...]
-    # Swap a backbone unit's linears for the bundle's integers (names: units.*_linears); returns the
-    # unit's precision label. None: the target lowers backbone units from dequantized weights.
-    backbone_integers: Callable[[torch.nn.Module, dict[str, str], dict[str, units.Weight]], str] | None = None
+    # Swap a backbone unit's linears (and embedding) for the bundle's integers (names: units.*_linears,
+    # units.embed_tables); returns the unit's precision label.
+    backbone_integers: Callable[[torch.nn.Module, dict[str, str], dict[str, units.Weight]], str]
 
 
 def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
@@ -46,16 +47,17 @@ def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
     return executorch_target.to_pte(program, (x,), dynamic_shapes=({0: n},))
 
 
-def _et_module(module: torch.nn.Module, inputs: tuple, names: list[str], outputs: list[str]) -> bytes:
-    return executorch_target.to_pte(module, inputs)
+def _et_module(module: torch.nn.Module, inputs: tuple, dynamic_shapes, names: list[str], outputs: list[str]) -> bytes:
+    return executorch_target.to_pte(module, inputs, dynamic_shapes)
 
 
 def _onnx_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
     return onnx_target.expert_model(config, weights).SerializeToString()
 
 
-def _onnx_module(module: torch.nn.Module, inputs: tuple, names: list[str], outputs: list[str]) -> bytes:
-    return onnx_target.export_module(module, inputs, None, names, outputs).SerializeToString()
+def _onnx_module(module: torch.nn.Module, inputs: tuple, dynamic_shapes, names: list[str],
+                 outputs: list[str]) -> bytes:
+    return onnx_target.export_module(module, inputs, dynamic_shapes, names, outputs).SerializeToString()
 
 
 def _et_precision(weights: dict[str, units.Weight]) -> str:
@@ -68,14 +70,31 @@ def _onnx_precision(weights: dict[str, units.Weight]) -> str:
     return "fp32" if label == "fp32" else "matmulnbits-" + label
 
 
-def _et_backbone_integers(unit: torch.nn.Module, linears: dict[str, str], raw: dict[str, units.Weight]) -> str:
-    return "8da8w" if executorch_target.use_bundle_integers(unit, linears, raw) else "fp32"
+def _swapped(unit: torch.nn.Module, tensors: dict[str, str], raw: dict[str, units.Weight]) -> dict[str, units.Weight]:
+    """The bundle weights a unit now holds as integers (the modules a target replaced), for its label."""
+    still_float = (torch.nn.Linear, torch.nn.Embedding)
+    return {name: raw[name] for attr, name in tensors.items()
+            if isinstance(raw.get(name), units.QuantWeight) and not isinstance(unit.get_submodule(attr), still_float)}
+
+
+def _et_backbone_integers(unit: torch.nn.Module, tensors: dict[str, str], raw: dict[str, units.Weight]) -> str:
+    executorch_target.use_bundle_integers(unit, tensors, raw)
+    return _et_precision(_swapped(unit, tensors, raw))
+
+
+def _onnx_backbone_integers(unit: torch.nn.Module, tensors: dict[str, str], raw: dict[str, units.Weight]) -> str:
+    onnx_target.use_bundle_integers(unit, tensors, raw)
+    weights = _swapped(unit, tensors, raw)
+    if isinstance(unit, units.EmbedUnit) and weights:  # a gather, not a matmul
+        return "gatherblockquantized-" + units.precision_label(weights)
+    return _onnx_precision(weights)
 
 
 TARGETS: dict[str, Target] = {
     "executorch": Target("executorch", ".pte", _et_expert, _et_module, _et_precision, ("executorch", "torchao"),
                          _et_backbone_integers),
-    "onnx": Target("onnx", ".onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript")),
+    "onnx": Target("onnx", ".onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript"),
+                   _onnx_backbone_integers),
 }
 
 
@@ -112,30 +131,34 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     entries: list[dict] = []
     t_backbone = time.perf_counter()
 
-    def write(rel: str, data: bytes, unit: str, precision: str, **where: int) -> None:
+    def write(rel: str, data: bytes, unit: str, precision: str, max_tokens: int, **where: int) -> None:
         path = tmp / rel.split("/", 1)[1]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **where,
-                        "precision": precision, "bytes": len(data), "sha256": sha256_file(path)})
+                        "precision": precision, "max_tokens": max_tokens, "bytes": len(data),
+                        "sha256": sha256_file(path)})
 
     floats = units.dequantized(backbone)
+    # Backbone programs take T tokens per call, 1 <= T <= p (one program for decode and prefill).
+    p = units.max_tokens(cfg)
+    t = units.token_dim(cfg)
+    d = cfg.hidden_size
 
-    def integers(unit: torch.nn.Module, linears: dict[str, str]) -> str:
-        return target.backbone_integers(unit, linears, backbone) if target.backbone_integers else "fp32"
-
-    embed = units.build_embed(cfg, floats)  # a gather: kept float, there is no matmul to quantize
-    write(unit_path(target, "embed"), target.module(embed, (torch.zeros(1, 1, dtype=torch.long),), ["ids"], ["x"]),
-          "embed", "fp32")
+    embed = units.build_embed(cfg, floats)
+    precision = target.backbone_integers(embed, units.embed_tables(cfg), backbone)
+    data = target.module(embed, (torch.zeros(1, 2, dtype=torch.long),), ({1: t},), ["ids"], ["x"])
+    write(unit_path(target, "embed"), data, "embed", precision, p)
     for layer in range(cfg.num_hidden_layers):
         module = units.build_layer(cfg, floats, layer)
-        precision = integers(module, units.layer_linears(cfg, layer))
-        data = target.module(module, units.layer_example_inputs(cfg), units.LAYER_INPUTS, units.LAYER_OUTPUTS)
-        write(unit_path(target, "layer", layer), data, "layer", precision, layer=layer)
+        precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
+        data = target.module(module, units.layer_example_inputs(cfg), units.layer_dynamic_shapes(cfg),
+                             units.LAYER_INPUTS, units.LAYER_OUTPUTS)
+        write(unit_path(target, "layer", layer), data, "layer", precision, p, layer=layer)
     head = units.build_head(cfg, floats)
-    precision = integers(head, units.head_linears(cfg))
-    write(unit_path(target, "head"), target.module(head, (torch.zeros(1, 1, cfg.hidden_size),), ["x"], ["logits"]),
-          "head", precision)
+    precision = target.backbone_integers(head, units.head_linears(cfg), backbone)
+    data = target.module(head, (torch.zeros(1, 2, d),), ({1: t},), ["x"], ["logits"])
+    write(unit_path(target, "head"), data, "head", precision, p)
     t_experts = time.perf_counter()
     bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)
@@ -143,7 +166,7 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
         for e in range(cfg.num_experts):
             weights = units.expert_weights(bundle, layer, e)
             write(unit_path(target, "expert", layer, e), target.expert(cfg, weights), "expert",
-                  target.precision(weights), layer=layer, expert=e)
+                  target.precision(weights), cfg.max_position_embeddings, layer=layer, expert=e)
             bar.update(1)
     bar.close()
     done = time.perf_counter()

@@ -11,17 +11,20 @@ size, E experts, N tokens routed to one expert, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_layer_shapes, expert_tensor_shapes
+from runtime_py.errors import FormatError
 from runtime_py.model import Attention, Expert, RMSNorm, apply_rope
+from runtime_py.safetensors_header import read_header
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,22 @@ Weight = torch.Tensor | QuantWeight
 
 def read_weights(bundle: Bundle, entry: FileEntry, shapes: dict[str, tuple[int, ...]]) -> dict[str, Weight]:
     """Canonical name -> fp32 tensor, or QuantWeight for quantized tensors (codes kept)."""
-    path = bundle.checked_path(entry)
+    path = bundle.hashed_path(entry)  # what gets lowered is exactly what the manifest vouches for
+    read_header(path)  # the strict reader names a malformed header instead of safetensors' raw error
     encodings = entry.encodings() or {}
     out: dict[str, Weight] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name, shape in shapes.items():
-            enc = encodings.get(name)
-            if enc is not None and enc.quantized:
-                quant.check_encoding(enc, tuple(shape), f"{path}: {name}")
-                codes = quant.codes(f.get_tensor(name), enc, shape[1])
-                out[name] = QuantWeight(codes, f.get_tensor(name + quant.SCALE_SUFFIX).float(), enc)
-            else:
-                out[name] = f.get_tensor(name).float()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name, shape in shapes.items():
+                enc = encodings.get(name)
+                if enc is not None and enc.quantized:
+                    quant.check_encoding(enc, tuple(shape), f"{path}: {name}")
+                    codes = quant.codes(f.get_tensor(name), enc, shape[1])
+                    out[name] = QuantWeight(codes, f.get_tensor(name + quant.SCALE_SUFFIX).float(), enc)
+                else:
+                    out[name] = f.get_tensor(name).float()
+    except SafetensorError as e:
+        raise FormatError(f"{path}: {e}; re-split or re-quantize the bundle") from None
     return out
 
 
@@ -92,7 +99,13 @@ def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
 
 
 def head_linears(config: CosmoeConfig) -> dict[str, str]:
-    return {} if config.tie_word_embeddings else {"lm_head": "lm_head.weight"}
+    # A tied head multiplies by the embedding table: its integers are the head's integers too (the
+    # table is [V, D] quantized along D, exactly a linear's [N, K] along K).
+    return {"lm_head": "embed.weight" if config.tie_word_embeddings else "lm_head.weight"}
+
+
+def embed_tables(config: CosmoeConfig) -> dict[str, str]:
+    return {"embed": "embed.weight"}
 
 
 class EmbedUnit(nn.Module):
@@ -146,10 +159,13 @@ class LayerUnit(nn.Module):
         v_new = v.view(b, t, a.n_kv, a.head_dim).transpose(1, 2)  # [1, G, T, Dh]
         keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
         values = torch.cat([v_cache, v_new], dim=2)
-        if a.n_kv != a.n_heads:  # expand kv heads explicitly: not every backend takes SDPA's enable_gqa
-            rep, s = a.n_heads // a.n_kv, keys.shape[2]
-            keys = keys[:, :, None].expand(b, a.n_kv, rep, s, a.head_dim).reshape(b, a.n_heads, s, a.head_dim)
-            values = values[:, :, None].expand(b, a.n_kv, rep, s, a.head_dim).reshape(b, a.n_heads, s, a.head_dim)
+        if a.n_kv != a.n_heads:  # repeat kv heads explicitly: not every backend takes SDPA's enable_gqa
+            # As a concatenation of per-group slices, not expand + reshape: with a dynamic T, torch.export
+            # cannot prove the reshape's contiguity guard (Min((S+T)*Dh, G*(S+T)*Dh) == (S+T)*Dh) for
+            # T = 1 and refuses the dynamic dim (docs/LOWERING.md).
+            rep = a.n_heads // a.n_kv
+            keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
+            values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, H, T, Dh]
         x = x + a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))  # [1, T, D]
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
@@ -201,14 +217,29 @@ def build_expert(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> Expe
     return unit.eval()
 
 
-def layer_example_inputs(config: CosmoeConfig) -> tuple[torch.Tensor, ...]:
-    """Decode-step inputs of a layer program (T = 1; S = the context): x, cos, sin, mask, k, v.
+# Most tokens one backbone program call takes (a prefill chunk); decode is T = 1 on the same program.
+MAX_TOKENS = 64
 
-    T is static: with a dynamic T, torch.export cannot prove the stride guards of the cache
-    concatenation (it fails with a constraint violation), so prefill runs one token per call."""
+
+def max_tokens(config: CosmoeConfig) -> int:
+    return min(MAX_TOKENS, config.max_position_embeddings)
+
+
+def layer_example_inputs(config: CosmoeConfig, t: int = 2) -> tuple[torch.Tensor, ...]:
+    """Inputs of a layer program for T tokens (S = the context): x, cos, sin, mask, k_cache, v_cache."""
     s, g, dh, d = config.max_position_embeddings, config.num_key_value_heads, config.head_size, config.hidden_size
-    return (torch.zeros(1, 1, d), torch.ones(1, dh), torch.zeros(1, dh), torch.zeros(1, s + 1),
+    return (torch.zeros(1, t, d), torch.ones(t, dh), torch.zeros(t, dh), torch.zeros(t, s + t),
             torch.zeros(1, g, s, dh), torch.zeros(1, g, s, dh))
+
+
+def token_dim(config: CosmoeConfig) -> torch.export.Dim:
+    return torch.export.Dim("t", min=1, max=max_tokens(config))
+
+
+def layer_dynamic_shapes(config: CosmoeConfig) -> tuple:
+    """T dynamic in 1..max_tokens; the mask's key axis is S + T (a derived dim), the cache is static."""
+    t = token_dim(config)
+    return ({1: t}, {0: t}, {0: t}, {0: t, 1: t + config.max_position_embeddings}, None, None)
 
 
 LAYER_INPUTS = ["x", "cos", "sin", "mask", "k_cache", "v_cache"]
@@ -219,3 +250,22 @@ def precision_label(weights: dict) -> str:
     """Precision label of a unit's weights: 'fp32', or the integer scheme(s) it carries."""
     schemes = sorted({w.encoding.scheme for w in weights.values() if isinstance(w, QuantWeight)})
     return "+".join(schemes) if schemes else "fp32"
+
+
+def swap_quantized(unit: nn.Module, tensors: dict[str, str], raw: dict[str, Weight],
+                   make: Callable[[nn.Module, QuantWeight], nn.Module | None]) -> bool:
+    """Replace each of the unit's float modules (attribute -> canonical tensor) whose tensor the bundle
+    holds as integers by ``make(old_module, weight)`` (None keeps it); True if any was replaced.
+    Each target passes its own integer modules."""
+    swapped = False
+    for attr, name in tensors.items():
+        w = raw.get(name)
+        if not isinstance(w, QuantWeight):
+            continue
+        parent, _, leaf = attr.rpartition(".")
+        owner = unit.get_submodule(parent) if parent else unit
+        new = make(getattr(owner, leaf), w)
+        if new is not None:
+            setattr(owner, leaf, new)
+            swapped = True
+    return swapped

@@ -1,0 +1,124 @@
+"""Benchmark: `split` and `quantize` of a checkpoint several times larger than the memory the process
+is given complete, under a limit the kernel enforces.
+
+The limit is RLIMIT_DATA (setrlimit in the child, no root needed): since Linux 4.7 it caps the
+process's private writable memory (heap, anonymous mmaps, thread stacks), so a stage that loads a
+checkpoint into memory dies with MemoryError / ENOMEM. One catch, measured here: the safetensors
+library maps each file privately (copy-on-write), and the kernel charges such a map to the data limit
+whole, so a shard bigger than the limit cannot even be opened. The checkpoint is therefore written in
+shards of a quarter of the limit (split and quantize hold one or two shards open at a time); the
+limit then binds what matters, the heap. Why not the others: `prlimit --as` caps address space, which
+torch and mmap reserve far beyond use; cgroups here are v1, owned by the machine's supervisor, and
+there is no systemd to delegate one (`systemd-run --scope -p MemoryMax` fails). Beside the limit it
+prints peak RSS (wait4 rusage) split into anonymous (heap) and file-backed (mapped shards, which the
+kernel can drop) from sampling /proc/PID/status: the anonymous peak is the number that must stay small.
+
+    .venv/bin/python bench/memory_limit.py                      # 512 MiB limit, checkpoint >= 4x that
+    .venv/bin/python bench/memory_limit.py --limit-mb 768 --factor 3 --workdir /tmp/memlim
+
+Needs about 2.5x the checkpoint in free disk (checkpoint, bundle, quantized bundle). Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import split_rss  # noqa: E402  (the synthetic Mixtral checkpoint writer, one tensor in memory at a time)
+
+F32 = 4
+
+
+def run_limited(cmd: list[str], limit: int) -> dict:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=set_limit)
+    peaks = {"anon": 0, "file": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            r = split_rss._proc_rss(proc.pid)
+            if r:
+                peaks["anon"], peaks["file"] = max(peaks["anon"], r[0]), max(peaks["file"], r[1])
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024,
+            **peaks, "output": output.strip().splitlines()[-1:]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit-mb", type=int, default=512, help="RLIMIT_DATA of each stage, MiB (default 512)")
+    ap.add_argument("--factor", type=float, default=4.0, help="checkpoint size / limit (default 4)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    limit = args.limit_mb << 20
+    # Mixtral-shaped, hidden 1024, 8 experts of width 3584: ~362 MB per layer; as many layers as needed.
+    ns = argparse.Namespace(hidden=1024, intermediate=3584, experts=8, heads=16, kv_heads=4, vocab=8192,
+                            shard_mb=limit / 4 / 1e6, seed=0)
+    def nbytes(layers: int) -> int:
+        return sum(math.prod(s) for _, s in split_rss.mixtral_tensors(ns, layers)) * F32
+    layers = max(1, math.ceil((args.factor * limit - nbytes(0)) / (nbytes(1) - nbytes(0))))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="memlim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt, bundle, qbundle = work / "ckpt", work / "bundle", work / "bundle-q8"
+        for p in (ckpt, bundle, qbundle):
+            shutil.rmtree(p, ignore_errors=True)
+        tensors = split_rss.write_checkpoint(ckpt, ns, layers)
+        size = sum(math.prod(s) for _, s in tensors) * F32
+        largest = max(math.prod(s) for _, s in tensors) * F32
+        shards = len(list(ckpt.glob("*.safetensors")))
+        print(f"checkpoint: {layers} layers, {size / 2**20:,.0f} MiB in {shards} shards ({size / limit:.1f}x the "
+              f"limit), largest tensor {largest / 2**20:,.0f} MiB; limit RLIMIT_DATA {args.limit_mb} MiB", flush=True)
+        cli = [sys.executable, "-m", "cosmoe_export.cli", "-q"]
+        stages = {
+            "split": [*cli, "split", str(ckpt), "-o", str(bundle)],
+            "quantize": [*cli, "quantize", str(bundle), "-o", str(qbundle), "--expert-scheme", "int8",
+                         "--backbone-scheme", "int8"],
+        }
+        failed = 0
+        for name, cmd in stages.items():
+            r = run_limited(cmd, limit)
+            failed += r["rc"] != 0
+            print(f"{name}: exit {r['rc']}, {r['wall_s']:.1f} s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB "
+                  f"(anonymous {r['anon'] / 2**20:,.0f} MiB, file-backed {r['file'] / 2**20:,.0f} MiB, sampled); "
+                  f"{' '.join(r['output'])}", flush=True)
+        # The control: the same limit must stop a process that does hold the checkpoint in memory.
+        load_all = [sys.executable, "-c", "import sys; from safetensors.torch import load_file; from pathlib import "
+                    "Path; [load_file(str(p)) for p in sorted(Path(sys.argv[1]).glob('*.safetensors'))]", str(ckpt)]
+        r = run_limited(load_all, limit)
+        print(f"control (load every shard into memory under the same limit): exit {r['rc']} "
+              f"({'refused, as it must be' if r['rc'] else 'NOT refused: the limit does not bind'})")
+        return 1 if failed or r["rc"] == 0 else 0
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

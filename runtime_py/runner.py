@@ -1,0 +1,244 @@
+"""Run a bundle the way a device does: the backbone resident, experts under a memory budget.
+
+One generation loop for every backend. The backend engine (runtime_py/torch_backend.py,
+runtime_py/program_backend.py) runs embedding, attention, router and head; at every layer it hands
+the routed tokens to ``Runner._dispatch``, which asks the ExpertStore (runtime_py/store.py) for
+each selected expert, loading and evicting per policy, records the selection for ExRep, and (policy
+``lru+prefetch``) starts loading the next layer's guessed experts in the background.
+
+Budget: backbone bytes (weights or loaded programs as measured, plus the KV cache for the whole
+context) + expert capacity. ``experts_per_layer=N`` is backbone + N x layers x unit bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime_py import routing_metrics
+from runtime_py.bundle import Bundle
+from runtime_py.errors import ConfigError
+from runtime_py.memory import parse_size, peak_rss_bytes, reset_peak_rss
+from runtime_py.model import dispatch_experts
+from runtime_py.store import POLICIES, ExpertStore
+
+__all__ = ["ENGINES", "POLICIES", "Generation", "Runner", "parse_size"]
+
+
+def _torch_engine(bundle: Bundle, check_hash: str):
+    from runtime_py.torch_backend import TorchEngine
+    return TorchEngine(bundle, check_hash=check_hash)
+
+
+def _program_engine(backend: str) -> Callable[[Bundle, str], Any]:
+    def make(bundle: Bundle, check_hash: str):
+        from runtime_py.program_backend import ProgramEngine
+        return ProgramEngine(bundle, backend, check_hash=check_hash)
+    return make
+
+
+# Backend name -> engine factory (bundle, check_hash). Program backends need `cosmoe-export lower`.
+ENGINES: dict[str, Callable[[Bundle, str], Any]] = {
+    "torch": _torch_engine,
+    "executorch": _program_engine("executorch"),
+    "onnxruntime": _program_engine("onnxruntime"),
+}
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    metrics: dict[str, Any]
+    stopped: str  # "max_new_tokens" | "stop_token" | "context"
+
+
+@dataclass
+class _Trace:
+    """Per-layer expert selections of every token, in order: layer -> list of [K] arrays."""
+
+    selections: list[list[np.ndarray]] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, bundle: Bundle, *, backend: str = "torch", budget_bytes: int | None = None,
+                 experts_per_layer: int | None = None, policy: str = "lru", check_hash: str = "first") -> None:
+        if backend not in ENGINES:
+            raise ConfigError(f"unknown backend {backend!r}; choose from {list(ENGINES)}")
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")
+        if budget_bytes is not None and experts_per_layer is not None:
+            raise ConfigError("give a budget or experts per layer, not both")
+        reset_peak_rss()  # the peak of this run, not of whatever the process did before
+        self.bundle, self.config, self.backend, self.policy = bundle, bundle.config, backend, policy
+        cfg = self.config
+        self.engine = ENGINES[backend](bundle, check_hash)
+        self.kv_bytes = self.engine.cache_bytes(cfg.max_position_embeddings)
+        self.backbone_bytes = self.engine.backbone_bytes + self.kv_bytes
+        self.expert_unit_bytes = self.engine.unit_bytes
+        layers, experts, k = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
+        self.min_budget_bytes = self.backbone_bytes + k * self.expert_unit_bytes
+        self.resident_budget_bytes = self.backbone_bytes + layers * experts * self.expert_unit_bytes
+        if experts_per_layer is not None:
+            if not k <= experts_per_layer <= experts:
+                raise ConfigError(f"{bundle.root}: experts per layer must be between top-k {k} and {experts}, "
+                                  f"not {experts_per_layer}")
+            budget_bytes = self.backbone_bytes + experts_per_layer * layers * self.expert_unit_bytes
+        if budget_bytes is None:
+            budget_bytes = self.resident_budget_bytes
+        if budget_bytes < self.min_budget_bytes:
+            raise ConfigError(
+                f"{bundle.root}: budget {budget_bytes / 1e6:,.1f} MB is below the minimum "
+                f"{self.min_budget_bytes / 1e6:,.1f} MB for {backend} (backbone and KV cache "
+                f"{self.backbone_bytes / 1e6:,.1f} MB + {k} experts of {self.expert_unit_bytes / 1e6:,.2f} MB); "
+                "raise --budget")
+        self.budget_bytes = budget_bytes
+        self.store = ExpertStore(layers=layers, experts=experts, top_k=k, unit_bytes=self.expert_unit_bytes,
+                                 capacity_bytes=budget_bytes - self.backbone_bytes, policy=policy,
+                                 load=self.engine.load_expert, release=self.engine.release_expert,
+                                 file_bytes=self.engine.expert_file_bytes,
+                                 where=str(bundle.root))
+        self.engine.set_dispatch(self._dispatch)
+        self._trace: _Trace | None = None
+
+    # ------------------------------------------------------------------ the MoE step
+    def _dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights/idx [N, K] -> y [N, D] through the store."""
+        selected = torch.unique(idx).tolist()
+        if self._trace is not None:
+            self._trace.selections[layer].extend(idx.numpy().copy())  # N rows of [K]
+        store = self.store
+        store.begin_layer(layer, selected)
+        if store.policy.prefetch and layer + 1 < self.config.num_hidden_layers:
+            probs = torch.softmax(self.engine.guess_logits(layer + 1, x), -1).mean(0)  # [E]
+            store.prefetch(layer + 1, torch.topk(probs, self.config.num_experts_per_tok).indices.tolist())
+        # Resident experts first: a miss may evict, and must not evict one this layer still needs.
+        order = sorted(selected, key=lambda e: not store.is_resident(layer, e))
+        return dispatch_experts(lambda e: store.get(layer, e), x, weights, idx, order)
+
+    # ------------------------------------------------------------------ public API
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V] (fp32), for parity checks."""
+        return self.engine.logits(ids)
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """The prompt as ints, or ConfigError when it cannot run: empty, ids outside the vocabulary,
+        no room left in the context."""
+        cfg, where = self.config, self.bundle.root
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ConfigError(f"{where}: the prompt is empty; give at least one token")
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            raise ConfigError(f"{where}: prompt token ids must be in [0, {cfg.vocab_size})")
+        if len(ids) >= cfg.max_position_embeddings:
+            raise ConfigError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
+                              f"{cfg.max_position_embeddings}; shorten the prompt")
+        if max_new_tokens < 1:
+            raise ConfigError(f"{where}: max_new_tokens must be at least 1")
+        return ids
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        cfg = self.config
+        ids = self.check_prompt(prompt_ids, max_new_tokens)
+        ctx = cfg.max_position_embeddings
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        gen = torch.Generator().manual_seed(seed)
+        stop = set(stop_ids)
+        self._trace = _Trace([[] for _ in range(cfg.num_hidden_layers)])
+        st = self.store.stats
+        start = (st.loads, st.bytes_loaded, st.requests, st.hits, st.loads, st.prefetches, st.prefetch_used,
+                 st.wait_ms)
+        cache = self.engine.new_cache(ctx)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = self.engine.forward(ids, cache, 0)
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            loads0, requests0, hits0 = st.loads, st.requests, st.hits
+            out: list[int] = []
+            stopped = "max_new_tokens"
+            decode_s, steps = 0.0, 0
+            while True:
+                tok = _sample(logits, temperature, top_p, gen)
+                out.append(tok)
+                if on_token is not None:
+                    on_token(tok)
+                if tok in stop:
+                    stopped = "stop_token"
+                    break
+                if len(out) >= max_new_tokens:
+                    break
+                pos = len(ids) + len(out) - 1
+                if pos >= ctx:  # the KV cache never grows past the context
+                    stopped = "context"
+                    break
+                t = time.perf_counter()
+                logits = self.engine.forward([tok], cache, pos)
+                decode_s += time.perf_counter() - t
+                steps += 1
+        metrics = self._metrics(start, prefill_ms, decode_s, steps, st.loads - loads0, st.requests - requests0,
+                                st.hits - hits0, len(ids))
+        self._trace = None
+        return Generation(out, metrics, stopped)
+
+    def _metrics(self, start: tuple, prefill_ms: float, decode_s: float, steps: int, decode_loads: int,
+                 decode_requests: int, decode_hits: int, prompt_tokens: int) -> dict[str, Any]:
+        """This call's numbers (the store's counters since ``start``), plus the store's lifetime peak."""
+        st = self.store.stats
+        loads, loaded, requests, hits, n_ms, prefetches, used, wait = start
+        sel = self._trace.selections
+        e = self.config.num_experts
+        recent = min(st.loads - n_ms, len(st.load_ms))  # this call's loads (the newest, deque-bounded)
+        load_ms = np.asarray(list(st.load_ms)[len(st.load_ms) - recent:] or [0.0])
+        return {
+            "backend": self.backend,
+            "policy": self.policy,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": steps + 1,
+            "prefill_ms": prefill_ms,
+            "decode_tok_s": steps / decode_s if decode_s > 0 else None,
+            "peak_rss_mb": peak_rss_bytes() / 1e6,
+            "budget_bytes": self.budget_bytes,
+            "backbone_bytes": self.backbone_bytes,
+            "expert_unit_bytes": self.expert_unit_bytes,
+            "resident_expert_bytes_max": self.store.stats.resident_units_max * self.expert_unit_bytes,
+            "expert_loads": st.loads - loads,
+            "expert_bytes_loaded": st.bytes_loaded - loaded,
+            "expert_load_ms_p50": float(np.percentile(load_ms, 50)),
+            "expert_load_ms_p95": float(np.percentile(load_ms, 95)),
+            "hit_rate": (st.hits - hits) / (st.requests - requests) if st.requests > requests else 1.0,
+            "decode_hit_rate": decode_hits / decode_requests if decode_requests else 1.0,
+            # CoSMoEs Eq. 5 per layer over the whole sequence, averaged over layers (as `analyze`).
+            "exrep": float(np.mean([routing_metrics.exrep(np.stack(s), e) for s in sel])) if sel[0] else 0.0,
+            "loads_per_token": decode_loads / steps if steps else 0.0,
+            "prefetches": st.prefetches - prefetches,
+            "prefetch_used": st.prefetch_used - used,
+            "prefetch_wait_ms": st.wait_ms - wait,
+        }
+
+    def close(self) -> None:
+        self.store.close()
+        self.engine.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy when temperature is 0, else nucleus sampling: logits [V] -> token id."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)  # [V]
+    sorted_p, order = torch.sort(probs, descending=True)  # [V] x2
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+    sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])

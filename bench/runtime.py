@@ -77,7 +77,9 @@ def one(bundle: str, backend: str, policy: str, experts_per_layer: int | None, t
     from runtime_py.runner import Runner
 
     b = Bundle.open(bundle)
-    with Runner(b, backend=backend, policy=policy, experts_per_layer=experts_per_layer) as r:
+    policy, _, min_prob = policy.partition(":")  # "lru+prefetch:0": prefetch every guess
+    extra = {"prefetch_min_prob": float(min_prob)} if min_prob else {}
+    with Runner(b, backend=backend, policy=policy, experts_per_layer=experts_per_layer, **extra) as r:
         r.generate(PROMPT[:4], 4)  # warm-up: first calls pay one-time costs (kernels, page cache)
         g = r.generate(PROMPT, tokens)
         swap_ms = swap_in_ms(r)
@@ -165,6 +167,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-peers", action="store_true", help="Do not run transformers' generate.")
     ap.add_argument("--out", type=Path, default=None, help="Write the markdown tables here too.")
+    ap.add_argument("--tables", nargs="+", choices=["resident", "offload", "swap"],
+                    default=["resident", "offload", "swap"])
     args = ap.parse_args()
     if args.one:
         bundle, backend, policy, epl = args.one
@@ -176,11 +180,22 @@ def main() -> None:
              f"{os.cpu_count()} cores; greedy, {len(PROMPT)}-token prompt, {args.tokens} new tokens, torch threads "
              "default.", ""]
 
-    # 1. Resident decode speed per backend and precision.
-    lines += ["### Resident decode (all experts loaded up front)", "",
+    if "resident" in args.tables:
+        lines += resident_table(bundles, args)
+    if "offload" in args.tables:
+        lines += offload_table(bundles, args)
+    if "swap" in args.tables:
+        lines += swap_table(bundles, args)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def resident_table(bundles: dict, args: argparse.Namespace) -> list[str]:
+    lines = ["### Resident decode (all experts loaded up front)", "",
               "| model | precision | backend | decode tok/s | vs transformers | prefill ms | peak RSS MB |",
               "|---|---|---|---|---|---|---|"]
-    resident: dict[tuple[str, str, str], dict] = {}
     for model, by_precision in bundles.items():
         peer = None
         if model == "wearable" and not args.skip_peers:
@@ -189,32 +204,36 @@ def main() -> None:
                          f"{peer['prefill_ms']:.0f} | {peer['peak_rss_mb']:.0f} |")
         for precision, bundle in by_precision.items():
             for backend in BACKENDS:
-                m = resident[(model, precision, backend)] = measure(bundle, backend, "resident", None, args.tokens)
+                m = measure(bundle, backend, "resident", None, args.tokens)
                 ratio = f"{m['decode_tok_s'] / peer['decode_tok_s']:.2f}" if peer else "-"
                 lines.append(f"| {model} | {precision} | {backend} | {fmt(m['decode_tok_s'])} | {ratio} | "
                              f"{m['prefill_ms']:.0f} | {m['peak_rss_mb']:.0f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
-    lines.append("")
+    return [*lines, ""]
 
-    # 2. Offloading policies at backbone + 4 (2 for Eq. 8) experts per layer.
-    lines += ["### Offloaded decode by policy (fp32; budget = backbone + N experts per layer)", "",
+
+def offload_table(bundles: dict, args: argparse.Namespace) -> list[str]:
+    """Offloading policies at backbone + 4 (2 for Eq. 8) experts per layer."""
+    lines = ["### Offloaded decode by policy (fp32; budget = backbone + N experts per layer)", "",
               "| model | backend | policy | N | decode tok/s | vs resident | loads/token | hit rate | ExRep % | "
               "peak RSS MB | expert MB resident (max) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in bundles:
         for backend in ("torch", "executorch", "onnxruntime"):
-            base = resident[(model, "fp32", backend)]
-            for policy, n in [("paper", 2), ("lru", 4), ("lfu", 4), ("lru+prefetch", 4)]:
+            base = measure(bundles[model]["fp32"], backend, "resident", None, args.tokens)
+            for policy, n in [("paper", 2), ("lru", 4), ("lfu", 4), ("lru+prefetch", 4), ("lru+prefetch:0", 4)]:
                 m = measure(bundles[model]["fp32"], backend, policy, n, args.tokens)
                 lines.append(f"| {model} | {backend} | {policy} | {n} | {fmt(m['decode_tok_s'])} | "
                              f"{m['decode_tok_s'] / base['decode_tok_s']:.2f} | {m['loads_per_token']:.2f} | "
                              f"{m['hit_rate']:.3f} | {m['exrep']:.1f} | {m['peak_rss_mb']:.0f} | "
                              f"{m['resident_expert_bytes_max'] / 1e6:.1f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
-    lines.append("")
+    return [*lines, ""]
 
-    # 3. Swap-in cost against the bytes at this machine's read bandwidth.
-    lines += ["### Expert swap-in vs memory bandwidth", "",
+
+def swap_table(bundles: dict, args: argparse.Namespace) -> list[str]:
+    """Swap-in cost against the bytes at this machine's read bandwidth."""
+    lines = ["### Expert swap-in vs memory bandwidth", "",
               "Warm swap-in: every expert of layer 0 loaded once (page cache warm, first-load sha256 done), "
               "then reloaded and released 3 times each; median. Loads during decode (policy paper, N = 2, "
               "first loads with their sha256 check included): p50/p95. Ideal: the shard's bytes at the read "
@@ -232,11 +251,7 @@ def main() -> None:
                              f"{m['swap_in_ms_p50'] / ideal:.1f} | {m['expert_load_ms_p50']:.2f} / "
                              f"{m['expert_load_ms_p95']:.2f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

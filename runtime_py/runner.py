@@ -27,6 +27,11 @@ from runtime_py.memory import parse_size, peak_rss_bytes, reset_peak_rss
 from runtime_py.model import dispatch_experts
 from runtime_py.store import POLICIES, ExpertStore
 
+# lru+prefetch loads a guessed expert only when its guessed router probability reaches this. On
+# tiny-bles the unconditional guess was right 23 % of the time (chance: 25 %) and made decoding 2x
+# slower than plain LRU (docs/BENCHMARKS.md); gated at 0.3 it fires only when the router is sure.
+PREFETCH_MIN_PROB = 0.3
+
 __all__ = ["ENGINES", "POLICIES", "Generation", "Runner", "parse_size"]
 
 
@@ -66,7 +71,8 @@ class _Trace:
 
 class Runner:
     def __init__(self, bundle: Bundle, *, backend: str = "torch", budget_bytes: int | None = None,
-                 experts_per_layer: int | None = None, policy: str = "lru", check_hash: str = "first") -> None:
+                 experts_per_layer: int | None = None, policy: str = "lru", check_hash: str = "first",
+                 prefetch_min_prob: float = PREFETCH_MIN_PROB) -> None:
         if backend not in ENGINES:
             raise ConfigError(f"unknown backend {backend!r}; choose from {list(ENGINES)}")
         if policy not in POLICIES:
@@ -104,6 +110,7 @@ class Runner:
                                  where=str(bundle.root))
         self.engine.set_dispatch(self._dispatch)
         self._trace: _Trace | None = None
+        self.prefetch_min_prob = prefetch_min_prob
 
     # ------------------------------------------------------------------ the MoE step
     def _dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -115,7 +122,11 @@ class Runner:
         store.begin_layer(layer, selected)
         if store.policy.prefetch and layer + 1 < self.config.num_hidden_layers:
             probs = torch.softmax(self.engine.guess_logits(layer + 1, x), -1).mean(0)  # [E]
-            store.prefetch(layer + 1, torch.topk(probs, self.config.num_experts_per_tok).indices.tolist())
+            top_p, top = torch.topk(probs, self.config.num_experts_per_tok)  # [K] x2
+            # Only confident guesses: a wrong one costs a load and evicts a unit that may be needed.
+            sure = top[top_p >= self.prefetch_min_prob].tolist()
+            if sure:
+                store.prefetch(layer + 1, sure)
         # Resident experts first: a miss may evict, and must not evict one this layer still needs.
         order = sorted(selected, key=lambda e: not store.is_resident(layer, e))
         return dispatch_experts(lambda e: store.get(layer, e), x, weights, idx, order)

@@ -158,8 +158,11 @@ def test_budget_changes_residency_not_tokens(tiny_bles_bundle):
     assert want.metrics["hit_rate"] == 1.0 and want.metrics["expert_loads"] == 0  # loaded up front
     loads = {}
     for policy, per_layer in [("paper", 2), ("lru", 4), ("lfu", 4), ("lru+prefetch", 4)]:
-        with Runner(bundle, policy=policy, experts_per_layer=per_layer) as r:
+        # prefetch_min_prob 0: every guess loads, so the background path really runs here.
+        with Runner(bundle, policy=policy, experts_per_layer=per_layer, prefetch_min_prob=0.0) as r:
             got = r.generate(prompt, 230)
+            if policy == "lru+prefetch":
+                assert got.metrics["prefetches"] > 0
             m = got.metrics
             assert got.tokens == want.tokens, policy
             assert m["resident_expert_bytes_max"] <= per_layer * bundle.config.num_hidden_layers * r.expert_unit_bytes
@@ -235,7 +238,8 @@ def test_program_backends_under_a_budget(lowered_tiny, backend, policy):
     bundle = Bundle.open(lowered_tiny)
     with Runner(bundle, backend="torch", policy="resident") as r:
         want = r.generate(PROMPT, 40).tokens
-    with Runner(bundle, backend=backend, policy=policy, experts_per_layer=2 if policy == "paper" else 4) as r:
+    with Runner(bundle, backend=backend, policy=policy, experts_per_layer=2 if policy == "paper" else 4,
+                prefetch_min_prob=0.0) as r:
         got = r.generate(PROMPT, 40)
         assert r.expert_unit_bytes >= bundle.experts[(0, 0)].bytes // 4  # measured, not guessed at zero
         assert got.metrics["resident_expert_bytes_max"] <= r.store.capacity * r.expert_unit_bytes
@@ -309,7 +313,7 @@ with Runner(Bundle.open(sys.argv[1]), policy="lru", experts_per_layer=int(sys.ar
 def test_rss_follows_the_accounting_over_1000_tokens(tiny_bles_bundle):
     """1,000 sampled tokens at two budgets, each in a fresh process. What RSS adds between the two
     budgets is what the store accounts for (the expert slots), and it stops growing once warm (no
-    unit leaks past its eviction)."""
+    unit leaks past its eviction; the first sequences settle the allocator)."""
     import subprocess
     import sys
 
@@ -323,7 +327,9 @@ def test_rss_follows_the_accounting_over_1000_tokens(tiny_bles_bundle):
     fixed = 8 << 20  # the runtime's own first-decode allocations (6.4 MB measured here), not experts
     for run in runs.values():
         assert run["growth"][-1] <= run["accounted"] + fixed, run
-        assert run["growth"][-1] - run["growth"][0] <= 512 << 10, run  # flat after the first 250 tokens
+        # Flat once warm: the last 500 tokens add no more than allocator noise (a leak of one
+        # 393 KB slot per eviction would add hundreds of MB over these thousands of loads).
+        assert run["growth"][-1] - run["growth"][1] <= 512 << 10, run
     extra_rss = full["growth"][-1] - small["growth"][-1]
     extra_accounted = full["accounted"] - small["accounted"]
     assert abs(extra_rss - extra_accounted) <= 0.2 * extra_accounted, (extra_rss, extra_accounted)

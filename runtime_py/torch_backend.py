@@ -86,13 +86,14 @@ def read_safetensors(path, expected: dict[str, tuple[int, ...]], dtype: torch.dt
     return _decode(raw, expected, dtype, encodings, str(path))
 
 
-def _views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
+def _views(buf: torch.Tensor, header: Header, where: str) -> dict[str, torch.Tensor]:
     """Tensors of a shard's data section held in ``buf`` (uint8), as views (no copy)."""
     out = {}
     for name, info in header.tensors.items():
         dt = ST_DTYPES.get(info.dtype)
         if dt is None:
-            raise FormatError(f"{name}: dtype {info.dtype} is not used by cosmoe bundles")
+            raise FormatError(f"{where}: {name} has dtype {info.dtype}, which cosmoe bundles never use; "
+                              "re-split the bundle")
         piece = buf[info.begin:info.end]
         if info.begin % dt.itemsize:  # misaligned for its dtype (no writer of ours does this): copy
             piece = piece.clone()
@@ -131,14 +132,14 @@ class TorchExperts:
         self.slots_created = 0
 
     # -- slots
-    def _new_slot(self, header: Header, layer: int, expert: int) -> ExpertSlot:
+    def _new_slot(self, header: Header, layer: int, expert: int, where: str) -> ExpertSlot:
         cfg = self.config
         prefix = f"layers.{layer}.moe.experts.{expert}."
         with torch.device("meta"):
             module = Expert(cfg.hidden_size, cfg.intermediate_size, cfg.expert_kind, cfg.rank)
         if self.raw:
             buf = torch.empty(header.file_size - header.data_offset, dtype=torch.uint8)
-            params = {k.removeprefix(prefix): v for k, v in _views(buf, header).items()}
+            params = {k.removeprefix(prefix): v for k, v in _views(buf, header, where).items()}
             layout = self._layout(header, prefix)
         else:
             buf, layout = None, None
@@ -175,7 +176,7 @@ class TorchExperts:
             with self._lock:
                 slot = self._free.pop() if self._free else None
             if slot is None:
-                slot = self._new_slot(header, layer, expert)
+                slot = self._new_slot(header, layer, expert, where)
             try:
                 if self.raw and slot.layout == self._layout(header, prefix):
                     target = slot.buf
@@ -188,7 +189,7 @@ class TorchExperts:
                 if self.check_hash == "always" or (self.check_hash == "first" and (layer, expert) not in self._hashed):
                     self._check_hash(entry, head, target, where)
                 if target is not slot.buf:
-                    decoded = _decode(_views(target, header), expected, self.dtype, entry.encodings(), where)
+                    decoded = _decode(_views(target, header, where), expected, self.dtype, entry.encodings(), where)
                     for k, t in decoded.items():
                         slot.params[k.removeprefix(prefix)].copy_(t)
                 elif self.raw:  # raw read: still check that the header is what the config implies

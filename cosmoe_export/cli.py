@@ -448,7 +448,8 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
             raise CosmoeError(f"--gate {spec!r}: write NAME=NUMBER or NAME=off") from None
     report = run_verify(bundle_path=bundle, reference=reference, backend=backend, new_tokens=new_tokens,
                         text=text, max_tokens=max_tokens, gates=gates, allow_pickle=allow_pickle,
-                        budget=_parse_budget(budget), experts_per_layer=experts_per_layer, policy=policy)
+                        budget=_parse_budget(budget), experts_per_layer=experts_per_layer, policy=policy,
+                        progress=click.get_current_context().meta["progress"])
     for r in report["results"]:
         status = "PASS" if r["passed"] else "FAIL"
         extra = (f" kl_mean={r['kl_mean']:.4f} ppl={r['ppl']:.3f} ppl_ref={r['ppl_ref']:.3f} "

@@ -15,11 +15,13 @@ both perplexities (``ppl``, ``ppl_ref``) and top-1 agreement; a quantized bundle
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.sources import Source, open_source
@@ -63,7 +65,7 @@ def precision_class(bundle: Bundle) -> str:
 def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_tokens: int = 32,
            text: Path | None = None, max_tokens: int | None = None, gates: dict[str, float | None] | None = None,
            allow_pickle: bool = False, budget: int | None = None, experts_per_layer: int | None = None,
-           policy: str = "lru") -> dict[str, Any]:
+           policy: str = "lru", progress: bool = False) -> dict[str, Any]:
     """Parity and quality of every requested backend against the reference, each run through the
     runtime under ``budget`` (or ``experts_per_layer``) with ``policy``; the runtime's metrics
     (speed, memory, expert loads, ExRep) of the last prompt's generation go into each result."""
@@ -89,10 +91,17 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_token
     prompts = _prompts(bundle, new_tokens)
     thresholds = {**DEFAULT_GATES[precision], **(gates or {})}
     results = []
-    for name in _backends(bundle, backend):
+    names = _backends(bundle, backend)
+    windows_n = 0 if text_ids is None else len(batches(text_ids, bundle.config.vocab_size))
+    bar = tqdm(total=len(names) * (len(prompts) + windows_n), desc="verify", unit="step",
+               disable=not progress or None)  # None: off when stderr is not a terminal
+    for name in names:
+        bar.set_postfix_str(name)
         with Runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
                     policy=policy) as runner:
-            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision, thresholds))
+            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision, thresholds,
+                                    bar.update))
+    bar.close()
     report = {
         "passed": all(r["passed"] for r in results),
         "bundle": str(bundle_path),
@@ -121,11 +130,12 @@ def _backends(bundle: Bundle, backend: str) -> list[str]:
 
 def _measure(backend: str, runtime: Runner, bundle: Bundle, ref: torch.nn.Module, prompts: list[list[int]],
              new_tokens: int, text_ids: torch.Tensor | None, precision: str,
-             thresholds: dict[str, float | None]) -> dict[str, Any]:
+             thresholds: dict[str, float | None], step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
     """One backend's row of the report: parity on the prompts (and the text), its loads, its gates."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
         for ids in prompts:
+            step()
             x = torch.tensor([ids])
             want = _logits(ref, x)  # [1, T, V]
             got = runtime.logits(x)  # [1, T, V]
@@ -146,7 +156,7 @@ def _measure(backend: str, runtime: Runner, bundle: Bundle, ref: torch.nn.Module
     }
     if text_ids is not None:
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
-        result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size))
+        result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size, step))
     result.update({k: v for k, v in generation.metrics.items() if k != "backend"})
     result["gates"] = {}
     for name, threshold in thresholds.items():
@@ -164,11 +174,13 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def _text_metrics(ref: torch.nn.Module, runtime: Any, ids: torch.Tensor, vocab: int) -> dict[str, float]:
+def _text_metrics(ref: torch.nn.Module, runtime: Any, ids: torch.Tensor, vocab: int,
+                  step: Callable[[], Any] = lambda: None) -> dict[str, float]:
     """ids [B, T] windows -> KL(ref || bundle) per position (mean, nats), top-1 agreement, perplexities."""
     kl_sum, agree, positions, nll_ref, nll_got, predicted = 0.0, 0, 0, 0.0, 0.0, 0
     with torch.inference_mode():
         for chunk in batches(ids, vocab):
+            step()
             b, t = chunk.shape
             lp_ref = F.log_softmax(_logits(ref, chunk), -1)  # [b, T, V]
             lp_got = F.log_softmax(runtime.logits(chunk), -1)  # [b, T, V]

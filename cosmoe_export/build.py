@@ -73,9 +73,17 @@ def build(*, recipe: Recipe, source: str | None = None, out: Path, work: Path | 
     out = Path(out)
     _check_out(out)
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
-    with _locked(work):
-        return _Build(recipe, work, progress, log).run(out)
+    try:
+        with _locked(work):
+            return _Build(recipe, work, progress, log).run(out)
+    except CosmoeError:
+        # Bad input found by a stage (a truncated shard, NaN weights...): a work directory this call
+        # created holds nothing worth keeping, and must not be left behind looking like a build.
+        if created:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

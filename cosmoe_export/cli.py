@@ -122,7 +122,7 @@ def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None,
     out = out if out is not None else Path("build") / r.name
     info = json_path == "-"  # keep stdout for the JSON
     result = run_build(recipe=r, source=source, out=out, work=work, progress=ctx.meta["progress"],
-                       log=lambda line: click.echo(line, err=True))
+                       log=(lambda line: click.echo(line, err=True)) if ctx.meta["progress"] else (lambda line: None))
     for row in result.report["backends"]:
         gates = " ".join(f"{g['name']}={'n/a' if g['value'] is None else format(g['value'], '.4g')}"
                          f"{'' if g['passed'] else '(FAIL)'}" for g in row["gates"])

@@ -12,9 +12,10 @@ context) + expert capacity. ``experts_per_layer=N`` is backbone + N x layers x u
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from runtime_py.bundle import Bundle
 from runtime_py.errors import ConfigError
 from runtime_py.memory import parse_size, peak_rss_bytes, reset_peak_rss
 from runtime_py.model import dispatch_experts
-from runtime_py.store import POLICIES, ExpertStore
+from runtime_py.store import POLICIES, ExpertStore, StoreStats
 
 # lru+prefetch loads a guessed expert only when its guessed router probability reaches this. On
 # tiny-bles the unconditional guess was right 23 % of the time (chance: 25 %) and made decoding 2x
@@ -60,13 +61,6 @@ class Generation:
     tokens: list[int]
     metrics: dict[str, Any]
     stopped: str  # "max_new_tokens" | "stop_token" | "context"
-
-
-@dataclass
-class _Trace:
-    """Per-layer expert selections of every token, in order: layer -> list of [K] arrays."""
-
-    selections: list[list[np.ndarray]] = field(default_factory=list)
 
 
 class Runner:
@@ -109,15 +103,16 @@ class Runner:
                                  file_bytes=self.engine.expert_file_bytes,
                                  where=str(bundle.root))
         self.engine.set_dispatch(self._dispatch)
-        self._trace: _Trace | None = None
+        # While generate runs: each layer's expert selections, one [K] array per token, in order.
+        self._selections: list[list[np.ndarray]] | None = None
         self.prefetch_min_prob = prefetch_min_prob
 
     # ------------------------------------------------------------------ the MoE step
     def _dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> y [N, D] through the store."""
         selected = torch.unique(idx).tolist()
-        if self._trace is not None:
-            self._trace.selections[layer].extend(idx.numpy().copy())  # N rows of [K]
+        if self._selections is not None:
+            self._selections[layer].extend(idx.numpy().copy())  # N rows of [K]
         store = self.store
         store.begin_layer(layer, selected)
         if store.policy.prefetch and layer + 1 < self.config.num_hidden_layers:
@@ -162,16 +157,15 @@ class Runner:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         gen = torch.Generator().manual_seed(seed)
         stop = set(stop_ids)
-        self._trace = _Trace([[] for _ in range(cfg.num_hidden_layers)])
+        self._selections = [[] for _ in range(cfg.num_hidden_layers)]
         st = self.store.stats
-        start = (st.loads, st.bytes_loaded, st.requests, st.hits, st.loads, st.prefetches, st.prefetch_used,
-                 st.wait_ms)
+        before = dataclasses.replace(st)  # counters at the start of this call
         cache = self.engine.new_cache(ctx)
         with torch.inference_mode():
             t0 = time.perf_counter()
             logits = self.engine.forward(ids, cache, 0)
             prefill_ms = (time.perf_counter() - t0) * 1e3
-            loads0, requests0, hits0 = st.loads, st.requests, st.hits
+            prefilled = dataclasses.replace(st)
             out: list[int] = []
             stopped = "max_new_tokens"
             decode_s, steps = 0.0, 0
@@ -193,19 +187,19 @@ class Runner:
                 logits = self.engine.forward([tok], cache, pos)
                 decode_s += time.perf_counter() - t
                 steps += 1
-        metrics = self._metrics(start, prefill_ms, decode_s, steps, st.loads - loads0, st.requests - requests0,
-                                st.hits - hits0, len(ids))
-        self._trace = None
+        metrics = self._metrics(before, prefilled, prefill_ms, decode_s, steps, len(ids))
+        self._selections = None
         return Generation(out, metrics, stopped)
 
-    def _metrics(self, start: tuple, prefill_ms: float, decode_s: float, steps: int, decode_loads: int,
-                 decode_requests: int, decode_hits: int, prompt_tokens: int) -> dict[str, Any]:
-        """This call's numbers (the store's counters since ``start``), plus the store's lifetime peak."""
+    def _metrics(self, before: StoreStats, prefilled: StoreStats, prefill_ms: float, decode_s: float, steps: int,
+                 prompt_tokens: int) -> dict[str, Any]:
+        """This call's numbers (the store's counters since ``before``; decode ones since ``prefilled``),
+        plus the store's lifetime peak."""
         st = self.store.stats
-        loads, loaded, requests, hits, n_ms, prefetches, used, wait = start
-        sel = self._trace.selections
+        sel = self._selections
         e = self.config.num_experts
-        recent = min(st.loads - n_ms, len(st.load_ms))  # this call's loads (the newest, deque-bounded)
+        recent = min(st.loads - before.loads, len(st.load_ms))  # this call's loads (the newest, deque-bounded)
+        decode_requests = st.requests - prefilled.requests
         load_ms = np.asarray(list(st.load_ms)[len(st.load_ms) - recent:] or [0.0])
         return {
             "backend": self.backend,
@@ -219,18 +213,19 @@ class Runner:
             "backbone_bytes": self.backbone_bytes,
             "expert_unit_bytes": self.expert_unit_bytes,
             "resident_expert_bytes_max": self.store.stats.resident_units_max * self.expert_unit_bytes,
-            "expert_loads": st.loads - loads,
-            "expert_bytes_loaded": st.bytes_loaded - loaded,
+            "expert_loads": st.loads - before.loads,
+            "expert_bytes_loaded": st.bytes_loaded - before.bytes_loaded,
             "expert_load_ms_p50": float(np.percentile(load_ms, 50)),
             "expert_load_ms_p95": float(np.percentile(load_ms, 95)),
-            "hit_rate": (st.hits - hits) / (st.requests - requests) if st.requests > requests else 1.0,
-            "decode_hit_rate": decode_hits / decode_requests if decode_requests else 1.0,
+            "hit_rate": (st.hits - before.hits) / (st.requests - before.requests) if st.requests > before.requests
+            else 1.0,
+            "decode_hit_rate": (st.hits - prefilled.hits) / decode_requests if decode_requests else 1.0,
             # CoSMoEs Eq. 5 per layer over the whole sequence, averaged over layers (as `analyze`).
             "exrep": float(np.mean([routing_metrics.exrep(np.stack(s), e) for s in sel])) if sel[0] else 0.0,
-            "loads_per_token": decode_loads / steps if steps else 0.0,
-            "prefetches": st.prefetches - prefetches,
-            "prefetch_used": st.prefetch_used - used,
-            "prefetch_wait_ms": st.wait_ms - wait,
+            "loads_per_token": (st.loads - prefilled.loads) / steps if steps else 0.0,
+            "prefetches": st.prefetches - before.prefetches,
+            "prefetch_used": st.prefetch_used - before.prefetch_used,
+            "prefetch_wait_ms": st.wait_ms - before.wait_ms,
         }
 
     def close(self) -> None:

@@ -100,7 +100,6 @@ class StoreStats:
     preloaded: int = 0  # loads done up front (policy "resident")
     prefetches: int = 0  # loads started by a prefetch
     prefetch_used: int = 0  # ... that a later request found
-    evictions: int = 0
     resident_units_max: int = 0
 
 
@@ -120,7 +119,7 @@ class ExpertStore:
         self.layers, self.experts, self.top_k = layers, experts, top_k
         self.unit_bytes = unit_bytes
         self.capacity = min(capacity_bytes // unit_bytes, layers * experts)  # units
-        self.policy_name, self.policy = policy, POLICIES[policy]()
+        self.policy = POLICIES[policy]()
         if self.capacity < top_k:
             raise ConfigError(f"{where}: the budget leaves room for {self.capacity} expert(s) of "
                               f"{unit_bytes:,} bytes; one layer needs {top_k}")
@@ -150,10 +149,6 @@ class ExpertStore:
     @property
     def resident_units(self) -> int:
         return len(self._slots)
-
-    @property
-    def resident_bytes(self) -> int:
-        return len(self._slots) * self.unit_bytes
 
     def _note_size(self) -> None:
         n = len(self._slots)
@@ -254,10 +249,9 @@ class ExpertStore:
                 full = len(pool) >= self.capacity
             if not full:
                 return True
-            candidates = [k for k in pool if k not in self._pinned and k not in exclude
-                          and (self._slots[k].future is None or self._slots[k].future.done())]
-            in_flight = [k for k in pool if k not in self._pinned and k not in exclude
-                         and self._slots[k].future is not None and not self._slots[k].future.done()]
+            free = [k for k in pool if k not in self._pinned and k not in exclude]
+            in_flight = [k for k in free if self._slots[k].future is not None and not self._slots[k].future.done()]
+            candidates = [k for k in free if k not in in_flight]
             if not candidates and in_flight and required:
                 # Only wrong guesses still loading: wait for one (it then becomes evictable).
                 wait([self._slots[k].future for k in in_flight], return_when=FIRST_COMPLETED)
@@ -272,7 +266,6 @@ class ExpertStore:
     def _evict(self, key: Key) -> None:
         slot = self._slots.pop(key)
         self.policy.forget(key)
-        self.stats.evictions += 1
         if slot.future is not None and slot.future.exception() is None:  # a finished, unused prefetch
             slot.unit = slot.future.result()
         if slot.unit is not None:

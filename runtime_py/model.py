@@ -304,6 +304,5 @@ class CosmoeForCausalLM(nn.Module):
         if cache is not None:
             cache.pos = pos + t
         x = self.norm(x)
-        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        logits = F.linear(x, head)  # [B, T, V]
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # [B, T, V]
         return (logits, router_logits) if return_router_logits else logits

@@ -38,7 +38,8 @@ __all__ = ["ENGINES", "POLICIES", "Generation", "Runner", "parse_size"]
 
 def _torch_engine(bundle: Bundle, check_hash: str):
     from runtime_py.torch_backend import TorchEngine
-    return TorchEngine(bundle, check_hash=check_hash)
+    # Integers stay integers, as on a device: resident bytes and speed are the quantized ones.
+    return TorchEngine(bundle, check_hash=check_hash, int_kernels=True)
 
 
 def _program_engine(backend: str) -> Callable[[Bundle, str], Any]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from functools import partial
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from runtime_py import quant
+from runtime_py import qlinear, quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import expert_of, expert_tensor_shapes, tensor_shapes
 from runtime_py.errors import FormatError, IntegrityError
@@ -35,10 +37,17 @@ ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
 HASH_CHECKS = ("first", "always", "never")
 
 
+# (canonical name, shape, encoding) -> a builder of the module that computes with the stored integers
+# (runtime_py/qlinear.py), or None to dequantize the tensor.
+Keep = Callable[[str, tuple[int, ...], quant.Encoding], Callable[..., nn.Module] | None]
+
+
 def _decode(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
-            encodings: dict[str, quant.Encoding] | None, where: str) -> dict[str, torch.Tensor]:
+            encodings: dict[str, quant.Encoding] | None, where: str,
+            keep: Keep | None = None) -> dict[str, torch.Tensor | nn.Module]:
     """Check a shard's stored tensors against what the config and encodings imply; return the
-    canonical tensors in ``dtype`` (quantized ones dequantized, once, here)."""
+    canonical tensors in ``dtype`` (quantized ones dequantized, once, here), or for the quantized
+    tensors ``keep`` picks, a module computing with their integers."""
     if encodings is not None and set(encodings) != set(expected):
         extra, missing = sorted(set(encodings) - set(expected))[:3], sorted(set(expected) - set(encodings))[:3]
         raise FormatError(f"{where}: the manifest's tensor encodings do not match the model config "
@@ -66,7 +75,10 @@ def _decode(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], 
     out = {}
     for name, shape in expected.items():
         enc = encodings.get(name)
-        if enc is not None and enc.quantized:
+        build = keep(name, tuple(shape), enc) if keep is not None and enc is not None and enc.quantized else None
+        if build is not None:
+            out[name] = build(raw[name], raw[name + quant.SCALE_SUFFIX], enc, shape[1])
+        elif enc is not None and enc.quantized:
             out[name] = quant.dequantize(raw[name], raw[name + quant.SCALE_SUFFIX], enc, shape[1], dtype)
         else:
             t = raw[name]
@@ -75,7 +87,8 @@ def _decode(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], 
 
 
 def read_safetensors(path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                     encodings: dict[str, quant.Encoding] | None = None) -> dict[str, torch.Tensor]:
+                     encodings: dict[str, quant.Encoding] | None = None,
+                     keep: Keep | None = None) -> dict[str, torch.Tensor | nn.Module]:
     """Tensors of one shard (memory-mapped by safetensors), checked against the names and shapes the
     config implies; quantized ones (``encodings``) dequantized to ``dtype``."""
     try:
@@ -83,7 +96,7 @@ def read_safetensors(path, expected: dict[str, tuple[int, ...]], dtype: torch.dt
             raw = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise FormatError(f"{path}: not a valid safetensors file ({e})") from None
-    return _decode(raw, expected, dtype, encodings, str(path))
+    return _decode(raw, expected, dtype, encodings, str(path), keep)
 
 
 def _views(buf: torch.Tensor, header: Header, where: str) -> dict[str, torch.Tensor]:
@@ -116,16 +129,29 @@ class ExpertSlot:
 class TorchExperts:
     """``load(layer, expert) -> ExpertSlot`` and ``release(slot)`` for runtime_py.store.ExpertStore."""
 
-    def __init__(self, bundle: Bundle, dtype: torch.dtype, check_hash: str = "first") -> None:
+    def __init__(self, bundle: Bundle, dtype: torch.dtype, check_hash: str = "first",
+                 int_kernels: bool = False) -> None:
         if check_hash not in HASH_CHECKS:
             raise FormatError(f"check_hash must be one of {HASH_CHECKS}, not {check_hash!r}")
         self.bundle, self.dtype, self.config, self.check_hash = bundle, dtype, bundle.config, check_hash
-        first = bundle.experts[(0, 0)]
-        # Raw slots: the shard's bytes are the parameters (float shard in the runtime's dtype).
-        self.raw = first.tensors is None and first.dtype == str(dtype).removeprefix("torch.")
         cfg = self.config
-        self.unit_bytes = sum(torch.Size(s).numel() for s in expert_tensor_shapes(cfg, 0, 0).values()) \
-            * dtype.itemsize
+        first = bundle.experts[(0, 0)]
+        shapes = {k.removeprefix("layers.0.moe.experts.0."): s for k, s in expert_tensor_shapes(cfg, 0, 0).items()}
+        # Linear weights (gate/up/down) computed on their integers (runtime_py/qlinear.py): those that
+        # every expert can run on a kernel (with --expert-bits auto, experts differ in scheme).
+        encodings = [{k.split(".moe.experts.")[1].split(".", 1)[1]: e for k, e in (entry.encodings() or {}).items()}
+                     for entry in bundle.experts.values()] if int_kernels else []
+        self.kernel_names = {n for n, shape in shapes.items() if n.count(".") == 1 and encodings
+                             and all(qlinear.kernel_for(shape, enc.get(n)) for enc in encodings)}
+        # Raw slots: the shard's bytes are the parameters (float shard in the runtime's dtype).
+        self.raw = not self.kernel_names and first.tensors is None \
+            and first.dtype == str(dtype).removeprefix("torch.")
+        # One unit size for the store: the largest expert (mixed int4/int8 experts are accounted as the
+        # larger, so the budget holds whichever are resident).
+        def resident(enc: dict[str, quant.Encoding]) -> int:
+            return sum(qlinear.kernel_for(s, enc[n]).resident_bytes(s, enc[n]) if n in self.kernel_names
+                       else torch.Size(s).numel() * dtype.itemsize for n, s in shapes.items())
+        self.unit_bytes = max(resident(enc) for enc in encodings or [{}])
         self._free: list[ExpertSlot] = []
         self._hashed: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
@@ -144,7 +170,10 @@ class TorchExperts:
         else:
             buf, layout = None, None
             params = {k.removeprefix(prefix): torch.empty(s, dtype=self.dtype)
-                      for k, s in expert_tensor_shapes(cfg, layer, expert).items()}
+                      for k, s in expert_tensor_shapes(cfg, layer, expert).items()
+                      if k.removeprefix(prefix) not in self.kernel_names}
+            for name in self.kernel_names:  # integer linears are installed by each load
+                _install(module, name, nn.Identity())
         module.load_state_dict(params, assign=True, strict=True)
         self.slots_created += 1
         return ExpertSlot(module, params, buf, layout)
@@ -189,9 +218,13 @@ class TorchExperts:
                 if self.check_hash == "always" or (self.check_hash == "first" and (layer, expert) not in self._hashed):
                     self._check_hash(entry, head, target, where)
                 if target is not slot.buf:
-                    decoded = _decode(_views(target, header, where), expected, self.dtype, entry.encodings(), where)
+                    decoded = _decode(_views(target, header, where), expected, self.dtype, entry.encodings(), where,
+                                      partial(self._keep, prefix) if self.kernel_names else None)
                     for k, t in decoded.items():
-                        slot.params[k.removeprefix(prefix)].copy_(t)
+                        if isinstance(t, nn.Module):
+                            _install(slot.module, k.removeprefix(prefix), t)
+                        else:
+                            slot.params[k.removeprefix(prefix)].copy_(t)
                 elif self.raw:  # raw read: still check that the header is what the config implies
                     _decode({k: torch.empty(i.shape, dtype=ST_DTYPES[i.dtype], device="meta")
                              for k, i in header.tensors.items()}, expected, self.dtype, None, where)
@@ -200,6 +233,9 @@ class TorchExperts:
                 raise
         slot.key = (layer, expert)
         return slot
+
+    def _keep(self, prefix: str, name: str, shape: tuple[int, ...], enc: quant.Encoding):
+        return qlinear.kernel_for(shape, enc).build if name.removeprefix(prefix) in self.kernel_names else None
 
     def _check_hash(self, entry: FileEntry, head: bytes, data: torch.Tensor, where: str) -> None:
         h = hashlib.sha256(head)
@@ -216,20 +252,30 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, *, dtype: torch.dtype = torch.float32, check_hash: str = "first") -> None:
+    def __init__(self, bundle: Bundle, *, dtype: torch.dtype = torch.float32, check_hash: str = "first",
+                 int_kernels: bool = False) -> None:
+        """``int_kernels``: quantized linears and embeddings keep their integers and run on PyTorch's
+        int kernels (runtime_py/qlinear.py), as on a device; otherwise they are dequantized to
+        ``dtype`` when they load (the exact reference the exporter's tools need)."""
         self.bundle, self.config, self.dtype = bundle, bundle.config, dtype
         cfg = self.config
         expected = {n: s for n, s in tensor_shapes(cfg).items() if expert_of(n) is None}
         # The backbone is read once per run: check its sha256 too (a tampered backbone must not run).
         path = bundle.hashed_path(bundle.backbone) if check_hash != "never" else bundle.checked_path(bundle.backbone)
-        state = read_safetensors(path, expected, dtype, bundle.backbone.encodings())
         with torch.device("meta"):
             model = CosmoeForCausalLM(cfg, with_experts=False)
-        model.load_state_dict(state, assign=True, strict=True)
+        keep = partial(_backbone_kernel, model, dtype) if int_kernels else None
+        state = read_safetensors(path, expected, dtype, bundle.backbone.encodings(), keep)
+        modules = {n: m for n, m in state.items() if isinstance(m, nn.Module)}
+        for name, module in modules.items():
+            _install(model, name, module)
+        if isinstance(model.embed, qlinear.QuantEmbedding) and model.lm_head is None:
+            model.lm_head = _tied_head(model.embed)  # the tied head multiplies by the same integers
+        model.load_state_dict({n: t for n, t in state.items() if n not in modules}, assign=True, strict=True)
         model.inv_freq = rope_inv_freq(cfg)  # a buffer computed from the config, not stored
         self.model = model.eval()
-        self.backbone_bytes = sum(t.nbytes for t in state.values())
-        self.experts = TorchExperts(bundle, dtype, check_hash)
+        self.backbone_bytes = _tensor_bytes(model)
+        self.experts = TorchExperts(bundle, dtype, check_hash, int_kernels)
         self.unit_bytes = self.experts.unit_bytes
 
     def set_dispatch(self, dispatch) -> None:
@@ -269,6 +315,55 @@ class TorchEngine:
 
     def close(self) -> None:
         pass
+
+
+def _install(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where canonical tensor ``name`` (``...q.weight``) lives in ``root``."""
+    parent, _, attr = name.removesuffix(".weight").rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _backbone_kernel(model: nn.Module, dtype: torch.dtype, name: str, shape: tuple[int, ...],
+                     enc: quant.Encoding) -> Callable[..., nn.Module] | None:
+    """The module that keeps backbone tensor ``name``'s integers, or None to dequantize it."""
+    if name == "embed.weight":
+        return partial(_quant_embedding, dtype=dtype)
+    target = model.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    kernel = qlinear.kernel_for(shape, enc)
+    # A biased linear (Qwen2's q/k/v) stays float: the kernels have no bias input.
+    if kernel is None or not isinstance(target, nn.Linear) or target.bias is not None:
+        return None
+    return kernel.build
+
+
+def _quant_embedding(stored: torch.Tensor, scale: torch.Tensor, enc: quant.Encoding, k: int, *,
+                     dtype: torch.dtype) -> qlinear.QuantEmbedding:
+    return qlinear.QuantEmbedding(stored, scale, enc, k, dtype)
+
+
+def _tied_head(embed: qlinear.QuantEmbedding) -> nn.Module:
+    """The output projection on the embedding's own integers; dequantized if no kernel takes them."""
+    shape = (embed.stored.shape[0], embed.dim)
+    kernel = qlinear.kernel_for(shape, embed.enc)
+    if kernel is not None:
+        return kernel.build(embed.stored, embed.scale, embed.enc, embed.dim)
+    head = nn.Linear(embed.dim, shape[0], bias=False, device="meta")
+    weight = quant.dequantize(embed.stored, embed.scale, embed.enc, embed.dim, embed.dtype)  # [V, D]
+    head.load_state_dict({"weight": weight}, assign=True)
+    return head
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds (parameters, buffers and the integer modules' tensors),
+    each storage counted once: the tied head shares the embedding's codes."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                   *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        for t in tensors:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 class _KeepAll:

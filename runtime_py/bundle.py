@@ -32,6 +32,7 @@ class FileEntry:
     unit: str | None = None  # programs: "embed" | "layer" | "head" | "expert"
     precision: str | None = None  # programs: "fp32", "8da4w", "matmulnbits-int4", ...
     max_tokens: int | None = None  # programs: most tokens one call takes (T of embed/layer/head, N of an expert)
+    cache: str | None = None  # layer programs: "prefix" (the filled cache slots) or "context" / None (all)
 
     def encodings(self) -> dict[str, quant.Encoding] | None:
         """How each tensor of this file is stored; None for float bundles (all in ``dtype``)."""

@@ -57,6 +57,15 @@ def available_backends(bundle: Bundle) -> list[str]:
     return [name for name, (target, _) in BACKENDS.items() if target in targets]
 
 
+def layer_masks(pos: int, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks of T tokens at positions pos..pos+T-1: over the S cache slots passed in
+    (slot_mask [S]: 0 for the written slots < pos, -inf for the rest) and over the T new keys
+    (new_mask [T, T]: each token sees itself and the ones before it)."""
+    slot_mask = torch.full((s,), float("-inf"))
+    slot_mask[:pos] = 0
+    return slot_mask, torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+
+
 class ProgramEngine:
     """The decode loop over one backend's lowered units; the runner supplies the expert dispatch."""
 
@@ -78,6 +87,9 @@ class ProgramEngine:
         # Tokens per program call: bundles lowered before programs took several have no max_tokens (1).
         self.chunk = min(self.units[(name, i, None)].max_tokens or 1
                          for name, i in [("embed", None), ("head", None), *(("layer", i) for i in layers)])
+        # Layer programs lowered with a dynamic cache length take only the filled slots; older ones
+        # were exported for the whole context and take all of it (docs/LOWERING.md).
+        self.prefix_cache = all(self.units[("layer", i, None)].cache == "prefix" for i in layers)
         self._hashed: set[Path] = set()
         self._dispatch = None
         # Backbone programs stay resident. Their cost is what loading them added to RSS (packed
@@ -147,7 +159,7 @@ class ProgramEngine:
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.max_position_embeddings * cfg.head_size * 4
 
     def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # The layer programs were exported for the model's whole context: the cache has that size.
+        # Room for the whole context (budgeted up front); layer calls get the filled prefix of it.
         cfg = self.config
         shape = (1, cfg.num_key_value_heads, cfg.max_position_embeddings, cfg.head_size)
         return ([torch.zeros(shape) for _ in range(cfg.num_hidden_layers)],
@@ -155,21 +167,25 @@ class ProgramEngine:
 
     def _chunk(self, ids: list[int], pos: int, cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         """T <= max_tokens tokens at positions pos..pos+T-1 -> logits [T, V]; writes their keys and
-        values into the cache. Shapes: S context, T tokens, D hidden, E experts, K experts per token."""
+        values into the cache. Shapes: C context, S cache slots passed in, T tokens, D hidden,
+        E experts, K experts per token."""
         cfg = self.config
-        s, t = cfg.max_position_embeddings, len(ids)
-        if pos + t > s:
-            raise FormatError(f"positions up to {pos + t - 1} are past the model's context of {s} tokens")
+        c, t = cfg.max_position_embeddings, len(ids)
+        if pos + t > c:
+            raise FormatError(f"positions up to {pos + t - 1} are past the model's context of {c} tokens")
+        # The filled prefix (at least one slot: a program input cannot be empty; masked at pos 0),
+        # or the whole cache for programs exported with a static one.
+        s = max(pos, 1) if self.prefix_cache else c
         k_cache, v_cache = cache
         x = self._backbone[("embed", None, None)]([torch.tensor([ids])])[0]  # [1, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), torch.float32)  # [T, Dh] x2
-        # [T, S+T]: cache slots written so far, then the new keys causally (docs/LOWERING.md).
-        mask = torch.full((t, s + t), float("-inf"))
-        mask[:, :pos] = 0
-        mask[:, s:] = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        slot_mask, new_mask = layer_masks(pos, t, s)  # [S], [T, T]
+        # Programs with a static cache take one mask over the whole context and the new keys.
+        masks = [slot_mask, new_mask] if self.prefix_cache else [torch.cat([slot_mask.expand(t, -1), new_mask], 1)]
         for layer in range(cfg.num_hidden_layers):
+            k_in, v_in = k_cache[layer][:, :, :s].contiguous(), v_cache[layer][:, :, :s].contiguous()  # [1,G,S,Dh]
             base, xn, logits, k_new, v_new = self._backbone[("layer", layer, None)](
-                [x, cos, sin, mask, k_cache[layer], v_cache[layer]])  # [1,T,D] [T,D] [T,E] [1,G,T,Dh] x2
+                [x, cos, sin, *masks, k_in, v_in])  # [1,T,D] [T,D] [T,E] [1,G,T,Dh] x2
             k_cache[layer][:, :, pos:pos + t] = k_new
             v_cache[layer][:, :, pos:pos + t] = v_new
             weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, K] x2

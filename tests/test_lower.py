@@ -19,6 +19,7 @@ from runtime_py import quant
 from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 from runtime_py.model import Attention, Expert, LayerCache, RMSNorm, rope_cos_sin, rope_inv_freq
+from runtime_py.program_backend import layer_masks
 from runtime_py.torch_backend import TorchRuntime
 
 CFG = CosmoeConfig(vocab_size=200, hidden_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -223,33 +224,34 @@ def random_layer(config: CosmoeConfig, scheme: str = "none", group: int = 32, se
     return floats, raw
 
 
-def layer_call(config: CosmoeConfig, t: int, pos: int, seed: int = 6):
-    """Inputs of a layer program for T tokens at positions pos..pos+T-1, the runtime's way: the cache
-    holds random keys/values in slots < pos (zeros after), and the mask [T, S+T] shows the written
-    slots and, among the new keys, each token itself and the ones before it."""
+def layer_call(config: CosmoeConfig, t: int, pos: int, seed: int = 6, s: int | None = None):
+    """Inputs of a layer program for T tokens at positions pos..pos+T-1, the runtime's way: S cache
+    slots (by default the filled prefix, max(pos, 1)) holding random keys/values in slots < pos
+    (zeros after), and the masks showing the written slots and, among the new keys, each token
+    itself and the ones before it (runtime_py.program_backend.layer_masks)."""
     g = torch.Generator().manual_seed(seed)
-    s, gk, dh = config.max_position_embeddings, config.num_key_value_heads, config.head_size
+    s = max(pos, 1) if s is None else s
+    gk, dh = config.num_key_value_heads, config.head_size
     x = torch.randn(1, t, config.hidden_size, generator=g)
     cos, sin = rope_cos_sin(rope_inv_freq(config), torch.arange(pos, pos + t), torch.float32)  # [T, Dh] x2
     k_cache, v_cache = torch.zeros(1, gk, s, dh), torch.zeros(1, gk, s, dh)
     k_cache[:, :, :pos], v_cache[:, :, :pos] = torch.randn(2, 1, gk, pos, dh, generator=g)
-    mask = torch.full((t, s + t), float("-inf"))
-    mask[:, :pos] = 0  # written cache slots
-    mask[:, s:] = torch.zeros(t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))  # causal
-    return x, cos, sin, mask, k_cache, v_cache
+    return (x, cos, sin, *layer_masks(pos, t, s), k_cache, v_cache)
 
 
 def canonical_layer(config: CosmoeConfig, floats: dict, inputs: tuple, pos: int):
     """The layer program's outputs from runtime_py.model's own modules (Attention with its LayerCache
     at ``pos``): base, xn, router logits, k_new, v_new."""
-    x, cos, sin, _, k_cache, v_cache = inputs
+    x, cos, sin, _, _, k_cache, v_cache = inputs
     sd = {k.removeprefix("layers.0."): v for k, v in floats.items()}
     attn = Attention(config)
     attn.load_state_dict({k.removeprefix("attn."): v for k, v in sd.items() if k.startswith("attn.")})
     norm1, norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps), RMSNorm(config.hidden_size, config.rms_norm_eps)
     norm1.weight.data, norm2.weight.data = sd["attn_norm.weight"], sd["ffn_norm.weight"]
     t = x.shape[1]
-    cache = LayerCache(k_cache.clone(), v_cache.clone())
+    room = torch.zeros(1, config.num_key_value_heads, pos + t, config.head_size)  # [1, G, pos+T, Dh]
+    cache = LayerCache(room.clone(), room.clone())
+    cache.k[:, :, :pos], cache.v[:, :, :pos] = k_cache[:, :, :pos], v_cache[:, :, :pos]
     with torch.no_grad():
         h = x + attn(norm1(x), cos, sin, cache, pos)  # [1, T, D]
         xn = norm2(h).reshape(t, -1)  # [T, D]
@@ -289,13 +291,15 @@ def test_layer_program_takes_1_to_max_tokens(target, tmp_path):
     floats, raw = random_layer(LAYER_CFG)
     data = lower_layer(target, LAYER_CFG, floats, raw)
     p = units.max_tokens(LAYER_CFG)
-    for t, pos in ((5, 7), (1, 12), (p, 0)):
-        inputs = layer_call(LAYER_CFG, t, pos)
+    s = LAYER_CFG.max_position_embeddings
+    # (T, pos, S): the runtime passes the filled prefix; the whole context works too.
+    for t, pos, slots in ((5, 7, None), (1, 12, None), (p, 0, None), (1, 0, None), (1, 12, s), (3, s - 3, None)):
+        inputs = layer_call(LAYER_CFG, t, pos, s=slots)
         got = run_layer(target, data, tmp_path, inputs)
         want = canonical_layer(LAYER_CFG, floats, inputs, pos)
         for name, a, b in zip(units.LAYER_OUTPUTS, got, want, strict=True):
-            assert tuple(a.shape) == tuple(b.shape), (t, name)
-            assert rel(a, b) <= 1e-5, (t, name, rel(a, b))
+            assert tuple(a.shape) == tuple(b.shape), (t, pos, name)
+            assert rel(a, b) <= 1e-5, (t, pos, name, rel(a, b))
 
 
 def float_initializer_sizes(data: bytes) -> set[int]:

@@ -131,11 +131,11 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     entries: list[dict] = []
     t_backbone = time.perf_counter()
 
-    def write(rel: str, data: bytes, unit: str, precision: str, max_tokens: int, **where: int) -> None:
+    def write(rel: str, data: bytes, unit: str, precision: str, max_tokens: int, **fields) -> None:
         path = tmp / rel.split("/", 1)[1]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **where,
+        entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **fields,
                         "precision": precision, "max_tokens": max_tokens, "bytes": len(data),
                         "sha256": sha256_file(path)})
 
@@ -154,7 +154,7 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
         precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
         data = target.module(module, units.layer_example_inputs(cfg), units.layer_dynamic_shapes(cfg),
                              units.LAYER_INPUTS, units.LAYER_OUTPUTS)
-        write(unit_path(target, "layer", layer), data, "layer", precision, p, layer=layer)
+        write(unit_path(target, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
     head = units.build_head(cfg, floats)
     precision = target.backbone_integers(head, units.head_linears(cfg), backbone)
     data = target.module(head, (torch.zeros(1, 2, d),), ({1: t},), ["x"], ["logits"])

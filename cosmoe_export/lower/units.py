@@ -120,10 +120,12 @@ class EmbedUnit(nn.Module):
 class LayerUnit(nn.Module):
     """One decoder layer without its routed experts.
 
-    The cache is state the runtime owns: it passes the S past slots in and gets this call's keys
+    The cache is state the runtime owns: it passes the S filled slots in and gets this call's keys
     and values back (it writes them at its position). Keys attended to are the S slots followed by
-    the T new ones; ``mask`` [T, S+T] (0 or -inf) says which are visible, so the graph has no
-    data-dependent indexing and one program serves prefill and decode.
+    the T new ones; ``slot_mask`` [S] and ``new_mask`` [T, T] (0 or -inf) say which are visible, so
+    the graph has no data-dependent indexing and one program serves prefill and decode at any
+    position. (Two masks, not one [T, S+T]: torch.export cannot express a dim that is the sum of two
+    dynamic dims.)
     """
 
     def __init__(self, config: CosmoeConfig) -> None:
@@ -137,9 +139,9 @@ class LayerUnit(nn.Module):
         self.shared = Expert(d, fs) if fs else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if self.shared is not None else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """x [1, T, D], cos/sin [T, Dh], mask [T, S+T], k/v_cache [1, G, S, Dh] ->
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mask: torch.Tensor,
+                new_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k/v_cache [1, G, S, Dh] ->
         base [1, T, D] (residual + shared expert), xn [T, D] (expert input), logits [T, E],
         k_new, v_new [1, G, T, Dh]."""
         a = self.attn
@@ -166,6 +168,7 @@ class LayerUnit(nn.Module):
             rep = a.n_heads // a.n_kv
             keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
             values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
+        mask = torch.cat([slot_mask.expand(t, -1), new_mask], dim=1)  # [T, S+T]
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, H, T, Dh]
         x = x + a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))  # [1, T, D]
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
@@ -225,10 +228,11 @@ def max_tokens(config: CosmoeConfig) -> int:
     return min(MAX_TOKENS, config.max_position_embeddings)
 
 
-def layer_example_inputs(config: CosmoeConfig, t: int = 2) -> tuple[torch.Tensor, ...]:
-    """Inputs of a layer program for T tokens (S = the context): x, cos, sin, mask, k_cache, v_cache."""
-    s, g, dh, d = config.max_position_embeddings, config.num_key_value_heads, config.head_size, config.hidden_size
-    return (torch.zeros(1, t, d), torch.ones(t, dh), torch.zeros(t, dh), torch.zeros(t, s + t),
+def layer_example_inputs(config: CosmoeConfig, t: int = 2, s: int = 3) -> tuple[torch.Tensor, ...]:
+    """Inputs of a layer program for T new tokens after S cached positions: x, cos, sin, slot_mask,
+    new_mask, k_cache, v_cache."""
+    g, dh, d = config.num_key_value_heads, config.head_size, config.hidden_size
+    return (torch.zeros(1, t, d), torch.ones(t, dh), torch.zeros(t, dh), torch.zeros(s), torch.zeros(t, t),
             torch.zeros(1, g, s, dh), torch.zeros(1, g, s, dh))
 
 
@@ -236,13 +240,20 @@ def token_dim(config: CosmoeConfig) -> torch.export.Dim:
     return torch.export.Dim("t", min=1, max=max_tokens(config))
 
 
+def cache_dim(config: CosmoeConfig) -> torch.export.Dim:
+    return torch.export.Dim("s", min=1, max=config.max_position_embeddings)
+
+
 def layer_dynamic_shapes(config: CosmoeConfig) -> tuple:
-    """T dynamic in 1..max_tokens; the mask's key axis is S + T (a derived dim), the cache is static."""
-    t = token_dim(config)
-    return ({1: t}, {0: t}, {0: t}, {0: t, 1: t + config.max_position_embeddings}, None, None)
+    """T dynamic in 1..max_tokens and S, the cached positions passed in, in 1..context. The runtime
+    passes only the filled prefix of its cache, so a decode step costs its position, not the
+    context: with S fixed at the context, every step copied and attended over all 2,048 slots of
+    the wearable model (docs/BENCHMARKS.md)."""
+    t, s = token_dim(config), cache_dim(config)
+    return ({1: t}, {0: t}, {0: t}, {0: s}, {0: t, 1: t}, {2: s}, {2: s})
 
 
-LAYER_INPUTS = ["x", "cos", "sin", "mask", "k_cache", "v_cache"]
+LAYER_INPUTS = ["x", "cos", "sin", "slot_mask", "new_mask", "k_cache", "v_cache"]
 LAYER_OUTPUTS = ["base", "xn", "router_logits", "k_new", "v_new"]
 
 

@@ -8,11 +8,10 @@ runtime keeps the codes and multiplies with
     int4 (group G)      torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros)
 
 Both take bfloat16 activations: with fp32 activations they fall back to slow paths
-(bench/quant_kernels.py measured them 5-15x slower than fp32 F.linear), with bf16 they read the
-integers at close to memory bandwidth (a wearable 1280 x 432 expert matrix: fp32 148 us, int8 23 us,
-int4 14 us one token, weights not in cache; see docs/BENCHMARKS.md). So x is rounded to bf16 on the
-way in and y returned in x's dtype: the only difference from the dequantized fp32 product is that
-rounding (relative 2^-9 per input) and the bf16 output (2^-9).
+(bench/quant_kernels.py measured them 5-15x slower than fp32 F.linear), with bf16 they are what
+makes the int4/int8 wearable bundle decode at 3.7x transformers (docs/BENCHMARKS.md). So x is
+rounded to bf16 on the way in and y returned in x's dtype: the only difference from the
+dequantized fp32 product is that rounding (relative 2^-9 per input) and the bf16 output (2^-9).
 
 int4: the kernel takes offset-binary nibbles u = code + 8 and decodes (u - 8) * scale + zero, so our
 symmetric codes need zero = 0. It needs G in (32, 64, 128, 256) and N divisible by 16 (int8: K

@@ -4,9 +4,9 @@ An expert slot is one buffer the size of an expert's tensors plus an ``Expert`` 
 parameters are views into it. Loading expert (l, e) into a free slot is one ``readinto`` of the
 shard's data section, straight into the parameters' memory (float bundles whose dtype is the
 runtime's): no mmap page faults, no allocation, no copy; the budget decides how many slots exist.
-Quantized shards are read into a scratch buffer and dequantized into the slot (bench/quant_kernels.py
-measured PyTorch's int8/int4 CPU kernels 5-15x slower than fp32 for one token, so the torch backend
-computes in float and pays float bytes per resident expert; the program backends keep integers).
+Quantized shards: with ``int_kernels`` (the runner's engine) their linears keep the integers and
+run on PyTorch's int8/int4 kernels (runtime_py/qlinear.py), so a resident expert costs its integer
+bytes; without (``TorchRuntime``, the exporter's exact reference) they are dequantized into the slot.
 
 Every load checks the shard's size against the manifest; its sha256 is checked on the first load of
 each expert (``check_hash="always"`` on every load), from the bytes already read, so a shard that

@@ -141,7 +141,9 @@ class TorchExperts:
         # every expert can run on a kernel (with --expert-bits auto, experts differ in scheme).
         encodings = [{k.split(".moe.experts.")[1].split(".", 1)[1]: e for k, e in (entry.encodings() or {}).items()}
                      for entry in bundle.experts.values()] if int_kernels else []
-        self.kernel_names = {n for n, shape in shapes.items() if n.count(".") == 1 and encodings
+        # (WD experts' low-rank factors, gate.left / gate.right, are parameters, not linears: dequantized.)
+        self.kernel_names = {n for n, shape in shapes.items() if n.endswith(".weight") and n.count(".") == 1
+                             and encodings
                              and all(qlinear.kernel_for(shape, enc.get(n)) for enc in encodings)}
         # Raw slots: the shard's bytes are the parameters (float shard in the runtime's dtype).
         self.raw = not self.kernel_names and first.tensors is None \

@@ -41,12 +41,14 @@ INT8_K_MULTIPLE = 16
 ALIGN = 64  # bytes
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its data starts on a cache line, else a copy (which PyTorch allocates aligned).
-    torch 2.13's int8 kernel crashes on codes that are not 16-byte aligned (found by tests/test_build.py,
-    then shown alone: a view at offset 8 segfaults, 16 and 64 do not), and a view into a shard's
-    bytes can start anywhere."""
-    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is the whole of its storage and starts on a cache line, else a copy (which
+    PyTorch allocates aligned). torch 2.13's int8 kernel crashes on codes that are not 16-byte aligned
+    (found by tests/test_build.py, then shown alone: a view at offset 8 segfaults, 16 and 64 do not),
+    and a view into a shard's bytes would keep the whole read buffer alive, beyond the bytes the
+    store accounts for this module."""
+    whole = t.untyped_storage().nbytes() == t.nbytes
+    return t if whole and t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 class Int8Linear(nn.Module):
@@ -54,7 +56,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
-        self.codes, self.scale = _aligned(codes), scale.reshape(-1)  # [N, K], [N]
+        self.codes, self.scale = _owned(codes), _owned(scale.reshape(-1))  # [N, K], [N]
         self.out_features, self.in_features = codes.shape
 
     @staticmethod
@@ -68,7 +70,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_stored(cls, stored: torch.Tensor, scale: torch.Tensor, enc: Encoding, k: int) -> Int8Linear:
-        return cls(stored, scale)  # int8 codes are stored as they are: no copy
+        return cls(stored, scale)  # int8 codes are stored as the kernel takes them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> y [..., N] in x's dtype."""

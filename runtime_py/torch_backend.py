@@ -139,7 +139,8 @@ class TorchExperts:
         shapes = {k.removeprefix("layers.0.moe.experts.0."): s for k, s in expert_tensor_shapes(cfg, 0, 0).items()}
         # Linear weights (gate/up/down) computed on their integers (runtime_py/qlinear.py): those that
         # every expert can run on a kernel (with --expert-bits auto, experts differ in scheme).
-        encodings = [{k.split(".moe.experts.")[1].split(".", 1)[1]: e for k, e in (entry.encodings() or {}).items()}
+        encodings = [{k.removeprefix(f"layers.{entry.layer}.moe.experts.{entry.expert}."): e
+                      for k, e in (entry.encodings() or {}).items()}
                      for entry in bundle.experts.values()] if int_kernels else []
         # (WD experts' low-rank factors, gate.left / gate.right, are parameters, not linears: dequantized.)
         self.kernel_names = {n for n, shape in shapes.items() if n.endswith(".weight") and n.count(".") == 1

@@ -85,8 +85,8 @@ class ProgramEngine:
                               f"`cosmoe-export lower {bundle.root} --target {target}`")
         self.inv_freq = rope_inv_freq(cfg)
         # Tokens per program call: bundles lowered before programs took several have no max_tokens (1).
-        self.chunk = min(self.units[(name, i, None)].max_tokens or 1
-                         for name, i in [("embed", None), ("head", None), *(("layer", i) for i in layers)])
+        # An expert takes at most the chunk's tokens, so its max_tokens bounds the chunk too.
+        self.chunk = min(f.max_tokens or 1 for f in self.units.values())
         # Layer programs lowered with a dynamic cache length take only the filled slots; older ones
         # were exported for the whole context and take all of it (docs/LOWERING.md).
         self.prefix_cache = all(self.units[("layer", i, None)].cache == "prefix" for i in layers)

@@ -147,8 +147,8 @@ def test_manifest_lists_every_program(lowered):
         assert sum(f.unit == "expert" for f in mine) == cfg.num_hidden_layers * cfg.num_experts
         assert sum(f.unit == "layer" for f in mine) == cfg.num_hidden_layers
         assert {f.unit for f in mine} == {"embed", "layer", "head", "expert"}
-        assert {f.max_tokens for f in mine if f.unit != "expert"} == {units.max_tokens(cfg)}
-        assert {f.max_tokens for f in mine if f.unit == "expert"} == {cfg.max_position_embeddings}
+        # Experts too take at most a prefill chunk: ExecuTorch plans their buffers for it.
+        assert {f.max_tokens for f in mine} == {units.max_tokens(cfg)}
     assert bundle.verify_integrity() == []
     tools = bundle.manifest["provenance"]["tools"]
     assert {"executorch", "torchao", "onnx"} <= set(tools)

@@ -43,7 +43,9 @@ class Target:
 def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
     program = executorch_target.ExpertProgram(config, weights).eval()
     x = torch.zeros(2, config.hidden_size)
-    n = torch.export.Dim("n", min=1, max=config.max_position_embeddings)
+    # N tokens per call up to the prefill chunk, not the context: ExecuTorch plans its buffers for
+    # the largest N, and a plan for 2,048 tokens (7 MB at hidden 432) dwarfed a 1 MB int4 expert.
+    n = torch.export.Dim("n", min=1, max=units.max_tokens(config))
     return executorch_target.to_pte(program, (x,), dynamic_shapes=({0: n},))
 
 
@@ -166,7 +168,7 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
         for e in range(cfg.num_experts):
             weights = units.expert_weights(bundle, layer, e)
             write(unit_path(target, "expert", layer, e), target.expert(cfg, weights), "expert",
-                  target.precision(weights), cfg.max_position_embeddings, layer=layer, expert=e)
+                  target.precision(weights), p, layer=layer, expert=e)
             bar.update(1)
     bar.close()
     done = time.perf_counter()

@@ -1,0 +1,343 @@
+#include "bundle.h"
+
+#include <sys/stat.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "errors.h"
+#include "sha256.h"
+
+namespace cosmoe {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kFormatName = "cosmoe-bundle";   // runtime_py/format.py FORMAT_NAME
+constexpr int kFormatVersion = 1;                      // FORMAT_VERSION
+constexpr int64_t kMaxManifestBytes = 64LL << 20;      // MAX_MANIFEST_BYTES
+constexpr const char* kManifestName = "manifest.json"; // MANIFEST_NAME
+
+// runtime_py/manifest.schema.json: the keys a manifest and a file entry may have.
+const std::set<std::string> kTopKeys = {"format", "format_version", "model", "tokenizer",
+                                        "quantization", "provenance", "files"};
+const std::set<std::string> kTopRequired = {"format", "format_version", "model", "files", "provenance"};
+const std::set<std::string> kFileKeys = {"path", "role", "target", "unit", "precision", "max_tokens", "cache",
+                                         "bytes", "sha256", "dtype", "layer", "expert", "tensors"};
+const std::set<std::string> kRoles = {"backbone", "expert", "tokenizer", "program"};
+const std::set<std::string> kTargets = {"executorch", "onnx"};
+const std::set<std::string> kUnits = {"embed", "layer", "head", "expert"};
+const std::set<std::string> kDtypes = {"float32", "bfloat16", "float16"};
+// runtime_py/config.py: every CosmoeConfig field, and the HF keys it ignores.
+const std::set<std::string> kConfigKeys = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob", "expert_kind", "wd_rank",
+    "shared_expert_intermediate_size", "head_dim", "qk_norm", "attention_bias", "attention_out_bias",
+    "clip_qkv", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+
+// nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
+json parse_unique(const std::string& text, const std::string& where) {
+  std::vector<std::set<std::string>> open_objects;
+  std::string duplicate;
+  json::parser_callback_t cb = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) open_objects.emplace_back();
+    else if (event == json::parse_event_t::object_end) open_objects.pop_back();
+    else if (event == json::parse_event_t::key && !open_objects.back().insert(parsed.get<std::string>()).second &&
+             duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  json j;
+  try {
+    j = json::parse(text, cb);
+  } catch (const json::exception& e) {
+    std::string msg = e.what();
+    bad_input(where + ": not valid UTF-8 JSON (" + repr(msg.substr(0, 200)) + "); rebuild the bundle");
+  }
+  if (!duplicate.empty())
+    bad_input(where + ": not valid UTF-8 JSON (\"key " + repr(duplicate) + " appears twice\"); rebuild the bundle");
+  return j;
+}
+
+bool is_int(const json& v) { return v.is_number_integer(); }  // booleans are not numbers in nlohmann
+bool is_number(const json& v) { return v.is_number() && std::isfinite(v.get<double>()); }
+
+void check_relative_path(const std::string& rel, const std::string& where) {
+  bool absolute = !rel.empty() && (rel[0] == '/' || rel[0] == '\\' || (rel.size() > 1 && rel[1] == ':'));
+  if (absolute)
+    bad_input(where + ": path " + repr(rel) + " is absolute; bundle paths must be relative to the bundle");
+  bool dotdot = rel.find('\\') != std::string::npos;
+  std::stringstream parts(rel);
+  for (std::string part; std::getline(parts, part, '/');) dotdot |= part == "..";
+  if (dotdot) bad_input(where + ": path " + repr(rel) + " leaves the bundle ('..' or backslash); rebuild the bundle");
+}
+
+std::string real_path(const std::string& p) {
+  std::unique_ptr<char, decltype(&std::free)> r(realpath(p.c_str(), nullptr), &std::free);
+  return r ? std::string(r.get()) : std::string();
+}
+
+int get_int(const json& model, const char* key, int fallback, std::vector<std::string>& problems, bool positive) {
+  if (!model.contains(key)) return fallback;
+  const json& v = model[key];
+  if (!is_int(v) || v.get<int64_t>() <= 0 || v.get<int64_t>() > INT_MAX) {
+    if (positive) problems.push_back(std::string(key) + " must be a positive integer, got " + v.dump());
+    return fallback;
+  }
+  return int(v.get<int64_t>());
+}
+
+// runtime_py.config.CosmoeConfig.from_dict + validate, for the fields a runner depends on.
+Config read_config(const json& model, const std::string& where) {
+  if (!model.is_object()) bad_input(where + ": expected a JSON object, got " + std::string(model.type_name()));
+  std::vector<std::string> p;
+  if (model.contains("model_type") && model["model_type"] != "cosmoe")
+    p.push_back("model_type is " + model["model_type"].dump() + ", expected 'cosmoe'");
+  std::vector<std::string> unknown, missing;
+  for (auto it = model.begin(); it != model.end(); ++it)
+    if (!kConfigKeys.count(it.key())) unknown.push_back(repr(it.key()));
+  for (const char* k : {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "intermediate_size"})
+    if (!model.contains(k)) missing.push_back(repr(k));
+  auto list = [](const std::vector<std::string>& xs) {
+    std::string s = "[";
+    for (size_t i = 0; i < xs.size(); ++i) s += (i ? ", " : "") + xs[i];
+    return s + "]";
+  };
+  if (!unknown.empty()) p.push_back("unknown keys " + list(unknown));
+  if (!missing.empty()) p.push_back("missing keys " + list(missing));
+  if (!p.empty()) bad_input(where + ": " + p[0] + (p.size() > 1 ? "; " + p[1] : ""));
+  Config c;
+  c.vocab_size = get_int(model, "vocab_size", 0, p, true);
+  c.hidden_size = get_int(model, "hidden_size", 0, p, true);
+  c.num_hidden_layers = get_int(model, "num_hidden_layers", 0, p, true);
+  c.num_attention_heads = get_int(model, "num_attention_heads", 0, p, true);
+  c.num_key_value_heads = get_int(model, "num_key_value_heads", 0, p, true);
+  get_int(model, "intermediate_size", 0, p, true);
+  c.num_experts = get_int(model, "num_experts", 8, p, true);
+  c.num_experts_per_tok = get_int(model, "num_experts_per_tok", 2, p, true);
+  c.max_position_embeddings = get_int(model, "max_position_embeddings", 2048, p, true);
+  int head_dim = model.contains("head_dim") && !model["head_dim"].is_null() ? get_int(model, "head_dim", 0, p, true) : 0;
+  if (model.contains("norm_topk_prob")) {
+    if (!model["norm_topk_prob"].is_boolean()) p.push_back("norm_topk_prob must be true or false");
+    else c.norm_topk_prob = model["norm_topk_prob"].get<bool>();
+  }
+  if (model.contains("rope_theta")) {
+    if (!is_number(model["rope_theta"]) || model["rope_theta"].get<double>() <= 0)
+      p.push_back("rope_theta must be a positive number, got " + model["rope_theta"].dump());
+    else c.rope_theta = model["rope_theta"].get<double>();
+  }
+  if (model.contains("rope_scaling") && !model["rope_scaling"].is_null()) {
+    const json& r = model["rope_scaling"];
+    std::string kind = r.is_object() && r.contains("rope_type") && r["rope_type"].is_string()
+                           ? r["rope_type"].get<std::string>() : "";
+    if (kind == "llama3") {
+      auto num = [&](const char* k) {
+        if (!r.contains(k) || !is_number(r[k]) || r[k].get<double>() <= 0) {
+          p.push_back(std::string("rope_scaling (llama3) needs positive numbers for ") + k);
+          return 0.0;
+        }
+        return r[k].get<double>();
+      };
+      c.rope_factor = num("factor");
+      c.rope_low = num("low_freq_factor");
+      c.rope_high = num("high_freq_factor");
+      c.rope_old_ctx = num("original_max_position_embeddings");
+    } else if (kind != "default") {
+      p.push_back("rope_scaling.rope_type must be one of ['default', 'llama3'], got " +
+                  (r.is_object() && r.contains("rope_type") ? r["rope_type"].dump() : std::string("None")));
+    }
+  }
+  if (p.empty()) {
+    if (c.num_experts_per_tok > c.num_experts)
+      p.push_back("num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) + ") exceeds num_experts (" +
+                  std::to_string(c.num_experts) + ")");
+    if (!head_dim && c.hidden_size % c.num_attention_heads)
+      p.push_back("num_attention_heads does not divide hidden_size; set head_dim explicitly");
+    if (c.num_attention_heads % c.num_key_value_heads)
+      p.push_back("num_key_value_heads does not divide num_attention_heads");
+    c.head_size = head_dim ? head_dim : c.hidden_size / c.num_attention_heads;
+    if (c.head_size % 2) p.push_back("head size " + std::to_string(c.head_size) + " must be even for rotary embeddings");
+    if (int64_t(c.num_hidden_layers) * c.num_experts > (1 << 16))
+      p.push_back("too many expert files (layers x experts exceeds the limit of 65,536); check the sizes");
+    double kv = 2.0 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_size * 4;
+    if (kv > double(128LL << 30)) p.push_back("max_position_embeddings needs a KV cache above 128 GiB; check the sizes");
+  }
+  if (!p.empty()) {
+    std::string all = p[0];
+    for (size_t i = 1; i < p.size(); ++i) all += "; " + p[i];
+    bad_input(where + ": " + all);
+  }
+  return c;
+}
+
+FileEntry read_entry(const json& f, size_t i, const std::string& where) {
+  std::string at = where + ": invalid manifest at files/" + std::to_string(i);
+  if (!f.is_object()) bad_input(at + ": " + f.dump().substr(0, 80) + " is not of type 'object'");
+  for (auto it = f.begin(); it != f.end(); ++it)
+    if (!kFileKeys.count(it.key()))
+      bad_input(at + ": Additional properties are not allowed (" + repr(it.key()) + " was unexpected)");
+  for (const char* k : {"path", "role", "bytes", "sha256"})
+    if (!f.contains(k)) bad_input(at + ": " + repr(k) + " is a required property");
+  FileEntry e;
+  auto str = [&](const char* k, const std::set<std::string>* allowed) {
+    if (!f.contains(k)) return std::string();
+    if (!f[k].is_string()) bad_input(at + "/" + k + ": " + f[k].dump() + " is not of type 'string'");
+    std::string s = f[k].get<std::string>();
+    if (allowed && !allowed->count(s)) bad_input(at + "/" + k + ": " + repr(s) + " is not one of the allowed values");
+    return s;
+  };
+  auto integer = [&](const char* k, int64_t min, int64_t fallback) {
+    if (!f.contains(k)) return fallback;
+    if (!is_int(f[k]) || f[k].get<int64_t>() < min)
+      bad_input(at + "/" + k + ": " + f[k].dump().substr(0, 80) + " is not an integer >= " + std::to_string(min));
+    return f[k].get<int64_t>();
+  };
+  e.path = str("path", nullptr);
+  if (e.path.empty()) bad_input(at + "/path: '' should be non-empty");
+  e.role = str("role", &kRoles);
+  e.target = str("target", &kTargets);
+  e.unit = str("unit", &kUnits);
+  e.precision = str("precision", nullptr);
+  static const std::set<std::string> caches = {"prefix", "context"};
+  e.cache = str("cache", &caches);
+  str("dtype", &kDtypes);
+  e.sha256 = str("sha256", nullptr);
+  bool hex = e.sha256.size() == 64;
+  for (char ch : e.sha256) hex &= (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+  if (!hex) bad_input(at + "/sha256: " + repr(e.sha256) + " does not match '^[0-9a-f]{64}$'");
+  e.bytes = integer("bytes", 0, 0);
+  e.max_tokens = int(std::min<int64_t>(integer("max_tokens", 1, 1), INT_MAX));
+  e.layer = int(std::min<int64_t>(integer("layer", 0, -1), INT_MAX));
+  e.expert = int(std::min<int64_t>(integer("expert", 0, -1), INT_MAX));
+  if (f.contains("tensors") && (!f["tensors"].is_object() || f["tensors"].empty()))
+    bad_input(at + "/tensors: must be a non-empty object");
+  return e;
+}
+
+}  // namespace
+
+Bundle Bundle::open(const std::string& dir) {
+  struct stat st {};
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) bad_input(dir + ": not a bundle directory (no such directory)");
+  Bundle b;
+  b.root = dir;
+  while (b.root.size() > 1 && b.root.back() == '/') b.root.pop_back();
+  b.manifest_path = b.root + "/" + kManifestName;
+  const std::string& where = b.manifest_path;
+  if (stat(where.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    bad_input(where + ": missing; is " + b.root + " a bundle written by `cosmoe-export split`?");
+  if (st.st_size > kMaxManifestBytes)
+    bad_input(where + ": " + std::to_string(st.st_size) + " bytes exceeds the " + std::to_string(kMaxManifestBytes) +
+              "-byte manifest limit");
+  std::ifstream in(where, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  json m = parse_unique(text, where);
+
+  if (!m.is_object()) bad_input(where + ": manifest must be a JSON object");
+  if (!m.contains("format") || m["format"] != kFormatName)
+    bad_input(where + ": format is " + (m.contains("format") ? m["format"].dump() : "None") + ", expected '" +
+              kFormatName + "'");
+  if (m.contains("format_version") && is_int(m["format_version"]) && m["format_version"].get<int64_t>() > kFormatVersion)
+    bad_input(where + ": format version " + m["format_version"].dump() + " is newer than this runtime reads (" +
+              std::to_string(kFormatVersion) + "); upgrade cosmoe-export");
+  for (const auto& k : kTopRequired)
+    if (!m.contains(k)) bad_input(where + ": invalid manifest at (top level): " + repr(k) + " is a required property");
+  for (auto it = m.begin(); it != m.end(); ++it)
+    if (!kTopKeys.count(it.key()))
+      bad_input(where + ": invalid manifest at (top level): Additional properties are not allowed (" + repr(it.key()) +
+                " was unexpected)");
+  if (!is_int(m["format_version"]) || m["format_version"].get<int64_t>() < 1)
+    bad_input(where + ": invalid manifest at format_version: " + m["format_version"].dump() + " is not an integer >= 1");
+  if (!m["files"].is_array()) bad_input(where + ": invalid manifest at files: is not of type 'array'");
+  if (!m["provenance"].is_object()) bad_input(where + ": invalid manifest at provenance: is not of type 'object'");
+  bool quantized = m.contains("quantization");
+
+  const json& files = m["files"];
+  for (size_t i = 0; i < files.size(); ++i) {
+    FileEntry e = read_entry(files[i], i, where);
+    check_relative_path(e.path, where);
+    if (e.role == "expert" && (e.layer < 0 || e.expert < 0))
+      bad_input(where + ": expert file " + repr(e.path) + " lacks its layer or expert index");
+    bool has_tensors = files[i].contains("tensors");
+    if ((e.role == "backbone" || e.role == "expert") && has_tensors != quantized)
+      bad_input(where + ": file " + repr(e.path) + (has_tensors ? " has" : " lacks") +
+                " per-tensor encodings but the manifest " + (quantized ? "is" : "is not") +
+                " quantized; rebuild the bundle");
+    b.files.push_back(e);
+  }
+  b.config = read_config(m["model"], where + " (model)");
+
+  // runtime_py.bundle.Bundle._check_files
+  std::string root_real = real_path(b.root);
+  std::set<std::string> seen;
+  std::set<std::pair<int, int>> experts;
+  for (const FileEntry& f : b.files) {
+    if (!seen.insert(f.path).second) bad_input(where + ": file " + repr(f.path) + " listed twice");
+    std::string real = real_path(b.path_of(f));
+    if (!real.empty() && real != root_real && real.compare(0, root_real.size() + 1, root_real + "/") != 0)
+      bad_input(where + ": " + repr(f.path) + " resolves outside the bundle (symlink?) to " + real);
+    if (f.role == "expert") experts.insert({f.layer, f.expert});
+    if (f.role == "backbone" && !b.backbone) b.backbone = &f;
+  }
+  const Config& c = b.config;
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    for (int e = 0; e < c.num_experts; ++e)
+      if (!experts.count({l, e}))
+        bad_input(where + ": expert files do not cover every (layer, expert); missing e.g. [(" + std::to_string(l) +
+                  ", " + std::to_string(e) + ")]");
+  if (experts.size() != size_t(c.num_hidden_layers) * c.num_experts)
+    bad_input(where + ": expert files do not cover every (layer, expert) exactly (extra entries)");
+  if (!b.backbone) bad_input(where + ": no backbone file listed");
+
+  // runtime_py.program_backend.ProgramEngine: one ExecuTorch program per unit.
+  for (const FileEntry& f : b.files)
+    if (f.role == "program" && f.target == "executorch") {
+      bool per_layer = f.unit == "layer" || f.unit == "expert";
+      b.programs[{f.unit, per_layer ? f.layer : -1, f.unit == "expert" ? f.expert : -1}] = &f;
+    }
+  size_t want = 2 + size_t(c.num_hidden_layers) * (1 + c.num_experts);
+  bool complete = b.programs.size() == want && b.programs.count({"embed", -1, -1}) && b.programs.count({"head", -1, -1});
+  for (int l = 0; complete && l < c.num_hidden_layers; ++l) {
+    complete &= b.programs.count({"layer", l, -1}) > 0;
+    for (int e = 0; complete && e < c.num_experts; ++e) complete &= b.programs.count({"expert", l, e}) > 0;
+  }
+  if (!complete)
+    bad_input(b.root + ": the executorch programs do not cover every unit; run `cosmoe-export lower " + b.root +
+              " --target executorch`");
+  return b;
+}
+
+std::string Bundle::checked_path(const FileEntry& f) const {
+  std::string p = path_of(f);
+  struct stat st {};
+  if (stat(p.c_str(), &st) != 0) bad_input(p + ": missing; the bundle is incomplete, rebuild it");
+  if (int64_t(st.st_size) != f.bytes)
+    bad_input(p + ": " + std::to_string(st.st_size) + " bytes on disk, manifest says " + std::to_string(f.bytes) +
+              "; the file changed after the bundle was written, rebuild it");
+  return p;
+}
+
+std::string Bundle::verified_path(const FileEntry& f, bool hash) const {
+  std::string p = checked_path(f);
+  if (hash && sha256_file(p) != f.sha256)
+    bad_input(p + ": sha256 differs from the manifest; the file changed after the bundle was written. Rebuild it or "
+              "run `cosmoe-export verify --integrity`");
+  return p;
+}
+
+const FileEntry& Bundle::program(const std::string& unit, int layer, int expert) const {
+  return *programs.at({unit, layer, expert});
+}
+
+}  // namespace cosmoe

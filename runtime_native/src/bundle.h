@@ -1,0 +1,61 @@
+// A bundle's manifest, read and validated as runtime_py/bundle.py does (docs/FORMAT.md is the spec):
+// size-capped UTF-8 JSON without duplicate keys, the v1 schema's keys and types, relative paths
+// that stay inside the bundle (symlinks included), one expert file per (layer, expert), the model
+// config checked as runtime_py.config.CosmoeConfig checks it, and one ExecuTorch program per unit.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace cosmoe {
+
+// The fields of runtime_py.config.CosmoeConfig the runner uses.
+struct Config {
+  int vocab_size = 0, hidden_size = 0, num_hidden_layers = 0, num_attention_heads = 0;
+  int num_key_value_heads = 0, num_experts = 8, num_experts_per_tok = 2, max_position_embeddings = 2048;
+  int head_size = 0;
+  bool norm_topk_prob = true;
+  double rope_theta = 500000.0;
+  // Llama 3.1 rope scaling ("llama3"); factor 0: none.
+  double rope_factor = 0, rope_low = 0, rope_high = 0, rope_old_ctx = 0;
+};
+
+struct FileEntry {
+  std::string path, role, sha256;
+  int64_t bytes = 0;
+  int layer = -1, expert = -1;
+  std::string target, unit, precision, cache;  // programs
+  int max_tokens = 1;                           // programs; absent in old bundles: 1
+};
+
+// One program unit: ("embed" | "layer" | "head" | "expert", layer, expert); -1 where it does not apply.
+using UnitKey = std::tuple<std::string, int, int>;
+
+class Bundle {
+ public:
+  Bundle() = default;
+  Bundle(const Bundle&) = delete;  // programs and backbone point into files
+  Bundle(Bundle&&) = default;
+  // Reads and validates DIR/manifest.json; throws cosmoe::Error (COSMOE_ERR_INPUT) with one line.
+  static Bundle open(const std::string& dir);
+
+  std::string root;
+  std::string manifest_path;
+  Config config;
+  std::vector<FileEntry> files;
+  std::map<UnitKey, const FileEntry*> programs;  // the ExecuTorch programs
+  const FileEntry* backbone = nullptr;
+
+  std::string path_of(const FileEntry& f) const { return root + "/" + f.path; }
+  // The file's path after a size check against the manifest (on every load).
+  std::string checked_path(const FileEntry& f) const;
+  // checked_path and, when `hash`, a sha256 check against the manifest.
+  std::string verified_path(const FileEntry& f, bool hash) const;
+  const FileEntry& program(const std::string& unit, int layer = -1, int expert = -1) const;
+};
+
+}  // namespace cosmoe

@@ -1,0 +1,13 @@
+// SHA-256 (FIPS 180-4) of a file, for the manifest's integrity check.
+//
+// Written here rather than taken from OpenSSL: an Android NDK or iOS app has no system libcrypto to
+// link, and a runner that needs one more cross-compiled library to check 64 hex digits is harder to
+// ship. tests/test_native.py checks it against hashlib on every bundle file it opens.
+#pragma once
+
+#include <string>
+
+namespace cosmoe {
+// Lowercase hex digest of the whole file; throws cosmoe::Error when it cannot be read.
+std::string sha256_file(const std::string& path);
+}  // namespace cosmoe

@@ -11,6 +11,10 @@ ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# The native runner (runtime_native/) is C++ built against the executorch wheel's SDK; nlohmann/json
+# is its one header-only dependency (scripts/install.sh builds it).
+RUN apt-get update && apt-get install -y --no-install-recommends g++=4:12.2.0-3 nlohmann-json3-dev=3.11.2-2 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 cosmoe
 WORKDIR /opt/cosmoe-export
 COPY --chown=cosmoe:cosmoe pyproject.toml README.md ./
@@ -20,6 +24,7 @@ COPY --chown=cosmoe:cosmoe recipes ./recipes
 # The shipped recipes calibrate and verify on the project's own code and documentation.
 COPY --chown=cosmoe:cosmoe docs ./docs
 COPY --chown=cosmoe:cosmoe scripts ./scripts
+COPY --chown=cosmoe:cosmoe runtime_native ./runtime_native
 USER 10001
 # The same install path as the README and CI.
 RUN VENV=/opt/cosmoe-export/.venv bash scripts/install.sh

@@ -22,3 +22,20 @@ if "$VENV/bin/python" -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "install.sh: CUDA packages were installed; use a CPU torch wheel (see the comment above)" >&2
   exit 1
 fi
+# The native runner (runtime_native/, docs/NATIVE.md) against the ExecuTorch SDK in the executorch
+# wheel: cosmoe-run and libcosmoe go into the venv. Its one C++ dependency, nlohmann/json, is
+# header-only: Debian's nlohmann-json3-dev, pinned (the Dockerfile installs it as root).
+if [ ! -f /usr/include/nlohmann/json.hpp ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends nlohmann-json3-dev=3.11.2-2 >/dev/null
+  else
+    echo "install.sh: the native runner needs nlohmann/json: apt-get install nlohmann-json3-dev=3.11.2-2" >&2
+    exit 1
+  fi
+fi
+VENV="$(cd "$VENV" && pwd)"  # CMake records these paths: absolute ones
+ET_DIR="$("$VENV/bin/python" -c 'import executorch; print(list(executorch.__path__)[0])')"
+"$VENV/bin/cmake" -S runtime_native -B build/native -G Ninja -DCMAKE_MAKE_PROGRAM="$VENV/bin/ninja" \
+  -DCMAKE_BUILD_TYPE=Release -Dexecutorch_DIR="$ET_DIR/share/cmake" -DCMAKE_INSTALL_PREFIX="$VENV" >/dev/null
+"$VENV/bin/cmake" --build build/native >/dev/null
+"$VENV/bin/cmake" --install build/native >/dev/null

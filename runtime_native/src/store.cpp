@@ -250,7 +250,7 @@ bool ExpertStore::make_room(int layer, const std::set<Key>& exclude, bool requir
   }
 }
 
-void ExpertStore::evict(const Key& key) {
+void ExpertStore::evict(Key key) {
   auto it = slots_.find(key);
   Slot slot = std::move(it->second);
   slots_.erase(it);

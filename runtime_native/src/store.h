@@ -83,7 +83,7 @@ class ExpertStore {
   };
   Unit timed_load(const Key& key);
   bool make_room(int layer, const std::set<Key>& exclude, bool required, std::unique_lock<std::mutex>& lock);
-  void evict(const Key& key);
+  void evict(Key key);  // by value: callers pass keys that live in slots_
   void note_size();
   void loader_thread();
 

@@ -2,7 +2,8 @@
 //
 // Written here rather than taken from OpenSSL: an Android NDK or iOS app has no system libcrypto to
 // link, and a runner that needs one more cross-compiled library to check 64 hex digits is harder to
-// ship. tests/test_native.py checks it against hashlib on every bundle file it opens.
+// ship. Every file it hashes is checked against the manifest's digest (hashlib's), so a wrong
+// digest fails every native test.
 #pragma once
 
 #include <string>

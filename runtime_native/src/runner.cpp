@@ -173,14 +173,18 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
   embed_->bind(arena_);
   head_->bind(arena_);
   for (const auto& p : layers_) p->bind(arena_);
+  const int64_t grown = rss_bytes() - before;
   size_t g = size_t(c.num_key_value_heads), ctx = size_t(c.max_position_embeddings), dh = size_t(c.head_size);
-  k_cache_.assign(size_t(layers), std::vector<float>(g * ctx * dh, 0.0f));
-  v_cache_.assign(size_t(layers), std::vector<float>(g * ctx * dh, 0.0f));
+  for (int l = 0; l < 2 * layers; ++l) {
+    auto* p = static_cast<float*>(std::calloc(g * ctx * dh, sizeof(float)));
+    if (!p) throw std::bad_alloc();
+    (l < layers ? k_cache_ : v_cache_).emplace_back(p);
+  }
   int64_t files = 0;
   for (const char* u : {"embed", "head"}) files += bundle_.program(u).bytes;
   for (int l = 0; l < layers; ++l) files += bundle_.program("layer", l).bytes;
   kv_bytes = int64_t(2) * layers * int64_t(g * ctx * dh) * 4;  // ProgramEngine.cache_bytes
-  backbone_bytes = std::max(rss_bytes() - before - kv_bytes, files) + kv_bytes;
+  backbone_bytes = std::max(grown, files) + kv_bytes;
   measure_costs(params.budget_bytes, params.experts_per_layer);
   selections_.assign(size_t(layers), {});
 }
@@ -303,8 +307,8 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   std::vector<int> idx(T * size_t(k));
 
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
-    std::vector<float>& kc = k_cache_[size_t(layer)];
-    std::vector<float>& vc = v_cache_[size_t(layer)];
+    float* kc = k_cache_[size_t(layer)].get();
+    float* vc = v_cache_[size_t(layer)].get();
     for (size_t h = 0; h < G; ++h) {  // [G, C, Dh] -> the first S slots [1, G, S, Dh]
       std::memcpy(&k_in[h * S * Dh], &kc[h * size_t(ctx) * Dh], S * Dh * sizeof(float));
       std::memcpy(&v_in[h * S * Dh], &vc[h * size_t(ctx) * Dh], S * Dh * sizeof(float));

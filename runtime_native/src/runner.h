@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -66,7 +67,12 @@ class Runner {
   std::vector<float> inv_freq_;                        // [Dh/2]
   int chunk_ = 1;
   bool prefix_cache_ = true;
-  std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer [G, C, Dh]
+  // Per layer [G, C, Dh], from calloc: the kernel maps zero pages on first write, so the cache is
+  // resident only as far as it is filled (the budget still counts the whole context).
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<float[], Free>> k_cache_, v_cache_;
   int pos_ = 0;
   std::vector<float> logits_;  // [V]
   std::unique_ptr<ExpertStore> store_;

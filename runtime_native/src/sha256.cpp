@@ -8,6 +8,10 @@
 
 #include "errors.h"
 
+#if defined(COSMOE_HAVE_OPENSSL)
+#include <openssl/evp.h>
+#endif
+
 namespace cosmoe {
 namespace {
 
@@ -86,12 +90,28 @@ struct Sha256 {
 std::string sha256_file(const std::string& path) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) bad_input(path + ": missing; the bundle is incomplete, rebuild it");
-  Sha256 s;
   std::vector<uint8_t> buf(1 << 22);
   size_t n;
+#if defined(COSMOE_HAVE_OPENSSL)
+  // Where libcrypto is there (desktop Linux, this machine's CI), its SHA-NI/AVX2 code hashes ~8x
+  // faster than the portable one, and a first load hashes the whole program.
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) internal("sha256: libcrypto failed");
+  while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) EVP_DigestUpdate(ctx.get(), buf.data(), n);
+  if (std::ferror(f.get())) bad_input(path + ": cannot be read");
+  unsigned char md[32];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), md, &len);
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) (out += digits[md[i] >> 4]) += digits[md[i] & 0xf];
+  return out;
+#else
+  Sha256 s;
   while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) s.update(buf.data(), n);
   if (std::ferror(f.get())) bad_input(path + ": cannot be read");
   return s.hex();
+#endif
 }
 
 }  // namespace cosmoe

@@ -39,10 +39,11 @@ from cosmoe_export import report as rep
 from cosmoe_export import report_plots
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError
-from cosmoe_export.recipe import BACKEND_NAMES, Recipe, resolve_source, with_source
+from cosmoe_export.recipe import Recipe, resolve_source, with_source
 from cosmoe_export.sources import Source, open_source
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
+from runtime_py.backends import BACKENDS, native_binary
 from runtime_py.bundle import Bundle, sha256_file
 
 # Every package whose version can change a byte or a number of the build (stage keys, manifest, report).
@@ -189,7 +190,8 @@ class _Build:
         ref_identity = _identity(source) if reference == self.recipe.source.model else \
             _identity(open_source(reference, allow_pickle=self.recipe.source.allow_pickle))
         text, text_sha = self.text(v.text, "verify")
-        section = {**dataclasses.asdict(v), "text": text_sha, "reference": ref_identity}
+        section = {**dataclasses.asdict(v), "text": text_sha, "reference": ref_identity,
+                   **_native_identity(v.backends)}
         section.pop("gates")  # gates are applied by report.py on the stored measurements
 
         def run(out: Path) -> None:
@@ -198,11 +200,7 @@ class _Build:
                           max_tokens=v.max_tokens, gates=dict.fromkeys(GATE_OPS), budget=v.budget_bytes,
                           experts_per_layer=v.experts_per_layer, policy=v.policy,
                           allow_pickle=self.recipe.source.allow_pickle)
-            if set(v.backends) == set(BACKEND_NAMES):  # "all" runs the reference once for every backend
-                result = verify(backend="all", **common)
-            else:
-                runs = [verify(backend=b, **common) for b in v.backends]
-                result = {**runs[0], "results": [r for x in runs for r in x["results"]]}
+            result = verify(backend=list(v.backends), **common)  # the reference runs once for all of them
             if text is not None:
                 result["text"] = {**result["text"], "file": "verify.txt", "sha256": text_sha}
             result["bundle"] = bundle.name
@@ -243,7 +241,8 @@ class _Build:
         policy = c.policy or (v.policy if v.policy != "resident" else "lru")
         text, _ = self.text(v.text, "verify")
         prompt = _prompt_ids(Bundle.open(bundle), text, c.prompt_tokens, c.new_tokens)
-        section = {**dataclasses.asdict(c), "policy": policy, "backends": list(v.backends), "prompt": prompt}
+        section = {**dataclasses.asdict(c), "policy": policy, "backends": list(v.backends), "prompt": prompt,
+                   **_native_identity(v.backends)}
 
         def run(out: Path) -> None:
             curve = rep.budget_curve(bundle_path=bundle, backends=list(v.backends), policy=policy, prompt_ids=prompt,
@@ -357,6 +356,15 @@ def _prompt_ids(bundle: Bundle, text: Path | None, n: int, new_tokens: int) -> l
     return torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
 
 
+def _native_identity(backends: tuple[str, ...]) -> dict[str, Any]:
+    """For the stages that measure on the native runner: the sha256 of its binary, which is a tool
+    without a version number (a rebuilt runner measures again)."""
+    if "native" not in backends:
+        return {}
+    path = native_binary()
+    return {"native_runner": sha256_file(path) if path is not None else None}
+
+
 def _recipe_info(r: Recipe) -> dict[str, Any]:
     if r.path is not None:
         sha = sha256_file(r.path)
@@ -367,11 +375,11 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
 
 def _bundle_info(bundle: Bundle, source: str) -> dict[str, Any]:
     from cosmoe_export.verify import precision_class
-    programs: dict[str, set[str]] = {}
-    target_backend = {"executorch": "executorch", "onnx": "onnxruntime"}
+    by_target: dict[str, set[str]] = {}
     for f in bundle.files:
         if f.role == "program" and f.target and f.precision:
-            programs.setdefault(target_backend[f.target], set()).add(f.precision)
+            by_target.setdefault(f.target, set()).add(f.precision)
+    programs = {backend: by_target[t] for backend, t in BACKENDS.items() if t in by_target}
     q = bundle.quantization
     return {
         "source": source,

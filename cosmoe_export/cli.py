@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from runtime_py.backends import BACKENDS
 from runtime_py.errors import CosmoeError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -316,8 +317,9 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
 @click.option("--prompt-ids", default=None, metavar="IDS",
               help="Comma-separated token ids (for bundles without a tokenizer).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--backend", type=click.Choice(["torch", "executorch", "onnxruntime"]), default="torch",
-              show_default=True, help="executorch/onnxruntime need `cosmoe-export lower` first.")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,
+              help="executorch/onnxruntime/native need `cosmoe-export lower` first; native is the C++ runner "
+                   "(bash scripts/install.sh builds it).")
 @_budget_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy.")
@@ -332,7 +334,8 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
     """Generate text with BUNDLE the way a device would: the backbone resident and the routed experts
     loaded on demand under a memory budget. Text streams to stdout; the metrics (prefill, decode
     tokens/s, peak RSS, expert loads and load times, hit rate, ExRep, loads per token) print at the
-    end and go to --json.
+    end and go to --json. --backend native runs the C++ runner (docs/NATIVE.md) in a process of its
+    own, on the bundle's ExecuTorch programs; its peak RSS is that process's.
 
     \b
     Examples:
@@ -340,9 +343,10 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
       cosmoe-export run build/demo/bundle --prompt "Hello" --backend executorch --experts-per-layer 4 \\
           --policy lru+prefetch --json metrics.json
       cosmoe-export run build/demo/bundle --prompt-file p.txt --budget 12MB --policy paper --temperature 0.8 --top-p 0.9
+      cosmoe-export run build/demo/bundle --prompt "Hello" --backend native --experts-per-layer 4 --json metrics.json
     """
     from runtime_py.bundle import Bundle
-    from runtime_py.runner import Runner
+    from runtime_py.runner import open_runner
     from runtime_py.tokenizer import BundleTokenizer, TextStream
 
     given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompt-ids", prompt_ids))
@@ -375,8 +379,8 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
         click.echo(stream.feed(token) if stream else f"{token} ", nl=False, file=out)
         out.flush()
 
-    with Runner(b, backend=backend, budget_bytes=_parse_budget(budget), experts_per_layer=experts_per_layer,
-                policy=policy, check_hash=check_hash) as runner:
+    with open_runner(b, backend=backend, budget_bytes=_parse_budget(budget), experts_per_layer=experts_per_layer,
+                     policy=policy, check_hash=check_hash) as runner:
         runner.check_prompt(ids, max_new_tokens)  # refuse before printing anything
         if prompt is not None:
             click.echo(prompt, nl=False, file=out)
@@ -400,8 +404,8 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
 @click.option("--reference", default=None, help="Checkpoint directory or preset the bundle was split from.")
 @click.option("--integrity", is_flag=True,
               help="Re-hash every file against the manifest first (alone: only that); exit 1 on any difference.")
-@click.option("--backend", type=click.Choice(["torch", "executorch", "onnxruntime", "all"]), default="all",
-              show_default=True, help="'all': torch plus every backend the bundle has programs for.")
+@click.option("--backend", type=click.Choice([*BACKENDS, "all"]), default="all", show_default=True,
+              help="'all': torch plus every backend the bundle has programs for (native: when it is installed).")
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for kl_mean, ppl and ppl_ref (needed for quantized bundles).")
@@ -429,6 +433,8 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
       cosmoe-export verify build/demo/bundle --integrity
       cosmoe-export verify bundles/tiny-bles-q4 --reference recipes/models/tiny-bles \\
           --text ../shared/data/wikitext-2/test.txt --gate ppl_increase=0.05
+      cosmoe-export verify build/demo/bundle --reference recipes/models/tiny-bles --backend native \\
+          --text ../shared/data/wikitext-2/test.txt --experts-per-layer 4
     """
     from cosmoe_export.verify import verify as run_verify
 

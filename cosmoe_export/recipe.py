@@ -25,12 +25,15 @@ from cosmoe_export.errors import CosmoeError
 from cosmoe_export.presets import get_preset
 from cosmoe_export.report import RUNTIME_GATES
 from cosmoe_export.verify import GATE_OPS
+from runtime_py.backends import BACKENDS
 from runtime_py.format import DTYPE_ALIASES
 from runtime_py.runner import POLICIES, parse_size
 
 SCHEMES = ("int8", "int4", "none")
 TARGET_NAMES = ("executorch", "onnx")
-BACKEND_NAMES = ("torch", "executorch", "onnxruntime")
+BACKEND_NAMES = tuple(BACKENDS)
+# Verified when a recipe names none: native needs its C++ runner built, so a recipe asks for it by name.
+DEFAULT_BACKENDS = ("torch", "executorch", "onnxruntime")
 GATE_NAMES = (*GATE_OPS, *RUNTIME_GATES)
 OFF = "off"  # TOML has no null: a gate set to "off" switches a default gate off
 
@@ -77,7 +80,7 @@ class LowerSection:
 @dataclass(frozen=True)
 class VerifySection:
     reference: str | None = None  # checkpoint or preset; None: the source
-    backends: tuple[str, ...] = field(default=BACKEND_NAMES, metadata=_choices(*BACKEND_NAMES))
+    backends: tuple[str, ...] = field(default=DEFAULT_BACKENDS, metadata=_choices(*BACKEND_NAMES))
     text: tuple[Path, ...] = ()  # held-out text for kl_mean / ppl (quantized bundles need one)
     max_tokens: int | None = None
     new_tokens: int = 32
@@ -207,10 +210,10 @@ def _check_consistency(r: Recipe, where: str) -> None:
         problems.append("verify.budget and verify.experts_per_layer: give one of them")
     if v.policy == "resident" and (v.budget is not None or v.experts_per_layer is not None):
         problems.append("verify.policy: \"resident\" keeps every expert loaded; it takes no budget")
-    programs = {"executorch": "executorch", "onnxruntime": "onnx"}
     for backend in v.backends:
-        if backend in programs and programs[backend] not in r.lower.targets:
-            problems.append(f"verify.backends: {backend} needs lower.targets to include {programs[backend]!r}")
+        target = BACKENDS.get(backend)
+        if target is not None and target not in r.lower.targets:
+            problems.append(f"verify.backends: {backend} needs lower.targets to include {target!r}")
     needs_text = [g for g in ("kl_mean", "ppl_increase") if v.gates.get(g) is not None]
     if needs_text and not v.text:
         problems.append(f"verify.gates: {', '.join(needs_text)} are measured on verify.text, which is not set")

@@ -75,7 +75,7 @@ def budget_curve(*, bundle_path: Path, backends: Sequence[str], policy: str, pro
     """Decode tokens/s and loads per token at backbone + k experts per layer, k = top-k .. all experts,
     for each backend: how much memory buys how much speed. Each point is the median of ``repeats``
     generations after a warm-up (on a shared 2-core machine one run's speed varies 2-5x)."""
-    from runtime_py.runner import Runner
+    from runtime_py.runner import open_runner
 
     bundle = Bundle.open(bundle_path)
     cfg = bundle.config
@@ -84,7 +84,7 @@ def budget_curve(*, bundle_path: Path, backends: Sequence[str], policy: str, pro
     bar = tqdm(total=len(ks) * len(backends), desc="budget curve", unit="run", disable=not progress or None)
     for backend in backends:
         for k in ks:
-            with Runner(bundle, backend=backend, experts_per_layer=k, policy=policy) as runner:
+            with open_runner(bundle, backend=backend, experts_per_layer=k, policy=policy) as runner:
                 # A short warm-up first: the first calls of a backend pay one-off costs (allocations,
                 # kernel selection) that would otherwise land in the smallest budget's decode speed.
                 runner.generate(prompt_ids, 2)

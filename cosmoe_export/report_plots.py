@@ -19,7 +19,7 @@ import numpy as np
 from cosmoe_export import analyze_plots
 
 PNG_METADATA = {"Software": None}
-MARKERS = {"torch": "o-", "executorch": "s-", "onnxruntime": "^-"}
+MARKERS = {"torch": "o-", "executorch": "s-", "onnxruntime": "^-", "native": "D-"}
 
 
 def routing(out: Path, numbers: dict[str, Any], window_sel: np.ndarray, layer: int, title: str) -> list[Path]:

@@ -15,7 +15,7 @@ both perplexities (``ppl``, ``ppl_ref``) and top-1 agreement; a quantized bundle
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,12 @@ from tqdm import tqdm
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.sources import Source, open_source
 from cosmoe_export.text import batches, encode_file, windows
+from runtime_py.backends import BACKENDS as RUNTIME_BACKENDS
+from runtime_py.backends import available_backends, require_backend
 from runtime_py.bundle import Bundle
 from runtime_py.model import CosmoeForCausalLM
-from runtime_py.program_backend import available_backends
-from runtime_py.runner import ENGINES, Runner
+from runtime_py.native import NativeRunner
+from runtime_py.runner import Runner, open_runner
 
 # Fixed prompts: encoded with the bundle's tokenizer when it has one.
 PROMPTS = [
@@ -37,8 +39,9 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Offloading keeps only the experts in use on the phone, and",
 ]
-# Every backend runs through runtime_py.runner (program backends need `cosmoe-export lower` first).
-BACKENDS = (*ENGINES, "all")
+# Every backend runs through runtime_py.runner.open_runner (program backends and native need
+# `cosmoe-export lower` first, native also its C++ runner).
+BACKENDS = (*RUNTIME_BACKENDS, "all")
 
 
 # Every gate: the metric it reads and how the value must compare with the threshold.
@@ -62,15 +65,17 @@ def precision_class(bundle: Bundle) -> str:
     return "float" if not bits else "int4" if min(bits) <= 4 else "int8"
 
 
-def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_tokens: int = 32,
+def verify(*, bundle_path: Path, reference: str, backend: str | Sequence[str] = "all", new_tokens: int = 32,
            text: Path | None = None, max_tokens: int | None = None, gates: dict[str, float | None] | None = None,
            allow_pickle: bool = False, budget: int | None = None, experts_per_layer: int | None = None,
            policy: str = "lru", progress: bool = False) -> dict[str, Any]:
-    """Parity and quality of every requested backend against the reference, each run through the
-    runtime under ``budget`` (or ``experts_per_layer``) with ``policy``; the runtime's metrics
-    (speed, memory, expert loads, ExRep) of the last prompt's generation go into each result."""
-    if backend not in BACKENDS:
-        raise CosmoeError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    """Parity and quality of every requested backend (a name, a list of them, or "all") against the
+    reference, each run through the runtime under ``budget`` (or ``experts_per_layer``) with
+    ``policy``; the runtime's metrics (speed, memory, expert loads, ExRep) of the last prompt's
+    generation go into each result. The reference runs once for all of them."""
+    for name in [backend] if isinstance(backend, str) else backend:
+        if name not in BACKENDS:
+            raise CosmoeError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
     unknown = sorted(set(gates or {}) - set(GATE_OPS))
     if unknown:
         raise CosmoeError(f"unknown gate(s) {unknown}; gates are {list(GATE_OPS)}")
@@ -97,8 +102,8 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_token
                disable=not progress or None)  # None: off when stderr is not a terminal
     for name in names:
         bar.set_postfix_str(name)
-        with Runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
-                    policy=policy) as runner:
+        with open_runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
+                         policy=policy) as runner:
             results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision, thresholds,
                                     bar.update))
     bar.close()
@@ -117,19 +122,19 @@ def verify(*, bundle_path: Path, reference: str, backend: str = "all", new_token
     return report
 
 
-def _backends(bundle: Bundle, backend: str) -> list[str]:
-    """'all': the PyTorch runtime plus every backend whose programs the bundle holds."""
-    present = ["torch", *available_backends(bundle)]
+def _backends(bundle: Bundle, backend: str | Sequence[str]) -> list[str]:
+    """'all': the PyTorch runtime plus every backend whose programs the bundle holds (native: when its
+    runner is installed); names: each of them, or the error that says what it needs."""
     if backend == "all":
-        return present
-    if backend not in present:
-        raise CosmoeError(f"{bundle.root}: has no programs for backend {backend!r}; run `cosmoe-export lower "
-                          f"{bundle.root} --target {'onnx' if backend == 'onnxruntime' else backend}` first")
-    return [backend]
+        return available_backends(bundle)
+    names = [backend] if isinstance(backend, str) else list(dict.fromkeys(backend))
+    for name in names:
+        require_backend(bundle, name)
+    return names
 
 
-def _measure(backend: str, runtime: Runner, bundle: Bundle, ref: torch.nn.Module, prompts: list[list[int]],
-             new_tokens: int, text_ids: torch.Tensor | None, precision: str,
+def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: torch.nn.Module,
+             prompts: list[list[int]], new_tokens: int, text_ids: torch.Tensor | None, precision: str,
              thresholds: dict[str, float | None], step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
     """One backend's row of the report: parity on the prompts (and the text), its loads, its gates."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0

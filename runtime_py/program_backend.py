@@ -52,11 +52,6 @@ BACKENDS: dict[str, tuple[str, Callable[[Path, int], Program]]] = {
 }
 
 
-def available_backends(bundle: Bundle) -> list[str]:
-    targets = {f.target for f in bundle.files if f.role == "program"}
-    return [name for name, (target, _) in BACKENDS.items() if target in targets]
-
-
 def layer_masks(pos: int, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive masks of T tokens at positions pos..pos+T-1: over the S cache slots passed in
     (slot_mask [S]: 0 for the written slots < pos, -inf for the rest) and over the T new keys

@@ -8,6 +8,9 @@ each selected expert, loading and evicting per policy, records the selection for
 
 Budget: backbone bytes (weights or loaded programs as measured, plus the KV cache for the whole
 context) + expert capacity. ``experts_per_layer=N`` is backbone + N x layers x unit bytes.
+
+``open_runner`` opens a Runner, or for backend ``native`` a NativeRunner (runtime_py/native.py: the
+C++ runner in its own process, the same interface and metrics).
 """
 
 from __future__ import annotations
@@ -16,24 +19,28 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from runtime_py import routing_metrics
+from runtime_py.backends import BACKENDS
 from runtime_py.bundle import Bundle
 from runtime_py.errors import ConfigError
 from runtime_py.memory import parse_size, peak_rss_bytes, reset_peak_rss
 from runtime_py.model import dispatch_experts
 from runtime_py.store import POLICIES, ExpertStore, StoreStats
 
+if TYPE_CHECKING:
+    from runtime_py.native import NativeRunner
+
 # lru+prefetch loads a guessed expert only when its guessed router probability reaches this. On
 # tiny-bles the unconditional guess was right 23 % of the time (chance: 25 %) and made decoding 2x
 # slower than plain LRU (docs/BENCHMARKS.md); gated at 0.3 it fires only when the router is sure.
 PREFETCH_MIN_PROB = 0.3
 
-__all__ = ["ENGINES", "POLICIES", "Generation", "Runner", "parse_size"]
+__all__ = ["BACKENDS", "ENGINES", "POLICIES", "Generation", "Runner", "check_prompt", "open_runner", "parse_size"]
 
 
 def _torch_engine(bundle: Bundle, check_hash: str):
@@ -49,7 +56,9 @@ def _program_engine(backend: str) -> Callable[[Bundle, str], Any]:
     return make
 
 
-# Backend name -> engine factory (bundle, check_hash). Program backends need `cosmoe-export lower`.
+# Backend name -> engine factory (bundle, check_hash), for the backends that run in this process (every
+# name of runtime_py.backends.BACKENDS but native; open_runner takes them all). Program backends need
+# `cosmoe-export lower`.
 ENGINES: dict[str, Callable[[Bundle, str], Any]] = {
     "torch": _torch_engine,
     "executorch": _program_engine("executorch"),
@@ -133,20 +142,7 @@ class Runner:
         return self.engine.logits(ids)
 
     def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """The prompt as ints, or ConfigError when it cannot run: empty, ids outside the vocabulary,
-        no room left in the context."""
-        cfg, where = self.config, self.bundle.root
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise ConfigError(f"{where}: the prompt is empty; give at least one token")
-        if any(not 0 <= t < cfg.vocab_size for t in ids):
-            raise ConfigError(f"{where}: prompt token ids must be in [0, {cfg.vocab_size})")
-        if len(ids) >= cfg.max_position_embeddings:
-            raise ConfigError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
-                              f"{cfg.max_position_embeddings}; shorten the prompt")
-        if max_new_tokens < 1:
-            raise ConfigError(f"{where}: max_new_tokens must be at least 1")
-        return ids
+        return check_prompt(self.bundle, prompt_ids, max_new_tokens)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
@@ -238,6 +234,35 @@ class Runner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_prompt(bundle: Bundle, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The prompt as ints, or ConfigError when it cannot run: empty, ids outside the vocabulary,
+    no room left in the context."""
+    cfg, where = bundle.config, bundle.root
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise ConfigError(f"{where}: the prompt is empty; give at least one token")
+    if any(not 0 <= t < cfg.vocab_size for t in ids):
+        raise ConfigError(f"{where}: prompt token ids must be in [0, {cfg.vocab_size})")
+    if len(ids) >= cfg.max_position_embeddings:
+        raise ConfigError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
+                          f"{cfg.max_position_embeddings}; shorten the prompt")
+    if max_new_tokens < 1:
+        raise ConfigError(f"{where}: max_new_tokens must be at least 1")
+    return ids
+
+
+def open_runner(bundle: Bundle, *, backend: str = "torch", **options: Any) -> Runner | NativeRunner:
+    """A runner of ``bundle`` on any backend of runtime_py.backends.BACKENDS: Runner for the engines
+    of this process, NativeRunner (runtime_py/native.py, the same interface) for the C++ runner.
+    ``options``: Runner's keywords (budget_bytes, experts_per_layer, policy, check_hash, prefetch_min_prob)."""
+    if backend == "native":
+        from runtime_py.native import NativeRunner
+        return NativeRunner(bundle, **options)
+    if backend not in ENGINES:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    return Runner(bundle, backend=backend, **options)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -16,6 +16,7 @@ from cosmoe_export.cli import cli
 from cosmoe_export.lower import executorch_target, onnx_target, units
 from cosmoe_export.lower.stage import TARGETS
 from runtime_py import quant
+from runtime_py.backends import native_binary
 from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 from runtime_py.model import Attention, Expert, LayerCache, RMSNorm, rope_cos_sin, rope_inv_freq
@@ -183,7 +184,8 @@ def test_verify_runs_every_backend_in_the_bundle(lowered, tmp_path):
     r = CliRunner().invoke(cli, ["verify", str(lowered), "--reference", "tiny", "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [x["backend"] for x in report["results"]] == ["torch", "executorch", "onnxruntime"]
+    native = ["native"] if native_binary() is not None else []  # the C++ runner, when it is installed
+    assert [x["backend"] for x in report["results"]] == ["torch", "executorch", "onnxruntime", *native]
     for res in report["results"]:
         assert res["max_abs_logit_err"] <= 1e-4 and res["greedy_match"] == 1.0 and res["passed"]
     r = CliRunner().invoke(cli, ["verify", str(lowered), "--reference", "tiny", "--backend", "onnxruntime"])

@@ -15,7 +15,7 @@ bench: tg64 on an empty context), 2 threads, all experts resident; peak RSS is t
 ru_maxrss (os.wait4). Rounds are interleaved (round 1 runs every configuration, then round 2, ...);
 the table gives the median and the min-max range.
 
-    .venv/bin/python bench/native.py --prepare            # build everything (first time: ~1 h)
+    .venv/bin/python bench/native.py --prepare            # build everything (first time: ~1.5 h on 2 shared cores)
     .venv/bin/python bench/native.py                       # measure, print the table
     .venv/bin/python bench/native.py --write               # ... and update docs/BENCHMARKS.md
     .venv/bin/python bench/native.py --hidden 512 --only native,llamacpp --rounds 5
@@ -356,8 +356,8 @@ def caption(rounds: int, bandwidth: float) -> str:
             f"Weight bytes per token: the tensors the bundle or GGUF stores for the backbone and head, one "
             f"embedding row, and 2 experts per layer (a runtime that repacks weights, as XNNPACK does, may read "
             f"somewhat more). GB/s achieved = bytes/token x tok/s; bandwidth-bound tok/s = the measured read "
-            f"bandwidth ({bandwidth:.1f} GB/s: numpy sum over 1 GB, one core, best of 3, before and after the "
-            f"runs) / bytes per token; the last column is achieved / measured bandwidth.")
+            f"bandwidth ({bandwidth:.1f} GB/s: numpy sums over 1 GB on {THREADS} threads, best of 3, before and "
+            f"after the runs) / bytes per token; the last column is achieved / measured bandwidth.")
 
 
 def write_section(text: str) -> None:
@@ -397,9 +397,9 @@ def main() -> None:
     if args.prepare:
         return
     load = [os.getloadavg()[0]]  # the machine is shared: say how busy it was
-    bandwidth = llamacpp.read_bandwidth_gbs()
+    bandwidth = llamacpp.read_bandwidth_gbs(threads=THREADS)
     measure_all(cs, args.rounds, args.idle_cores, args.max_wait)
-    bandwidth = max(bandwidth, llamacpp.read_bandwidth_gbs())  # before and after: the better of two
+    bandwidth = max(bandwidth, llamacpp.read_bandwidth_gbs(threads=THREADS))  # before and after: the better of two
     load.append(os.getloadavg()[0])
     (WORK / "results.json").write_text(json.dumps(
         {"bandwidth_gbs": bandwidth, "configs": [{"hidden": c.hidden, "bits": c.bits, "runtime": c.runtime,

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cosmoe_export import calibrate  # noqa: E402
 from cosmoe_export import text as textlib  # noqa: E402
 from cosmoe_export.quantize import role_of  # noqa: E402
+from cosmoe_export.reference import TorchRuntime  # noqa: E402
 from runtime_py import quant, routing_metrics  # noqa: E402
 from runtime_py.bundle import Bundle  # noqa: E402
 from runtime_py.model import route  # noqa: E402
-from runtime_py.torch_backend import TorchRuntime  # noqa: E402
 
 ROLES = ("expert", "attention", "embedding", "head", "router")
 

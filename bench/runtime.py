@@ -192,6 +192,12 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
+def row(lines: list[str], *cells) -> None:
+    """Append one markdown table row and show it as it is measured (a full run takes long)."""
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    print(lines[-1], file=sys.stderr, flush=True)
+
+
 def resident_table(bundles: dict, args: argparse.Namespace) -> list[str]:
     lines = ["### Resident decode (all experts loaded up front)", "",
               "| model | precision | backend | decode tok/s | vs transformers | prefill ms | peak RSS MB |",
@@ -206,9 +212,8 @@ def resident_table(bundles: dict, args: argparse.Namespace) -> list[str]:
             for backend in BACKENDS:
                 m = measure(bundle, backend, "resident", None, args.tokens)
                 ratio = f"{m['decode_tok_s'] / peer['decode_tok_s']:.2f}" if peer else "-"
-                lines.append(f"| {model} | {precision} | {backend} | {fmt(m['decode_tok_s'])} | {ratio} | "
-                             f"{m['prefill_ms']:.0f} | {m['peak_rss_mb']:.0f} |")
-                print(lines[-1], file=sys.stderr, flush=True)
+                row(lines, model, precision, backend, fmt(m["decode_tok_s"]), ratio, f"{m['prefill_ms']:.0f}",
+                    f"{m['peak_rss_mb']:.0f}")
     return [*lines, ""]
 
 
@@ -223,11 +228,10 @@ def offload_table(bundles: dict, args: argparse.Namespace) -> list[str]:
             base = measure(bundles[model]["fp32"], backend, "resident", None, args.tokens)
             for policy, n in [("paper", 2), ("lru", 4), ("lfu", 4), ("lru+prefetch", 4), ("lru+prefetch:0", 4)]:
                 m = measure(bundles[model]["fp32"], backend, policy, n, args.tokens)
-                lines.append(f"| {model} | {backend} | {policy} | {n} | {fmt(m['decode_tok_s'])} | "
-                             f"{m['decode_tok_s'] / base['decode_tok_s']:.2f} | {m['loads_per_token']:.2f} | "
-                             f"{m['hit_rate']:.3f} | {m['exrep']:.1f} | {m['peak_rss_mb']:.0f} | "
-                             f"{m['resident_expert_bytes_max'] / 1e6:.1f} |")
-                print(lines[-1], file=sys.stderr, flush=True)
+                row(lines, model, backend, policy, n, fmt(m["decode_tok_s"]),
+                    f"{m['decode_tok_s'] / base['decode_tok_s']:.2f}", f"{m['loads_per_token']:.2f}",
+                    f"{m['hit_rate']:.3f}", f"{m['exrep']:.1f}", f"{m['peak_rss_mb']:.0f}",
+                    f"{m['resident_expert_bytes_max'] / 1e6:.1f}")
     return [*lines, ""]
 
 
@@ -246,11 +250,9 @@ def swap_table(bundles: dict, args: argparse.Namespace) -> list[str]:
                 m = measure(bundle, backend, "paper", 2, args.tokens)
                 shard = m["expert_bytes_loaded"] / max(1, m["expert_loads"])
                 ideal = shard / (m["bandwidth_gbs"] * 1e9) * 1e3
-                lines.append(f"| {model} | {precision} | {backend} | {m['expert_unit_bytes'] / 1e6:.2f} | "
-                             f"{shard / 1e6:.2f} | {m['swap_in_ms_p50']:.2f} | {ideal:.2f} | "
-                             f"{m['swap_in_ms_p50'] / ideal:.1f} | {m['expert_load_ms_p50']:.2f} / "
-                             f"{m['expert_load_ms_p95']:.2f} |")
-                print(lines[-1], file=sys.stderr, flush=True)
+                row(lines, model, precision, backend, f"{m['expert_unit_bytes'] / 1e6:.2f}", f"{shard / 1e6:.2f}",
+                    f"{m['swap_in_ms_p50']:.2f}", f"{ideal:.2f}", f"{m['swap_in_ms_p50'] / ideal:.1f}",
+                    f"{m['expert_load_ms_p50']:.2f} / {m['expert_load_ms_p95']:.2f}")
     return [*lines, ""]
 
 

@@ -5,10 +5,10 @@ the model's context (the tail that does not fill a window is dropped). Per layer
 
 - perplexity over the windows (each position predicts the next token inside its window);
 - ExRep (CoSMoEs Eq. 4-5, percent) and ΔUniform: ``runtime_py.routing_metrics``;
-- expert loads per token under CoSMoEs Eq. 8 (keep only the selected experts): the experts that
-  enter the selection from one token to the next, |S_t \\ S_{t-1}| = floor(H/2) / (B*(T-1));
+- expert loads per token under CoSMoEs Eq. 8 (keep only the selected experts), ``eq8_loads_per_token``:
+  the experts that enter the selection from one token to the next, |S_t \\ S_{t-1}| = floor(H/2) / (B*(T-1));
 - hit rate of a per-layer expert cache of 1..E experts, LRU and the Belady optimum, decoding the
-  windows one after another token by token (``runtime_py.expert_cache``).
+  windows one after another token by token (``cosmoe_export.cache_sim``).
 
 Shape legend: B windows, T tokens per window, K active experts, E experts, L layers.
 """
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cosmoe_export import cache_sim
 from cosmoe_export.text import encode_with, windows
-from runtime_py import expert_cache, routing_metrics
+from runtime_py import format as fmt
+from runtime_py import routing_metrics
 from runtime_py.config import CosmoeConfig
 from runtime_py.format import MANIFEST_NAME
 from runtime_py.model import CosmoeForCausalLM
@@ -45,11 +47,11 @@ def load(path: str) -> Loaded:
     """A bundle directory (manifest.json) through the runtime with lazy experts, else a checkpoint."""
     p = Path(path)
     if (p / MANIFEST_NAME).is_file():
+        from cosmoe_export.reference import TorchRuntime
         from runtime_py.bundle import Bundle
-        from runtime_py.torch_backend import TorchRuntime
         runtime = TorchRuntime(Bundle.open(p))
         tok_dir = runtime.bundle.tokenizer_dir
-        return Loaded(runtime.model, runtime.config, tok_dir / "tokenizer.json" if tok_dir else None, "bundle")
+        return Loaded(runtime.model, runtime.config, tok_dir / fmt.TOKENIZER_FILE if tok_dir else None, "bundle")
     from cosmoe_export.sources import open_source
     from runtime_py.model import rope_inv_freq
     source = open_source(path, hash_files=False)
@@ -57,7 +59,7 @@ def load(path: str) -> Loaded:
         model = CosmoeForCausalLM(source.config)
     model.load_state_dict({k: v.float() for k, v in source.state_dict().items()}, assign=True, strict=True)
     model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
-    tok = next((f for f in source.tokenizer_files if f.name == "tokenizer.json"), None)
+    tok = next((f for f in source.tokenizer_files if f.name == fmt.TOKENIZER_FILE), None)
     return Loaded(model.eval(), source.config, tok, "checkpoint")
 
 
@@ -84,8 +86,10 @@ def run_routing(model: CosmoeForCausalLM, ids: torch.Tensor) -> tuple[list[np.nd
     return [np.concatenate(p) for p in picked], nll_sum / max(1, count)
 
 
-def loads_per_token(sel: np.ndarray, num_experts: int) -> float:
-    """Expert loads per token under CoSMoEs Eq. 8: every replacement (counted twice by Eq. 4) is one load."""
+def eq8_loads_per_token(sel: np.ndarray, num_experts: int) -> float:
+    """Expert loads per token under CoSMoEs Eq. 8, from the selections alone: every replacement (counted
+    twice by Eq. 4) is one load. Not the runtime's ``loads_per_token``, which counts the loads a store
+    made under its budget and policy."""
     b, t, _ = sel.shape
     return (routing_metrics.replacement_count(sel, num_experts) // 2) / (b * (t - 1)) if t > 1 else 0.0
 
@@ -97,12 +101,12 @@ def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[
     e, k = cfg.num_experts, cfg.num_experts_per_tok
     per_layer = []
     for layer, sel in enumerate(sels):
-        curve = expert_cache.hit_rate_curve(sel, e)
+        curve = cache_sim.hit_rate_curve(sel, e)
         per_layer.append({
             "layer": layer,
             "exrep": routing_metrics.exrep(sel, e),
             "delta_uniform": routing_metrics.delta_uniform(sel, e),
-            "loads_per_token": loads_per_token(sel, e),
+            "eq8_loads_per_token": eq8_loads_per_token(sel, e),
             "expert_load": [round(float(x), 6) for x in routing_metrics.expert_load(sel, e)],
             "hit_rate_lru": curve["lru"],
             "hit_rate_belady": curve["belady"],
@@ -118,7 +122,7 @@ def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[
         # Every layer has the same denominator B*K*(T-1), so the mean over layers is the pooled ratio.
         "exrep": float(np.mean([p["exrep"] for p in per_layer])),
         "delta_uniform": float(np.mean([p["delta_uniform"] for p in per_layer])),
-        "loads_per_token": float(sum(p["loads_per_token"] for p in per_layer)),  # all layers together
+        "eq8_loads_per_token": float(sum(p["eq8_loads_per_token"] for p in per_layer)),  # all layers together
         "hit_rate_curve": {
             "cache_size": sizes,
             "lru": [float(np.mean([p["hit_rate_lru"][c - 1] for p in per_layer])) for c in sizes],

@@ -8,9 +8,9 @@ Stages, each writing its own directory of the work directory (default: OUT.work 
 Every stage leaves a stamp: the sha256 of everything its output depends on (the source's file
 hashes or the input bundle's manifest, which lists every file's sha256; its recipe section; the
 sha256 of its texts; the versions of the tools, this package's included). A stage whose stamp
-matches and whose output is still there is skipped. Thresholds are input to no stage: report.py
-gates the stored measurements, so rerunning after a threshold change re-exports and re-measures
-nothing.
+matches and whose output is still there is skipped. Thresholds are input to no stage: the verify
+stage stores measurements (verify.measure) and the build gates them (cosmoe_export/gates.py, the
+same gates as `verify`), so rerunning after a threshold change re-exports and re-measures nothing.
 
 OUT is replaced atomically with report.json, report.md, plots/ and, only when every gate passed,
 bundle/ (hard links to the last stage's files, re-hashed against the manifest first): a bundle in
@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from cosmoe_export import budget_curve as curves
+from cosmoe_export import gates as gating
 from cosmoe_export import report as rep
 from cosmoe_export import report_plots
 from cosmoe_export.atomic import atomic_dir
@@ -158,13 +160,11 @@ class _Build:
         return self.stage("split", {"source": _identity(source), "split": dataclasses.asdict(self.recipe.split)}, run)
 
     def quantize(self, bundle: Path) -> Path:
-        from cosmoe_export.quantize import Calibration, QuantConfig, quantize
+        from cosmoe_export.quantize import quantize
         q = self.recipe.quantize
         assert q is not None
         calib, calib_sha = self.text(q.calibration, "calibration")
-        config = QuantConfig(experts=q.experts, backbone=q.backbone, group_size=q.group_size, rounding=q.rounding,
-                             calibration=Calibration(calib, q.calibration_tokens) if calib else None,
-                             target_bytes=q.target_bytes)
+        config = q.config(calib)
         section = {**dataclasses.asdict(q), "calibration": calib_sha}
 
         def run(out: Path) -> None:
@@ -184,7 +184,7 @@ class _Build:
         return self.stage("lower", {"bundle": _fingerprint(bundle), "targets": targets}, run)
 
     def verify(self, bundle: Path, source: Source) -> Path:
-        from cosmoe_export.verify import GATE_OPS, verify
+        from cosmoe_export.verify import measure
         v = self.recipe.verify
         reference = v.reference or self.recipe.source.model
         ref_identity = _identity(source) if reference == self.recipe.source.model else \
@@ -192,15 +192,13 @@ class _Build:
         text, text_sha = self.text(v.text, "verify")
         section = {**dataclasses.asdict(v), "text": text_sha, "reference": ref_identity,
                    **_native_identity(v.backends)}
-        section.pop("gates")  # gates are applied by report.py on the stored measurements
+        section.pop("gates")  # the build gates the stored measurements (run)
 
         def run(out: Path) -> None:
-            # Every gate off: verify measures, report.py gates (so a threshold change re-gates the stored numbers).
-            common = dict(bundle_path=bundle, reference=reference, new_tokens=v.new_tokens, text=text,
-                          max_tokens=v.max_tokens, gates=dict.fromkeys(GATE_OPS), budget=v.budget_bytes,
-                          experts_per_layer=v.experts_per_layer, policy=v.policy,
-                          allow_pickle=self.recipe.source.allow_pickle)
-            result = verify(backend=list(v.backends), **common)  # the reference runs once for all of them
+            result = measure(bundle_path=bundle, reference=reference, backend=list(v.backends),
+                             new_tokens=v.new_tokens, text=text, max_tokens=v.max_tokens, budget=v.budget_bytes,
+                             experts_per_layer=v.experts_per_layer, policy=v.policy,
+                             allow_pickle=self.recipe.source.allow_pickle)  # the reference runs once for all
             if text is not None:
                 result["text"] = {**result["text"], "file": "verify.txt", "sha256": text_sha}
             result["bundle"] = bundle.name
@@ -245,8 +243,8 @@ class _Build:
                    **_native_identity(v.backends)}
 
         def run(out: Path) -> None:
-            curve = rep.budget_curve(bundle_path=bundle, backends=list(v.backends), policy=policy, prompt_ids=prompt,
-                                     new_tokens=c.new_tokens, repeats=max(1, c.repeats), progress=self.progress)
+            curve = curves.measure(bundle_path=bundle, backends=list(v.backends), policy=policy, prompt_ids=prompt,
+                                   new_tokens=c.new_tokens, repeats=max(1, c.repeats), progress=self.progress)
             _write_result(out, curve)
         return self.stage("budget_curve", {"bundle": _fingerprint(bundle), "budget_curve": section}, run)
 
@@ -279,11 +277,12 @@ class _Build:
             plots.append(report_plots.budget_curve(plots_dir, curve, r.name))
         routing = _read_json(analyzed / RESULT) if analyzed is not None else None
         opened = Bundle.open(bundle)
-        from cosmoe_export.verify import precision_class
-        limits = rep.thresholds(precision_class(opened), dict(r.verify.gates))
+        limits = gating.thresholds(gating.precision_class(opened), dict(r.verify.gates))
         report = rep.make_report(recipe=_recipe_info(r), bundle=_bundle_info(opened, r.source.model),
-                                 integrity=integrity, verify=measured, limits=limits, routing=routing, curve=curve,
-                                 plots=[f"{PLOTS}/{p.name}" for p in plots], stages=self.stages, tools=self.tools)
+                                 integrity=integrity, integrity_gate=gating.integrity(integrity), verify=measured,
+                                 limits=limits, gates=[gating.evaluate(m, limits) for m in measured["results"]],
+                                 routing=routing, curve=curve, plots=[f"{PLOTS}/{p.name}" for p in plots],
+                                 stages=self.stages, tools=self.tools)
         report["bundle"]["path"] = "bundle" if report["passed"] else str(bundle)
         with atomic_dir(out, force=True) as tmp:
             if report["passed"]:
@@ -374,7 +373,6 @@ def _recipe_info(r: Recipe) -> dict[str, Any]:
 
 
 def _bundle_info(bundle: Bundle, source: str) -> dict[str, Any]:
-    from cosmoe_export.verify import precision_class
     by_target: dict[str, set[str]] = {}
     for f in bundle.files:
         if f.role == "program" and f.target and f.precision:
@@ -387,7 +385,7 @@ def _bundle_info(bundle: Bundle, source: str) -> dict[str, Any]:
         "bytes": sum(f.bytes for f in bundle.files),
         "manifest_sha256": sha256_file(bundle.root / fmt.MANIFEST_NAME),
         "dtype": bundle.backbone.dtype,
-        "precision": precision_class(bundle),
+        "precision": gating.precision_class(bundle),
         "quantization": {k: q[k] for k in ("experts", "backbone", "group_size", "rounding")} if q else None,
         "targets": sorted({f.target for f in bundle.files if f.role == "program" and f.target}),
         "programs_by_backend": {k: sorted(v) for k, v in programs.items()},

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from cosmoe_export.reference import TorchRuntime
 from runtime_py.model import Expert, LowRankLinear, rope_cos_sin, route
-from runtime_py.torch_backend import TorchRuntime
 
 HEAD = "lm_head.weight"
 

@@ -7,15 +7,48 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cosmoe_export import gates
+from cosmoe_export.quant_config import AUTO, ROUNDINGS, Calibration, QuantConfig, Spelling, group_sizes, scheme_names
+from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS
 from runtime_py.errors import CosmoeError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+ALL = "all"  # --backend / --target: every one
+
+
+class _Registry(click.Choice):
+    """The choices of a registry that imports torch (runtime_py/quant.py, runtime_py/bundle.py), read
+    when the command runs or prints its help: `cosmoe-export -h` stays quick."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]]) -> None:
+        self._read = read
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[Any, ...]:  # type: ignore[override]
+        return tuple(self._read())
+
+    @choices.setter
+    def choices(self, _: Any) -> None:
+        pass
+
+
+def _hash_checks() -> tuple[str, ...]:
+    from runtime_py.bundle import HASH_CHECKS
+    return HASH_CHECKS
+
+
+# QuantConfig's problems in the quantize command's words.
+QUANT_FLAGS = Spelling({"experts": "--expert-scheme", "backbone": "--backbone-scheme", "group_size": "--group-size",
+                        "rounding": "--rounding", "calibration": "--calibration FILE",
+                        "target_bytes": "--target-size SIZE", "auto": "--expert-bits auto", "gptq": "--rounding gptq"})
 
 
 class _Cli(click.Group):
@@ -125,9 +158,9 @@ def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None,
     result = run_build(recipe=r, source=source, out=out, work=work, progress=ctx.meta["progress"],
                        log=(lambda line: click.echo(line, err=True)) if ctx.meta["progress"] else (lambda line: None))
     for row in result.report["backends"]:
-        gates = " ".join(f"{g['name']}={'n/a' if g['value'] is None else format(g['value'], '.4g')}"
+        shown = " ".join(f"{g['name']}={'n/a' if g['value'] is None else format(g['value'], '.4g')}"
                          f"{'' if g['passed'] else '(FAIL)'}" for g in row["gates"])
-        click.echo(f"{row['backend']} ({row['precision']}): {gates}  {'PASS' if row['passed'] else 'FAIL'}", err=info)
+        click.echo(f"{row['backend']} ({row['precision']}): {shown}  {'PASS' if row['passed'] else 'FAIL'}", err=info)
     b = result.report["bundle"]
     where = f"bundle {result.bundle}" if result.passed else f"no bundle published (candidate: {result.candidate})"
     click.echo(f"build {r.name}: {'PASS' if result.passed else 'FAIL'}; {where}, {b['files']} files, "
@@ -142,7 +175,7 @@ def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None,
 @cli.command(context_settings=CONTEXT)
 @click.argument("src")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+@click.option("--dtype", type=click.Choice(list(fmt.DTYPE_ALIASES)), default=None,
               help="Precision of the bundle's tensors (default: the source's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints (weights-only unpickler).")
@@ -162,10 +195,9 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
     """
     from cosmoe_export.sources import open_source
     from cosmoe_export.split import split as run_split
-    from runtime_py.format import DTYPE_ALIASES
 
     source = open_source(src, allow_pickle=allow_pickle)
-    result = run_split(source=source, out=out, dtype=DTYPE_ALIASES[dtype] if dtype else None, force=force,
+    result = run_split(source=source, out=out, dtype=fmt.DTYPE_ALIASES[dtype] if dtype else None, force=force,
                        progress=ctx.meta["progress"])
     click.echo(f"wrote {result.out}: {result.files} files, {result.bytes / 1e6:.1f} MB", err=json_path == "-")
     _write_json(json_path, {"out": str(result.out), "files": result.files, "bytes": result.bytes})
@@ -174,27 +206,27 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--expert-scheme", type=click.Choice(["int8", "int4", "none"]), default=None,
-              help="Scheme of every routed expert (default int4; not with --expert-bits auto).")
-@click.option("--backbone-scheme", type=click.Choice(["int8", "int4", "none"]), default="int8", show_default=True,
+@click.option("--expert-scheme", type=_Registry(scheme_names), default=None,
+              help=f"Scheme of every routed expert (default {QuantConfig.experts}; not with --expert-bits auto).")
+@click.option("--backbone-scheme", type=_Registry(scheme_names), default=QuantConfig.backbone, show_default=True,
               help="Scheme of attention, shared experts, embedding and output head (routers and norms stay float).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+@click.option("--group-size", type=_Registry(group_sizes), default=QuantConfig.group_size, show_default=True,
               help="int4 group size (inputs per scale); with --expert-bits auto, the smallest group tried.")
-@click.option("--expert-bits", type=click.Choice(["fixed", "auto"]), default="fixed", show_default=True,
+@click.option("--expert-bits", type=click.Choice(["fixed", AUTO]), default="fixed", show_default=True,
               help="auto: int4 or int8 per expert, from --calibration, to meet --target-size.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text the model runs on to round with GPTQ and to measure experts for --expert-bits auto.")
-@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default=None,
               help="How weights are rounded [default: gptq with --calibration, else nearest].")
 @click.option("--target-size", default=None, help="Bundle size for --expert-bits auto: 300MB, 2.5MB, 1GiB or bytes.")
-@click.option("--calibration-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+@click.option("--calibration-tokens", type=click.IntRange(min=2), default=Calibration.max_tokens, show_default=True,
               help="Tokens of --calibration to use.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", default=None,
               help="Write a summary (and the auto decision) as JSON ('-': stdout).")
 @click.pass_context
 def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | None, backbone_scheme: str,
-             group_size: str, expert_bits: str, calibration: Path | None, rounding: str | None,
+             group_size: int, expert_bits: str, calibration: Path | None, rounding: str | None,
              target_size: str | None, calibration_tokens: int, force: bool, json_path: str | None) -> None:
     """Quantize a float BUNDLE's experts and backbone into a new bundle.
 
@@ -212,23 +244,21 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
       cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-mp --expert-bits auto \\
           --calibration ../shared/data/wikitext-2/valid.txt --target-size 2.5MB
     """
-    from cosmoe_export.quantize import Calibration, QuantConfig, parse_size
+    from cosmoe_export.quant_config import QuantConfigError
+    from cosmoe_export.quantize import parse_size
     from cosmoe_export.quantize import quantize as run_quantize
 
-    if expert_bits == "auto":
-        if expert_scheme is not None:
-            raise CosmoeError("--expert-scheme and --expert-bits auto exclude each other: auto chooses per expert")
-        if calibration is None or target_size is None:
-            raise CosmoeError("--expert-bits auto needs --calibration FILE and --target-size SIZE")
-    elif target_size is not None:
-        raise CosmoeError("--target-size only applies with --expert-bits auto")
-    if rounding == "gptq" and calibration is None:
-        raise CosmoeError("--rounding gptq needs --calibration FILE")
-    config = QuantConfig(experts="auto" if expert_bits == "auto" else (expert_scheme or "int4"),
-                         backbone=backbone_scheme, group_size=int(group_size),
-                         rounding=rounding or ("gptq" if calibration else "nearest"),
-                         calibration=Calibration(calibration, calibration_tokens) if calibration else None,
-                         target_bytes=parse_size(target_size) if target_size else None)
+    # Two flags say what one option says: experts is a scheme (--expert-scheme) or auto (--expert-bits).
+    if expert_bits == AUTO and expert_scheme is not None:
+        raise CosmoeError("--expert-scheme and --expert-bits auto exclude each other: auto chooses per expert")
+    try:
+        config = QuantConfig(experts=AUTO if expert_bits == AUTO else (expert_scheme or QuantConfig.experts),
+                             backbone=backbone_scheme, group_size=group_size,
+                             rounding=rounding or ("gptq" if calibration else "nearest"),
+                             calibration=Calibration(calibration, calibration_tokens) if calibration else None,
+                             target_bytes=parse_size(target_size) if target_size else None)
+    except QuantConfigError as e:  # QuantConfig decides; the words are the flags'
+        raise CosmoeError("; ".join(e.spelled(QUANT_FLAGS))) from None
     r = run_quantize(bundle=bundle, out=out, config=config, force=force, progress=ctx.meta["progress"])
     info = sys.stderr if json_path == "-" else sys.stdout
     click.echo(f"wrote {r.out}: {r.files} files, {r.bytes / 1e6:.2f} MB ({100 * r.bytes / r.source_bytes:.1f} % of "
@@ -245,7 +275,7 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--target", "target", type=click.Choice(["executorch", "onnx", "all"]), default="all", show_default=True,
+@click.option("--target", "target", type=click.Choice([*fmt.PROGRAM_TARGETS, ALL]), default=ALL, show_default=True,
               help="Which runtime to lower for.")
 @click.option("--json", "json_path", default=None, help="Write timings as JSON to this file ('-' for stdout).")
 @click.pass_context
@@ -264,7 +294,7 @@ def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None) 
     from cosmoe_export.lower.stage import TARGETS
     from cosmoe_export.lower.stage import lower as run_lower
 
-    targets = sorted(TARGETS) if target == "all" else [target]
+    targets = sorted(TARGETS) if target == ALL else [target]
     timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"])
     for name, t in timings.items():
         click.echo(f"{name}: backbone {t['backbone_s']:.1f} s, experts {t['experts_s']:.1f} s "
@@ -325,7 +355,7 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
               help="0: greedy.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
-@click.option("--check-hash", type=click.Choice(["first", "always", "never"]), default="first", show_default=True,
+@click.option("--check-hash", type=_Registry(_hash_checks), default="first", show_default=True,
               help="When to check an expert shard's sha256 against the manifest (its size is checked on every load).")
 @click.option("--json", "json_path", default=None, help="Write the metrics as JSON to this file ('-' for stdout).")
 def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, max_new_tokens: int,
@@ -404,15 +434,15 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
 @click.option("--reference", default=None, help="Checkpoint directory or preset the bundle was split from.")
 @click.option("--integrity", is_flag=True,
               help="Re-hash every file against the manifest first (alone: only that); exit 1 on any difference.")
-@click.option("--backend", type=click.Choice([*BACKENDS, "all"]), default="all", show_default=True,
+@click.option("--backend", type=click.Choice([*BACKENDS, ALL]), default=ALL, show_default=True,
               help="'all': torch plus every backend the bundle has programs for (native: when it is installed).")
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for kl_mean, ppl and ppl_ref (needed for quantized bundles).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens of --text.")
 @click.option("--gate", "gate_specs", multiple=True, metavar="NAME=VALUE",
-              help="Override a gate threshold, or NAME=off; gates: max_abs_logit_err, top1_agreement, greedy_match, "
-                   "kl_mean, ppl_increase (relative, 0.03 = +3 %). Repeatable.")
+              help=f"Override a gate threshold, or NAME={gates.OFF}; quality gates: {', '.join(gates.QUALITY)} "
+                   f"(ppl_increase is relative, 0.03 = +3 %); runtime gates: {', '.join(gates.RUNTIME)}. Repeatable.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt reference checkpoints.")
 @_budget_options
@@ -445,15 +475,15 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
             return
         raise CosmoeError("verify needs --reference SRC (the checkpoint or preset the bundle came from), "
                           "or --integrity to re-hash the bundle's files only")
-    gates: dict[str, float | None] = {}
+    overrides: dict[str, float | None] = {}
     for spec in gate_specs:
         name, _, value = spec.partition("=")
         try:
-            gates[name.strip()] = None if value.strip() == "off" else float(value)
+            overrides[name.strip()] = None if value.strip() == gates.OFF else float(value)
         except ValueError:
-            raise CosmoeError(f"--gate {spec!r}: write NAME=NUMBER or NAME=off") from None
+            raise CosmoeError(f"--gate {spec!r}: write NAME=NUMBER or NAME={gates.OFF}") from None
     report = run_verify(bundle_path=bundle, reference=reference, backend=backend, new_tokens=new_tokens,
-                        text=text, max_tokens=max_tokens, gates=gates, allow_pickle=allow_pickle,
+                        text=text, max_tokens=max_tokens, gates=overrides, allow_pickle=allow_pickle,
                         budget=_parse_budget(budget), experts_per_layer=experts_per_layer, policy=policy,
                         progress=click.get_current_context().meta["progress"])
     for r in report["results"]:
@@ -528,10 +558,10 @@ def analyze(path: str, text: Path, max_tokens: int | None, json_path: str | None
     click.echo(f"{path} ({r['kind']}): {r['tokens']:,} tokens in {r['windows']} windows of {r['window_tokens']}, "
                f"perplexity {r['perplexity']:.2f}", file=out)
     click.echo(f"  layer  ExRep %  ΔUniform  loads/token  LRU@{half}/{e}  Belady@{half}/{e}", file=out)
-    rows = [(str(p["layer"]), p["exrep"], p["delta_uniform"], p["loads_per_token"], p["hit_rate_lru"][half - 1],
+    rows = [(str(p["layer"]), p["exrep"], p["delta_uniform"], p["eq8_loads_per_token"], p["hit_rate_lru"][half - 1],
              p["hit_rate_belady"][half - 1]) for p in r["per_layer"]]
     c = r["hit_rate_curve"]
-    rows.append(("all", r["exrep"], r["delta_uniform"], r["loads_per_token"], c["lru"][half - 1],
+    rows.append(("all", r["exrep"], r["delta_uniform"], r["eq8_loads_per_token"], c["lru"][half - 1],
                  c["belady"][half - 1]))
     for name, x, du, loads, lru, bel in rows:
         click.echo(f"  {name:>5}  {x:7.2f}  {du:8.2f}  {loads:11.3f}  {100 * lru:8.1f} %  {100 * bel:9.1f} %", file=out)

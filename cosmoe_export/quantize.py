@@ -31,19 +31,17 @@ from tqdm import tqdm
 from cosmoe_export import calibrate, gptq, mixed_precision, text
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError, FormatError
+from cosmoe_export.manifest_writer import ManifestWriter
+from cosmoe_export.quant_config import AUTO, ROUNDINGS, Calibration, QuantConfig  # noqa: F401 (re-exported)
+from cosmoe_export.reference import TorchRuntime
 from cosmoe_export.st_writer import SafetensorsWriter, file_bytes
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
 from runtime_py import quant
-from runtime_py.bundle import Bundle, FileEntry, validate_manifest
+from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, expert_of, expert_tensor_shapes, tensor_shapes
 from runtime_py.memory import parse_size  # noqa: F401  (re-exported for the CLI)
-from runtime_py.torch_backend import TorchRuntime, read_safetensors
-
-ST_METADATA = {"format": "pt"}
-AUTO = "auto"
-ROUNDINGS = ("nearest", "gptq")
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from runtime_py.shards import read_shard
 
 # Role of each canonical tensor, by name; the first pattern that matches wins.
 ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in [
@@ -70,39 +68,6 @@ def role_of(name: str) -> str:
         if pattern.search(name):
             return role
     raise CosmoeError(f"tensor {name!r} has no quantization role; add it to cosmoe_export.quantize.ROLES")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    text: Path
-    max_tokens: int = 16384
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    experts: str = "int4"  # quant.SCHEME_NAMES entry, or "auto"
-    backbone: str = "int8"  # quant.SCHEME_NAMES entry
-    group_size: int = 32  # int4 group; with "auto", the smallest group on the ladder
-    rounding: str = "nearest"  # ROUNDINGS; gptq needs calibration
-    calibration: Calibration | None = None  # for gptq and for "auto"
-    target_bytes: int | None = None  # "auto" only: every file of the bundle but the manifest
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.experts not in (*quant.SCHEME_NAMES, AUTO):
-            problems.append(f"expert scheme {self.experts!r} unknown; choose from {[*quant.SCHEME_NAMES, AUTO]}")
-        if self.backbone not in quant.SCHEME_NAMES:
-            problems.append(f"backbone scheme {self.backbone!r} unknown; choose from {list(quant.SCHEME_NAMES)}")
-        if self.group_size not in quant.GROUP_SIZES:
-            problems.append(f"group size {self.group_size} not one of {list(quant.GROUP_SIZES)}")
-        if self.rounding not in ROUNDINGS:
-            problems.append(f"rounding {self.rounding!r} unknown; choose from {list(ROUNDINGS)}")
-        if (self.experts == AUTO) != (self.target_bytes is not None):
-            problems.append("per-expert bits (auto) need a size target, and only they take one")
-        if (self.experts == AUTO or self.rounding == "gptq") and self.calibration is None:
-            problems.append("per-expert bits (auto) and GPTQ rounding need a calibration text")
-        if problems:
-            raise CosmoeError("quantize: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -144,7 +109,7 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
                           f"{src.quantization['backbone']} backbone); quantize the float bundle it came from")
     plan = _plan(src, config)
     tokenizer_files = [f for f in src.files if f.role == "tokenizer"]
-    fixed_bytes = (file_bytes(_specs(plan.backbone, plan.shapes, plan.float_dtype), ST_METADATA)
+    fixed_bytes = (file_bytes(_specs(plan.backbone, plan.shapes, plan.float_dtype), fmt.SHARD_METADATA)
                    + sum(f.bytes for f in tokenizer_files))
     calib = _open_calibration(src, config)
     # One thread: GPTQ's and calibration's sums reduce in an order that depends on the thread count,
@@ -165,9 +130,9 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
             total = sum(e["bytes"] for e in entries)
             if mixed is not None and total != mixed["bundle_bytes"]:  # the size plan and the writer must agree
                 raise RuntimeError(f"planned {mixed['bundle_bytes']} bytes, wrote {total}")
-            manifest = _manifest(plan, entries, calib, nearest, mixed)
-            validate_manifest(manifest, where="quantize: the manifest it wrote")  # never ship one readers refuse
-            (tmp / fmt.MANIFEST_NAME).write_bytes(fmt.dumps_manifest(manifest))
+            manifest = _manifest(plan, calib, nearest, mixed)
+            manifest.add_files(entries)
+            manifest.write(tmp, where="quantize: the manifest it wrote")
     return QuantizeResult(out, len(entries) + 1, total, sum(f.bytes for f in src.files), mixed)
 
 
@@ -195,7 +160,7 @@ def _plan(src: Bundle, config: QuantConfig) -> _Plan:
         levels = mixed_precision.ladder(config.group_size)
     else:
         levels = [mixed_precision.Level(config.experts, config.group_size if config.experts == "int4" else None)]
-    return _Plan(src, config, float_name, FLOAT_DTYPES[float_name], shapes, backbone, levels,
+    return _Plan(src, config, float_name, fmt.dtype(float_name).torch, shapes, backbone, levels,
                  np.zeros(cfg.num_hidden_layers * cfg.num_experts, dtype=np.int64))
 
 
@@ -238,14 +203,13 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
             if hessians is None:
                 nearest.append(f"layers.{lc.layer}.moe.experts.{e}")
             entries.append(_write_expert(root, plan, lc.layer, e, hessians or {}))
-            calib.runtime.store.resident.pop((lc.layer, e), None)  # one layer of experts in memory
+            calib.runtime.store.evict(lc.layer, e)  # one layer of experts in memory
         bar.update(1)
     bar.close()
     return entries, rounded, nearest
 
 
-def _manifest(plan: _Plan, entries: list[dict], calib: _Calibration | None, nearest: list[str],
-              mixed: dict | None) -> dict:
+def _manifest(plan: _Plan, calib: _Calibration | None, nearest: list[str], mixed: dict | None) -> ManifestWriter:
     config, src = plan.config, plan.src
     schemes = {"experts": config.experts, "backbone": config.backbone}
     roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
@@ -263,15 +227,8 @@ def _manifest(plan: _Plan, entries: list[dict], calib: _Calibration | None, near
                   "quantized_from": {"manifest_sha256": hashlib.sha256(source_manifest).hexdigest(),
                                      "tools": src.manifest["provenance"]["tools"]},
                   "tools": tool_versions(*(("tokenizers",) if calib is not None else ()))}
-    return {
-        "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
-        "model": src.manifest["model"],
-        "tokenizer": src.manifest.get("tokenizer"),
-        fmt.QUANTIZATION_KEY: quantization,
-        "provenance": provenance,
-        "files": entries,
-    }
+    return ManifestWriter(model=src.manifest["model"], tokenizer=src.manifest.get("tokenizer"), provenance=provenance,
+                          quantization=quantization)
 
 
 # ---- rounding ----------------------------------------------------------------------------------------
@@ -318,12 +275,12 @@ def _write_backbone(root: Path, plan: _Plan, source: dict[str, torch.Tensor],
 
 def _read_source(plan: _Plan, entry: FileEntry, encodings: dict[str, quant.Encoding]) -> dict[str, torch.Tensor]:
     """The file's float tensors, names and shapes checked, memory-mapped; NaN or Inf refused."""
-    path = plan.src.hashed_path(entry)  # a shard changed on disk must not be quantized into a new bundle
-    source = read_safetensors(path, {n: plan.shapes[n] for n in encodings}, plan.float_dtype)
+    # Its sha256 is checked first: a shard changed on disk must not be quantized into a new bundle.
+    source = read_shard(plan.src, entry, {n: plan.shapes[n] for n in encodings}, dtype=plan.float_dtype)
     for name, w in source.items():
         if not bool(torch.isfinite(w).all()):
-            raise FormatError(f"{path}: {name} contains NaN or Inf values; re-split the bundle from a good "
-                              "checkpoint")
+            raise FormatError(f"{plan.src.path_of(entry)}: {name} contains NaN or Inf values; re-split the bundle "
+                              "from a good checkpoint")
     return source
 
 
@@ -333,7 +290,7 @@ def _write_file(root: Path, rel: str, plan: _Plan, encodings: dict[str, quant.En
     tensor's scales and codes are written at different points of the file (safetensors orders by
     dtype), and computing each from the memory map keeps no file's codes in memory."""
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsWriter(root / rel, _specs(encodings, plan.shapes, plan.float_dtype), ST_METADATA)
+    writer = SafetensorsWriter(root / rel, _specs(encodings, plan.shapes, plan.float_dtype), fmt.SHARD_METADATA)
     try:
         for stored in writer.order:
             name = stored if stored in encodings else stored.removesuffix(quant.SCALE_SUFFIX)
@@ -364,7 +321,7 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
     shapes0 = expert_tensor_shapes(cfg, 0, 0)
     # Every expert has the same shapes (the config says so), so one file size per level.
     level_bytes = [file_bytes(_specs({n: lv.encoding(s, plan.float_name) for n, s in shapes0.items()},
-                                     shapes0, plan.float_dtype), ST_METADATA) for lv in levels]
+                                     shapes0, plan.float_dtype), fmt.SHARD_METADATA) for lv in levels]
     n_experts = cfg.num_hidden_layers * cfg.num_experts
     if target_bytes - fixed_bytes < level_bytes[0] * n_experts:
         raise CosmoeError(f"--target-size {target_bytes:,} bytes is below the smallest bundle possible, "
@@ -387,7 +344,7 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
                     rounded[n] = quant.dequantize(*_round(p, enc, hessians.get(prefix + n)), enc, p.shape[1])
                 error[lc.layer, e, q] = calibrate.output_error(expert, rounded, routed) / max(lc.out_energy, 1e-300)
         for e in range(cfg.num_experts):
-            runtime.store.resident.pop((lc.layer, e), None)
+            runtime.store.evict(lc.layer, e)
     cost = np.tile(np.array(level_bytes, dtype=np.int64), (n_experts, 1))  # [L*E, Q]
     plan.choice = mixed_precision.allocate(error.reshape(n_experts, -1), cost, target_bytes - fixed_bytes)
     return mixed_precision.record(levels=levels, level_bytes=level_bytes, selections=selections, error=error,

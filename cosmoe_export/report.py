@@ -4,37 +4,18 @@
 routing analysis, the memory-vs-speed curve, and every threshold with its measured value and
 pass/fail; ``report.md`` is the same as tables a reviewer reads in a pull request.
 
-Gates are evaluated here, from measurements alone, so a threshold change re-gates cached
-measurements: quality gates (verify.GATE_OPS, defaults by the bundle's precision from
-verify.DEFAULT_GATES) and runtime gates (RUNTIME_GATES) on every backend, plus the bundle's
-integrity. A threshold whose metric was not measured fails: a gate never passes unseen.
+This module formats; it evaluates nothing. The gates (cosmoe_export/gates.py: quality and runtime
+gates on every backend, plus the bundle's integrity) come evaluated by ``build`` from the stored
+measurements, so a threshold change re-gates cached measurements.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
-from cosmoe_export.verify import DEFAULT_GATES, GATE_OPS
-from runtime_py.bundle import Bundle
-
 REPORT_VERSION = 1
-# Runtime gates: the metric (runtime_py.runner metrics, measured by verify at the recipe's budget and
-# policy) and the direction a value must keep from its threshold.
-RUNTIME_GATES = {
-    "decode_tok_s": ">=",
-    "prefill_ms": "<=",
-    "peak_rss_mb": "<=",
-    "expert_load_ms_p95": "<=",
-    "loads_per_token": "<=",
-    "hit_rate": ">=",
-    "exrep": "<=",
-}
 # Which section of a backend's row each measured key belongs to (the rest stays out of the report).
 SECTIONS = {
     "parity": ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "ppl", "ppl_ref", "ppl_increase"),
@@ -42,73 +23,27 @@ SECTIONS = {
                 "resident_expert_bytes_max", "expert_load_ms_p50", "expert_load_ms_p95", "policy"),
     "offloading": ("exrep", "hit_rate", "loads_per_token", "expert_loads", "expert_bytes_loaded"),
 }
-OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
 
 
-# ---- gates -----------------------------------------------------------------------------------------
-def thresholds(precision: str, overrides: dict[str, float | None]) -> dict[str, float]:
-    """The defaults for the bundle's precision, overridden gate by gate (None switches one off)."""
-    merged: dict[str, float | None] = {**DEFAULT_GATES[precision], **overrides}
-    return {name: t for name, t in merged.items() if t is not None}
-
-
-def gate(name: str, value: float | None, threshold: float) -> dict[str, Any]:
-    op = GATE_OPS.get(name) or RUNTIME_GATES[name]
-    passed = value is not None and OPS[op](value, threshold)
-    return {"name": name, "op": op, "threshold": threshold, "value": value, "passed": bool(passed)}
-
-
-def backend_row(result: dict[str, Any], limits: dict[str, float], programs: list[str]) -> dict[str, Any]:
-    """One backend's measurements from verify, sorted into sections, with its gates evaluated."""
+def backend_row(result: dict[str, Any], gates: list[dict[str, Any]], programs: list[str]) -> dict[str, Any]:
+    """One backend's measurements from verify, sorted into sections, with its evaluated gates."""
     row: dict[str, Any] = {"backend": result["backend"], "dtype": result["dtype"], "precision": result["precision"],
                            "programs": programs}
     for section, keys in SECTIONS.items():
         row[section] = {k: result[k] for k in keys if k in result}
-    row["gates"] = [gate(name, result.get(name), t) for name, t in limits.items()]
-    row["passed"] = all(g["passed"] for g in row["gates"])
+    row["gates"] = gates
+    row["passed"] = all(g["passed"] for g in gates)
     return row
 
 
-# ---- the memory-vs-speed curve -----------------------------------------------------------------------
-def budget_curve(*, bundle_path: Path, backends: Sequence[str], policy: str, prompt_ids: list[int],
-                 new_tokens: int, repeats: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Decode tokens/s and loads per token at backbone + k experts per layer, k = top-k .. all experts,
-    for each backend: how much memory buys how much speed. Each point is the median of ``repeats``
-    generations after a warm-up (on a shared 2-core machine one run's speed varies 2-5x)."""
-    from runtime_py.runner import open_runner
-
-    bundle = Bundle.open(bundle_path)
-    cfg = bundle.config
-    ks = list(range(cfg.num_experts_per_tok, cfg.num_experts + 1))
-    points = []
-    bar = tqdm(total=len(ks) * len(backends), desc="budget curve", unit="run", disable=not progress or None)
-    for backend in backends:
-        for k in ks:
-            with open_runner(bundle, backend=backend, experts_per_layer=k, policy=policy) as runner:
-                # A short warm-up first: the first calls of a backend pay one-off costs (allocations,
-                # kernel selection) that would otherwise land in the smallest budget's decode speed.
-                runner.generate(prompt_ids, 2)
-                runs = [runner.generate(prompt_ids, new_tokens).metrics for _ in range(repeats)]
-            speeds = [m["decode_tok_s"] for m in runs if m["decode_tok_s"] is not None]
-            points.append({"backend": backend, "experts_per_layer": k, "budget_bytes": runs[0]["budget_bytes"],
-                           "decode_tok_s": float(np.median(speeds)) if speeds else None, "decode_tok_s_runs": speeds,
-                           "loads_per_token": float(np.median([m["loads_per_token"] for m in runs])),
-                           "hit_rate": float(np.median([m["hit_rate"] for m in runs])),
-                           "peak_rss_mb": max(m["peak_rss_mb"] for m in runs)})
-            bar.update(1)
-    bar.close()
-    return {"policy": policy, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "repeats": repeats,
-            "points": points}
-
-
 # ---- the document ------------------------------------------------------------------------------------
-def make_report(*, recipe: dict[str, Any], bundle: dict[str, Any], integrity: list[str], verify: dict[str, Any],
-                limits: dict[str, float], routing: dict[str, Any] | None, curve: dict[str, Any] | None,
+def make_report(*, recipe: dict[str, Any], bundle: dict[str, Any], integrity: list[str],
+                integrity_gate: dict[str, Any], verify: dict[str, Any], limits: dict[str, float],
+                gates: list[list[dict[str, Any]]], routing: dict[str, Any] | None, curve: dict[str, Any] | None,
                 plots: list[str], stages: dict[str, Any], tools: dict[str, str]) -> dict[str, Any]:
+    """``gates``: each of verify's results' evaluated gates, in order; ``limits``: the thresholds in force."""
     programs = bundle.pop("programs_by_backend")
-    rows = [backend_row(r, limits, programs.get(r["backend"], [])) for r in verify["results"]]
-    integrity_gate = {"name": "integrity", "op": "==", "threshold": 0, "value": len(integrity),
-                      "passed": not integrity}
+    rows = [backend_row(r, g, programs.get(r["backend"], [])) for r, g in zip(verify["results"], gates, strict=True)]
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "passed": integrity_gate["passed"] and all(r["passed"] for r in rows),
@@ -209,9 +144,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## Routing (`analyze`, {routing['tokens']:,} tokens)", "",
                   "| layer | ExRep % | ΔUniform | loads/token (Eq. 8) |", "|---:|---:|---:|---:|"]
         for p in routing["per_layer"]:
-            lines.append(f"| {p['layer']} | {p['exrep']:.2f} | {p['delta_uniform']:.2f} | {p['loads_per_token']:.3f} |")
+            lines.append(f"| {p['layer']} | {p['exrep']:.2f} | {p['delta_uniform']:.2f} | "
+                         f"{p['eq8_loads_per_token']:.3f} |")
         lines.append(f"| all | {routing['exrep']:.2f} | {routing['delta_uniform']:.2f} | "
-                     f"{routing['loads_per_token']:.3f} |")
+                     f"{routing['eq8_loads_per_token']:.3f} |")
     if r["plots"]:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]]
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---:|"]

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from cosmoe_export import analyze_plots
+from runtime_py.backends import BACKENDS
 
 PNG_METADATA = {"Software": None}
-MARKERS = {"torch": "o-", "executorch": "s-", "onnxruntime": "^-", "native": "D-"}
+# A line style per backend, in runtime_py.backends.BACKENDS's order (a backend beyond these: "x-").
+MARKERS = dict(zip(BACKENDS, ("o-", "s-", "^-", "D-", "v-", "P-"), strict=False))
 
 
 def routing(out: Path, numbers: dict[str, Any], window_sel: np.ndarray, layer: int, title: str) -> list[Path]:

@@ -22,16 +22,15 @@ from cosmoe_export import tensor_names
 from cosmoe_export.adapters import Adapter, adapter_for
 from cosmoe_export.errors import CheckpointError
 from cosmoe_export.presets import get_preset
+from runtime_py import format as fmt
 from runtime_py.bundle import sha256_file
 from runtime_py.config import CosmoeConfig, expert_of, tensor_shapes
 from runtime_py.safetensors_header import Header, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+TOKENIZER_FILES = (fmt.TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
-FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-TORCH_TO_ST = {v: k for k, v in FLOAT_DTYPES.items()}
 
 
 @dataclass
@@ -216,9 +215,17 @@ def _index_pickles(pickles: list[Path]) -> dict[str, tuple]:
         for key, t in sd.items():
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{p}: entry {key!r} is not a tensor")
-            st = TORCH_TO_ST.get(t.dtype, str(t.dtype))
+            known = fmt.dtype_of(t.dtype)
+            st = known.st if known else str(t.dtype)
             out[key] = (p, tuple(t.shape), st, lambda t=t: t)
     return out
+
+
+def _float_dtype(file: Path, key: str, st_dtype: str) -> torch.dtype:
+    """The torch dtype of a source tensor, which must be one a bundle can hold."""
+    if st_dtype not in fmt.DTYPES:
+        raise CheckpointError(f"{file}: {key} has dtype {st_dtype}; expected {', '.join(fmt.DTYPES)}")
+    return fmt.st_dtype(st_dtype).torch
 
 
 def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str, PlannedTensor]:
@@ -229,9 +236,7 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str
 
     def take(key: str, want: tuple[int, ...], name: str, pick: Callable[[Any], torch.Tensor]) -> PlannedTensor:
         file, shape, st_dtype, getter = index[key]
-        if st_dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{file}: {key} has dtype {st_dtype}; expected F32, BF16 or F16")
-        return PlannedTensor(name, want, FLOAT_DTYPES[st_dtype], lambda: pick(getter()), f"{file}: {key}")
+        return PlannedTensor(name, want, _float_dtype(file, key, st_dtype), lambda: pick(getter()), f"{file}: {key}")
 
     for name, want in tensor_shapes(config).items():
         found = next((k for k in tensor_names.source_candidates(name) if k in index), None)
@@ -275,11 +280,10 @@ def _fused(name: str, config: CosmoeConfig, index: dict[str, tuple], consumed: s
     want = (n_exp, d, f) if part == "down" else (n_exp, 2 * f, d)
     if shape != want:
         raise CheckpointError(f"{file}: {key} has shape {list(shape)}, the config implies {list(want)}")
-    if st_dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{file}: {key} has dtype {st_dtype}; expected F32, BF16 or F16")
+    dtype = _float_dtype(file, key, st_dtype)
     consumed.add(key)
     rows = {"gate": slice(0, f), "up": slice(f, 2 * f), "down": slice(None)}[part]
-    return PlannedTensor(name, want[1:] if part == "down" else (f, d), FLOAT_DTYPES[st_dtype],
+    return PlannedTensor(name, want[1:] if part == "down" else (f, d), dtype,
                          lambda: getter()[e:e + 1, rows][0].contiguous(), f"{file}: {key}[{e}]")
 
 

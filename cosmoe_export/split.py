@@ -16,15 +16,13 @@ from tqdm import tqdm
 
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CheckpointError
+from cosmoe_export.manifest_writer import ManifestWriter
 from cosmoe_export.sources import PlannedTensor, Source
 from cosmoe_export.st_writer import SafetensorsWriter
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
 from runtime_py.bundle import sha256_file
 from runtime_py.config import expert_of
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ST_METADATA = {"format": "pt"}  # what transformers' loaders expect to find
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ def split(*, source: Source, out: Path, dtype: str | None = None, force: bool = 
     """Write ``source`` as a bundle at ``out`` (atomically). ``dtype``: float32 | bfloat16 | float16,
     or None to keep the source's (the embedding's) dtype."""
     first = next(iter(source.plan.values()))
-    target = DTYPES[dtype] if dtype else first.dtype
+    target = fmt.dtype(dtype).torch if dtype else first.dtype
     cfg = source.config
     experts: dict[tuple[int, int], list[PlannedTensor]] = {}
     backbone: list[PlannedTensor] = []
@@ -68,22 +66,17 @@ def split(*, source: Source, out: Path, dtype: str | None = None, force: bool = 
             entries.append({"path": rel, "role": "tokenizer", "bytes": (tmp / rel).stat().st_size,
                             "sha256": sha256_file(tmp / rel)})
             tok_files.append(rel)
-        manifest = {
-            "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
-            "model": cfg.to_dict(),
-            "tokenizer": {"files": tok_files} if tok_files else None,
-            "provenance": {"source": source.provenance,
-                           "tools": tool_versions(*(("transformers",) if source.reference_is_transformers else ()))},
-            "files": entries,
-        }
-        (tmp / fmt.MANIFEST_NAME).write_bytes(fmt.dumps_manifest(manifest))
+        tools = tool_versions(*(("transformers",) if source.reference_is_transformers else ()))
+        manifest = ManifestWriter(model=cfg.to_dict(), tokenizer={"files": tok_files} if tok_files else None,
+                                  provenance={"source": source.provenance, "tools": tools})
+        manifest.add_files(entries)
+        manifest.write(tmp, where=f"split {out}: the manifest it wrote")
     return SplitResult(out, len(entries) + 1, sum(e["bytes"] for e in entries))
 
 
 def _write_file(root: Path, rel: str, tensors: list[PlannedTensor], dtype: torch.dtype, source: Source) -> dict:
     by_name = {t.name: t for t in tensors}
-    writer = SafetensorsWriter(root / rel, {t.name: (dtype, t.shape) for t in tensors}, ST_METADATA)
+    writer = SafetensorsWriter(root / rel, {t.name: (dtype, t.shape) for t in tensors}, fmt.SHARD_METADATA)
     try:
         for name in writer.order:
             t = by_name[name].load()

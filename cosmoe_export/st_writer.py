@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
-             torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
+from runtime_py import format as fmt
 
 
 class SafetensorsWriter:
@@ -91,7 +90,7 @@ def plan_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     for name in order:
         dtype, shape = specs[name]
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _st(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return order, blob + b" " * ((8 - len(blob) % 8) % 8)
@@ -108,4 +107,11 @@ _ST_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32
 
 
 def _dtype_rank(dtype: torch.dtype) -> int:
-    return _ST_ORDER.index(ST_DTYPES[dtype])
+    return _ST_ORDER.index(_st(dtype))
+
+
+def _st(dtype: torch.dtype) -> str:
+    known = fmt.dtype_of(dtype)
+    if known is None:
+        raise ValueError(f"no safetensors dtype for {dtype}")
+    return known.st

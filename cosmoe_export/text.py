@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from cosmoe_export.errors import CosmoeError
+from runtime_py import format as fmt
 from runtime_py.bundle import Bundle
 
 
 def encode_file(bundle: Bundle, text: Path, *, max_tokens: int | None, purpose: str) -> list[int]:
     """Token ids of ``text`` (UTF-8), at most ``max_tokens``, encoded with the bundle's tokenizer.json."""
     tok_dir = bundle.tokenizer_dir
-    return encode_with(tok_dir / "tokenizer.json" if tok_dir is not None else None, text,
+    return encode_with(tok_dir / fmt.TOKENIZER_FILE if tok_dir is not None else None, text,
                        vocab_size=bundle.config.vocab_size, max_tokens=max_tokens, purpose=purpose, owner=bundle.root)
 
 
@@ -22,7 +23,7 @@ def encode_with(tok_path: Path | None, text: Path, *, vocab_size: int, max_token
                 owner: str | Path) -> list[int]:
     """Token ids of ``text`` under the tokenizer.json at ``tok_path`` (the model ``owner``'s)."""
     if tok_path is None or not tok_path.is_file():
-        raise CosmoeError(f"{owner}: has no tokenizer.json; {purpose} needs the model's tokenizer "
+        raise CosmoeError(f"{owner}: has no {fmt.TOKENIZER_FILE}; {purpose} needs the model's tokenizer "
                           "to encode the text (split a checkpoint that has one)")
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tok_path))

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cosmoe_export.losses import bles_loss, load_balancing_loss
+from runtime_py import format as fmt
 from runtime_py.config import CosmoeConfig
 from runtime_py.model import CosmoeForCausalLM, LowRankLinear
 
 VARIANTS = ("moe", "bles", "wd")
 EOT = "<|endoftext|>"  # the only special token: document separator, used as bos and eos (GPT-2 style)
 WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_NAME = "tokenizer.json"
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def save_checkpoint(out: Path, model: CosmoeForCausalLM, tok, *, recipe: dict | 
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sorted(model.state_dict().items())}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    tok.save(str(out / TOKENIZER_NAME))
+    tok.save(str(out / fmt.TOKENIZER_FILE))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
                   "model_max_length": config.max_position_embeddings, "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")

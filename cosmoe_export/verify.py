@@ -9,7 +9,10 @@ A quantized bundle cannot match its float reference to 1e-4, by design; what mat
 of the model's behaviour survives. With ``text`` verify also measures, over the text's windows,
 the mean KL divergence of the next-token distributions from the reference's (``kl_mean``, nats),
 both perplexities (``ppl``, ``ppl_ref``) and top-1 agreement; a quantized bundle is gated on those
-(DEFAULT_GATES by the bundle's precision, overridable gate by gate) and needs a text.
+(cosmoe_export/gates.py: defaults by the bundle's precision, overridable gate by gate) and needs a text.
+
+``measure`` runs the backends and the reference; ``verify`` measures and gates. ``build`` stores
+``measure``'s numbers and gates them itself, so that a threshold change measures nothing again.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cosmoe_export import gates as gating
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.sources import Source, open_source
 from cosmoe_export.text import batches, encode_file, windows
+from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS as RUNTIME_BACKENDS
 from runtime_py.backends import available_backends, require_backend
 from runtime_py.bundle import Bundle
@@ -44,57 +49,50 @@ PROMPTS = [
 BACKENDS = (*RUNTIME_BACKENDS, "all")
 
 
-# Every gate: the metric it reads and how the value must compare with the threshold.
-GATE_OPS = {"max_abs_logit_err": "<=", "top1_agreement": ">=", "greedy_match": ">=", "kl_mean": "<=",
-            "ppl_increase": "<="}
-# Thresholds by the bundle's precision (its fewest-bit tensor). float: the foundation issue's parity
-# gates. int8 / int4: docs/QUANTIZATION.md's quality targets (ppl within +0.5 % / +3 % of the float
-# reference, top-1 agreement >= 99 % / 95 %). A quantized bundle's greedy continuation drifts after
-# its first flipped token and its logits are off by design, so neither is gated there. Recipes will
-# carry their own thresholds; until then ``gates`` overrides these one by one (None switches one off).
-DEFAULT_GATES: dict[str, dict[str, float]] = {
-    "float": {"max_abs_logit_err": 1e-4, "top1_agreement": 1.0, "greedy_match": 1.0},
-    "int8": {"top1_agreement": 0.99, "ppl_increase": 0.005},
-    "int4": {"top1_agreement": 0.95, "ppl_increase": 0.03},
-}
+def verify(*, bundle_path: Path, reference: str, gates: dict[str, float | None] | None = None,
+           **options: Any) -> dict[str, Any]:
+    """``measure`` (``options`` are its keywords), then every backend's gates (cosmoe_export/gates.py):
+    the defaults for the bundle's precision overridden by ``gates`` (None switches one off)."""
+    limits = gating.thresholds(gating.precision_class(Bundle.open(bundle_path)), gates)
+    # Refused before anything runs. The defaults need no text but for quantized bundles, which
+    # measure refuses without one.
+    for name, threshold in (gates or {}).items():
+        if name in gating.ON_TEXT and threshold is not None and options.get("text") is None:
+            raise CosmoeError(f"gate {name} needs --text FILE: it is measured on a text")
+    measured = measure(bundle_path=bundle_path, reference=reference, **options)
+    for result in measured["results"]:
+        checked = gating.evaluate(result, limits)
+        result["gates"] = {g["name"]: {k: g[k] for k in ("value", "op", "threshold", "passed")} for g in checked}
+        result["passed"] = all(g["passed"] for g in checked)
+    return {"passed": all(r["passed"] for r in measured["results"]), **measured}
 
 
-def precision_class(bundle: Bundle) -> str:
-    """'float', or the scheme of the bundle's fewest-bit quantized tensor ('int8', 'int4')."""
-    bits = [enc.bits for f in bundle.files for enc in (f.encodings() or {}).values() if enc.quantized]
-    return "float" if not bits else "int4" if min(bits) <= 4 else "int8"
-
-
-def verify(*, bundle_path: Path, reference: str, backend: str | Sequence[str] = "all", new_tokens: int = 32,
-           text: Path | None = None, max_tokens: int | None = None, gates: dict[str, float | None] | None = None,
-           allow_pickle: bool = False, budget: int | None = None, experts_per_layer: int | None = None,
-           policy: str = "lru", progress: bool = False) -> dict[str, Any]:
+def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] = "all", new_tokens: int = 32,
+            text: Path | None = None, max_tokens: int | None = None, allow_pickle: bool = False,
+            budget: int | None = None, experts_per_layer: int | None = None, policy: str = "lru",
+            progress: bool = False) -> dict[str, Any]:
     """Parity and quality of every requested backend (a name, a list of them, or "all") against the
     reference, each run through the runtime under ``budget`` (or ``experts_per_layer``) with
     ``policy``; the runtime's metrics (speed, memory, expert loads, ExRep) of the last prompt's
-    generation go into each result. The reference runs once for all of them."""
+    generation go into each result. The reference runs once for all of them. No gates."""
     for name in [backend] if isinstance(backend, str) else backend:
         if name not in BACKENDS:
             raise CosmoeError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
-    unknown = sorted(set(gates or {}) - set(GATE_OPS))
-    if unknown:
-        raise CosmoeError(f"unknown gate(s) {unknown}; gates are {list(GATE_OPS)}")
     bundle = Bundle.open(bundle_path)
-    precision = precision_class(bundle)
+    precision = gating.precision_class(bundle)
     if precision != "float" and text is None:
         raise CosmoeError(f"{bundle_path}: is quantized ({precision}); pass --text FILE so that verify can measure "
                           "perplexity and KL divergence against the float reference")
     source = open_source(reference, allow_pickle=allow_pickle, hash_files=False)
     if source.config != bundle.config:
         raise CosmoeError(f"{bundle_path}: its model config differs from {reference}'s; was it split from it?")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[bundle.backbone.dtype]
+    dtype = fmt.dtype(bundle.backbone.dtype).torch
     text_ids = None
     if text is not None:
         ids = encode_file(bundle, text, max_tokens=max_tokens, purpose="verify --text")
         text_ids = windows(ids, bundle.config.max_position_embeddings)  # [B, T]
     ref = _reference_model(source, dtype)
     prompts = _prompts(bundle, new_tokens)
-    thresholds = {**DEFAULT_GATES[precision], **(gates or {})}
     results = []
     names = _backends(bundle, backend)
     windows_n = 0 if text_ids is None else len(batches(text_ids, bundle.config.vocab_size))
@@ -104,11 +102,10 @@ def verify(*, bundle_path: Path, reference: str, backend: str | Sequence[str] = 
         bar.set_postfix_str(name)
         with open_runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
                          policy=policy) as runner:
-            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision, thresholds,
+            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision,
                                     bar.update))
     bar.close()
     report = {
-        "passed": all(r["passed"] for r in results),
         "bundle": str(bundle_path),
         "reference": reference,
         "reference_kind": "transformers" if source.reference_is_transformers else "cosmoe",
@@ -135,8 +132,8 @@ def _backends(bundle: Bundle, backend: str | Sequence[str]) -> list[str]:
 
 def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: torch.nn.Module,
              prompts: list[list[int]], new_tokens: int, text_ids: torch.Tensor | None, precision: str,
-             thresholds: dict[str, float | None], step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
-    """One backend's row of the report: parity on the prompts (and the text), its loads, its gates."""
+             step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+    """One backend's row of the report: parity on the prompts (and the text), its loads."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
         for ids in prompts:
@@ -163,14 +160,6 @@ def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: 
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
         result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size, step))
     result.update({k: v for k, v in generation.metrics.items() if k != "backend"})
-    result["gates"] = {}
-    for name, threshold in thresholds.items():
-        if threshold is None:
-            continue
-        if name not in result:
-            raise CosmoeError(f"gate {name} needs --text FILE: it is measured on a text")
-        result["gates"][name] = _gate(result[name], GATE_OPS[name], threshold)
-    result["passed"] = all(g["passed"] for g in result["gates"].values())
     return result
 
 
@@ -200,11 +189,6 @@ def _text_metrics(ref: torch.nn.Module, runtime: Any, ids: torch.Tensor, vocab: 
     ppl, ppl_ref = math.exp(nll_got / max(1, predicted)), math.exp(nll_ref / max(1, predicted))
     return {"top1_agreement": agree / positions, "kl_mean": kl_sum / positions, "ppl": ppl, "ppl_ref": ppl_ref,
             "ppl_increase": ppl / ppl_ref - 1.0}
-
-
-def _gate(value: float, op: str, threshold: float) -> dict[str, Any]:
-    ok = value <= threshold if op == "<=" else value >= threshold
-    return {"value": value, "op": op, "threshold": threshold, "passed": bool(ok)}
 
 
 def _reference_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
@@ -246,9 +230,9 @@ def _prompts(bundle: Bundle, new_tokens: int) -> list[list[int]]:
         raise CosmoeError(f"{bundle.root}: context {cfg.max_position_embeddings} is too short "
                           f"for {new_tokens} new tokens")
     tok_dir = bundle.tokenizer_dir
-    if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
+    if tok_dir is not None and (tok_dir / fmt.TOKENIZER_FILE).is_file():
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(tok_dir / fmt.TOKENIZER_FILE))
         encoded = [tok.encode(p).ids[:limit] for p in PROMPTS]
         if all(len(e) >= 2 and max(e) < cfg.vocab_size for e in encoded):
             return encoded

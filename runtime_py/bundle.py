@@ -1,6 +1,7 @@
 """Read and validate a split bundle (format v1). Safe by construction: the manifest is size-capped
 and schema-checked, every path must stay inside the bundle (symlinks included), and every file's
-size is checked on open; ``verify_integrity`` re-hashes everything."""
+size is checked on open; its sha256 on the first load since the bundle was opened (``hash_due``,
+``check_sha256``: the one check every reader uses); ``verify_integrity`` re-hashes everything."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from runtime_py import format as fmt
 from runtime_py import quant
 from runtime_py.config import CosmoeConfig
 from runtime_py.errors import FormatError, IntegrityError
+
+# When a load compares a file's sha256 with the manifest: on the first load of each file since the
+# bundle was opened, on every load, or never (its size is checked on every load whatever this says).
+HASH_CHECKS = ("first", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -140,16 +145,27 @@ class Bundle:
                                  "after the bundle was written, rebuild it")
         return p
 
-    def hashed_path(self, entry: FileEntry) -> Path:
-        """The file's path after a size and a sha256 check: for stages that read a whole file once
-        (quantize, lower), where re-reading it to hash costs little next to the work on its tensors."""
-        p = self.checked_path(entry)
-        if entry.path in self._hashed:  # hashed once per open bundle; the size is checked every time
-            return p
-        if sha256_file(p) != entry.sha256:
-            raise IntegrityError(f"{p}: sha256 differs from the manifest; the file was modified after the bundle "
-                                 "was written, rebuild it")
+    def hash_due(self, entry: FileEntry, when: str = "first") -> bool:
+        """Whether this load of ``entry`` must check its sha256; ``when`` is one of HASH_CHECKS."""
+        if when not in HASH_CHECKS:
+            raise FormatError(f"check_hash must be one of {HASH_CHECKS}, not {when!r}")
+        return when == "always" or (when == "first" and entry.path not in self._hashed)
+
+    def check_sha256(self, entry: FileEntry, digest: str | None = None) -> None:
+        """IntegrityError unless the file's sha256 is the manifest's: ``digest`` of the bytes a reader
+        already holds (no second read), else hashed from disk."""
+        p = self.path_of(entry)
+        if (digest if digest is not None else sha256_file(p)) != entry.sha256:
+            raise IntegrityError(f"{p}: sha256 differs from the manifest; the file changed after the bundle was "
+                                 "written. Rebuild it or run `cosmoe-export verify --integrity`")
         self._hashed.add(entry.path)
+
+    def hashed_path(self, entry: FileEntry, when: str = "first") -> Path:
+        """The file's path after a size check and, when due (``hash_due``), a sha256 check: for readers
+        of a whole file, where hashing it costs little next to the work on its tensors."""
+        p = self.checked_path(entry)
+        if self.hash_due(entry, when):
+            self.check_sha256(entry)
         return p
 
     def verify_integrity(self) -> list[str]:

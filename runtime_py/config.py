@@ -31,7 +31,7 @@ MAX_PARAMS = 200_000_000_000
 # The other two ways a config can make us allocate without bound, checked before anything is built:
 # tensor_shapes() and the manifest list every (layer, expert), so their count must stay sane (the
 # largest MoE LMs have ~16k: DeepSeek-V3 61 x 256); and the runtime's static KV cache holds one full
-# context (2 x layers x kv heads x context x head size, fp32), 16 GB for Qwen3-235B at 40k tokens.
+# context (kv_cache_bytes: 2 x layers x kv heads x context x head size, fp32), 16 GB for Qwen3-235B at 40k tokens.
 MAX_EXPERT_FILES = 1 << 16
 MAX_KV_CACHE_BYTES = 128 << 30
 
@@ -156,8 +156,7 @@ class CosmoeConfig:
                 if files > MAX_EXPERT_FILES:
                     p.append(f"{self.num_hidden_layers} layers x {self.num_experts} experts = {files:,} expert files "
                              f"exceeds the limit of {MAX_EXPERT_FILES:,}; check the sizes")
-                kv = 2 * self.num_hidden_layers * self.num_key_value_heads * self.max_position_embeddings * \
-                    self.head_size * 4
+                kv = kv_cache_bytes(self)
                 if kv > MAX_KV_CACHE_BYTES:
                     p.append(f"max_position_embeddings {self.max_position_embeddings:,} needs a {kv / 2**30:,.0f} GiB "
                              f"KV cache, above the limit of {MAX_KV_CACHE_BYTES >> 30} GiB; check the sizes")
@@ -256,6 +255,18 @@ def expert_of(name: str) -> tuple[int, int] | None:
     """(layer, expert) for a routed-expert tensor name, None for a backbone tensor."""
     m = EXPERT_NAME_RE.match(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def backbone_shapes(config: CosmoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the backbone file: all but the routed experts, in model order."""
+    return {name: shape for name, shape in tensor_shapes(config).items() if expert_of(name) is None}
+
+
+def kv_cache_bytes(config: CosmoeConfig, positions: int | None = None, itemsize: int = 4) -> int:
+    """Bytes of a static KV cache: keys and values of every layer for ``positions`` tokens (default:
+    the whole context), ``itemsize`` bytes each (fp32 unless the runtime computes in another dtype)."""
+    positions = config.max_position_embeddings if positions is None else positions
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * positions * config.head_size * itemsize
 
 
 @dataclass(frozen=True)

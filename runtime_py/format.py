@@ -5,6 +5,8 @@ A bundle is a directory:
     backbone.safetensors                           every non-expert tensor
     experts/layer_{L:03d}/expert_{E:03d}.safetensors   one routed expert of one layer
     tokenizer/...                                  tokenizer files passed through from the source
+    {target}/embed{suffix}, {target}/layer_{L:03d}{suffix}, {target}/head{suffix},
+    {target}/experts/layer_{L:03d}/expert_{E:03d}{suffix}   lowered programs (cosmoe-export lower)
 
 Quantized bundles add the manifest's QUANTIZATION_KEY section and a per-file ``tensors`` map;
 runtime_py/quant.py is the spec of their tensors' bytes.
@@ -13,6 +15,7 @@ runtime_py/quant.py is the spec of their tensors' bytes.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 
 FORMAT_NAME = "cosmoe-bundle"
@@ -22,15 +25,72 @@ QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"
 EXPERT_PATH = "experts/layer_{layer:03d}/expert_{expert:03d}.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# Every shard's safetensors metadata: what transformers' loaders expect to find.
+SHARD_METADATA = {"format": "pt"}
 # The manifest is small (a few hundred KB even for 1,000s of experts); a cap stops a crafted
 # multi-GB "manifest" from being read into memory.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 ROLES = ("backbone", "expert", "tokenizer", "program")  # program: a lowered unit (cosmoe-export lower)
-# Tensor dtypes a v1 bundle may hold (safetensors spelling -> torch spelling).
-DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-# CLI spelling -> torch dtype name.
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TOKENIZER_FILE = "tokenizer.json"  # the one file tokenizers reads, inside TOKENIZER_DIR
+
+
+@dataclass(frozen=True)
+class DType:
+    """One tensor dtype under its three spellings: the manifest's (torch's attribute name),
+    safetensors' header string, and the CLI's short alias (floats a bundle may be split to)."""
+    name: str
+    st: str
+    alias: str | None = None
+
+    @property
+    def torch(self):  # torch imported here only: format stays importable without it
+        import torch
+        return getattr(torch, self.name)
+
+
+# Every dtype the tools read or write. Float dtypes with an alias are the ones a v1 bundle's
+# tensors may be stored in; integers hold quantized codes (runtime_py/quant.py).
+DTYPE_TABLE = (DType("float32", "F32", "fp32"), DType("bfloat16", "BF16", "bf16"), DType("float16", "F16", "fp16"),
+               DType("int8", "I8"), DType("uint8", "U8"), DType("int32", "I32"), DType("int64", "I64"),
+               DType("float64", "F64"))
+_BY_NAME = {d.name: d for d in DTYPE_TABLE}
+_BY_ST = {d.st: d for d in DTYPE_TABLE}
+# The float dtypes a bundle's float tensors may use (safetensors spelling -> manifest spelling).
+DTYPES = {d.st: d.name for d in DTYPE_TABLE if d.alias}
+# CLI spelling -> manifest/torch dtype name.
+DTYPE_ALIASES = {d.alias: d.name for d in DTYPE_TABLE if d.alias}
+
+
+def dtype(name: str) -> DType:
+    """The dtype by its manifest name ("bfloat16"); KeyError for one the tools do not know."""
+    return _BY_NAME[name]
+
+
+def st_dtype(st: str) -> DType | None:
+    """The dtype by its safetensors spelling ("BF16"); None for one the tools do not read."""
+    return _BY_ST.get(st)
+
+
+def dtype_of(torch_dtype) -> DType | None:
+    """The dtype of a torch.dtype; None for one the tools do not write."""
+    return _BY_NAME.get(str(torch_dtype).removeprefix("torch."))
+
+
+# Lowered programs: one file per unit under the target's directory (cosmoe-export lower).
+PROGRAM_TARGETS = {"executorch": ".pte", "onnx": ".onnx"}  # target -> file suffix
+PROGRAM_UNITS = ("embed", "layer", "head", "expert")
+# A layer program's KV cache input: the filled prefix of the slots, or the whole context (older bundles).
+PROGRAM_CACHES = ("prefix", "context")
+
+
+def program_path(target: str, unit: str, layer: int | None = None, expert: int | None = None) -> str:
+    suffix = PROGRAM_TARGETS[target]
+    if unit == "expert":
+        return f"{target}/experts/layer_{layer:03d}/expert_{expert:03d}{suffix}"
+    if unit == "layer":
+        return f"{target}/layer_{layer:03d}{suffix}"
+    return f"{target}/{unit}{suffix}"
 
 
 def expert_path(layer: int, expert: int) -> str:

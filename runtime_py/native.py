@@ -32,6 +32,10 @@ PROBE_PROMPT = [0]  # every vocabulary has token 0
 
 
 class NativeRunner:
+    """Runner's public interface (runtime_py/runner.py) over the C++ runner. Not an Engine
+    (runtime_py/engine.py): the C++ runner has its own engine, store and policies in its own
+    process, so nothing here runs per layer or holds an expert."""
+
     backend = "native"
 
     def __init__(self, bundle: Bundle, *, budget_bytes: int | None = None, experts_per_layer: int | None = None,

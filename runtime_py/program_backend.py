@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from runtime_py.bundle import Bundle, FileEntry, sha256_file
-from runtime_py.errors import FormatError, IntegrityError
+from runtime_py.bundle import Bundle, FileEntry
+from runtime_py.config import backbone_shapes, kv_cache_bytes
+from runtime_py.errors import FormatError
 from runtime_py.memory import rss_bytes
-from runtime_py.model import guess_logits, rope_cos_sin, rope_inv_freq, route
+from runtime_py.model import Dispatch, guess_logits, rope_cos_sin, rope_inv_freq, route
+from runtime_py.shards import read_shard
 
 Program = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -62,9 +63,10 @@ def layer_masks(pos: int, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ProgramEngine:
-    """The decode loop over one backend's lowered units; the runner supplies the expert dispatch."""
+    """The decode loop over one backend's lowered units (an Engine, runtime_py/engine.py); the runner
+    supplies the expert dispatch."""
 
-    def __init__(self, bundle: Bundle, backend: str, *, check_hash: str = "first") -> None:
+    def __init__(self, bundle: Bundle, backend: str, *, dispatch: Dispatch, check_hash: str = "first") -> None:
         if backend not in BACKENDS:
             raise FormatError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
         target, self._loader = BACKENDS[backend]
@@ -85,8 +87,7 @@ class ProgramEngine:
         # Layer programs lowered with a dynamic cache length take only the filled slots; older ones
         # were exported for the whole context and take all of it (docs/LOWERING.md).
         self.prefix_cache = all(self.units[("layer", i, None)].cache == "prefix" for i in layers)
-        self._hashed: set[Path] = set()
-        self._dispatch = None
+        self.dispatch = dispatch
         # Backbone programs stay resident. Their cost is what loading them added to RSS (packed
         # weights, program buffers), and never less than their files.
         before = rss_bytes()
@@ -100,12 +101,7 @@ class ProgramEngine:
 
     # ---- units
     def _open(self, entry: FileEntry, threads: int = 1) -> Program:
-        path = self.bundle.checked_path(entry)  # size check on every load
-        if self.check_hash == "always" or (self.check_hash == "first" and path not in self._hashed):
-            if sha256_file(path) != entry.sha256:
-                raise IntegrityError(f"{path}: sha256 differs from the manifest; the program changed after the "
-                                     "bundle was written. Rebuild it or run `cosmoe-export verify --integrity`")
-            self._hashed.add(path)
+        path = self.bundle.hashed_path(entry, self.check_hash)  # size check on every load, sha256 when due
         return self._loader(path, threads)
 
     def _measure_unit_bytes(self) -> int:
@@ -121,15 +117,12 @@ class ProgramEngine:
 
     def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's (router weight [E, D], MoE norm weight [D]) fp32, for the prefetch guess
-        (routers and norms are never quantized)."""
-        path = self.bundle.checked_path(self.bundle.backbone)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return [(f.get_tensor(f"layers.{i}.moe.router.weight").float(),
-                         f.get_tensor(f"layers.{i}.ffn_norm.weight").float())
-                        for i in range(self.config.num_hidden_layers)]
-        except (SafetensorError, KeyError) as e:
-            raise FormatError(f"{path}: cannot read the routers ({e})") from None
+        (routers and norms are never quantized), read from the backbone's tensors."""
+        cfg = self.config
+        names = [(f"layers.{i}.moe.router.weight", f"layers.{i}.ffn_norm.weight") for i in range(cfg.num_hidden_layers)]
+        state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
+                           names=[n for pair in names for n in pair], check_hash=self.check_hash)
+        return [(state[router], state[norm]) for router, norm in names]
 
     def load_expert(self, layer: int, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
         program = self._open(self.units[("expert", layer, expert)])
@@ -141,17 +134,13 @@ class ProgramEngine:
     def release_expert(self, unit: Program) -> None:
         pass  # the store drops its reference; the program (and its packed weights) is freed with it
 
-    def set_dispatch(self, dispatch) -> None:
-        self._dispatch = dispatch
-
     def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
         (router, norm), (_, prev_norm) = self.routers[layer], self.routers[layer - 1]
         return guess_logits(router, norm, prev_norm, x_prev)
 
     # ---- cache and steps
     def cache_bytes(self, max_len: int) -> int:
-        cfg = self.config
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.max_position_embeddings * cfg.head_size * 4
+        return kv_cache_bytes(self.config)  # new_cache holds the whole context, whatever max_len says
 
     def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # Room for the whole context (budgeted up front); layer calls get the filled prefix of it.
@@ -184,7 +173,7 @@ class ProgramEngine:
             k_cache[layer][:, :, pos:pos + t] = k_new
             v_cache[layer][:, :, pos:pos + t] = v_new
             weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, K] x2
-            x = base + self._dispatch(layer, xn, weights, idx).view(1, t, -1)  # [1, T, D]
+            x = base + self.dispatch(layer, xn, weights, idx).view(1, t, -1)  # [1, T, D]
         return self._backbone[("head", None, None)]([x])[0][0]  # [T, V]
 
     @torch.inference_mode()

@@ -150,3 +150,10 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)  # [M]
         rows = quant.dequantize(self.stored[flat], self.scale[flat], self.enc, self.dim, self.dtype)  # [M, D]
         return rows.view(*ids.shape, self.dim)
+
+
+def install(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where canonical tensor ``name`` (``...q.weight``) lives in ``root``: an integer
+    linear or embedding in place of the float one."""
+    parent, _, attr = name.removesuffix(".weight").rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)

@@ -202,8 +202,14 @@ def codes(stored: torch.Tensor, enc: Encoding, k: int) -> torch.Tensor:
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, enc: Encoding, k: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(stored codes, scales [N, K/G]) -> W [N, K] in ``dtype``; exact in fp32 (code * bf16 scale)."""
-    q = codes(stored, enc, k)  # [N, K] int8
-    n, g = q.shape[0], enc.group_size
+    return dequantize_codes(codes(stored, enc, k), scale, enc, dtype)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, enc: Encoding,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(codes int8 [N, K], scales [N, K/G]) -> W [N, K] in ``dtype``."""
+    n, k = q.shape
+    g = enc.group_size
     if k % g:
         q = torch.nn.functional.pad(q, (0, -k % g))  # [N, ceil(K/G)*G]
     w = torch.mul(q.view(n, -1, g), scale.float()[..., None]).view(n, -1)  # [N, ceil(K/G)*G] fp32

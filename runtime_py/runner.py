@@ -1,10 +1,11 @@
 """Run a bundle the way a device does: the backbone resident, experts under a memory budget.
 
-One generation loop for every backend. The backend engine (runtime_py/torch_backend.py,
-runtime_py/program_backend.py) runs embedding, attention, router and head; at every layer it hands
-the routed tokens to ``Runner._dispatch``, which asks the ExpertStore (runtime_py/store.py) for
-each selected expert, loading and evicting per policy, records the selection for ExRep, and (policy
-``lru+prefetch``) starts loading the next layer's guessed experts in the background.
+One generation loop for every backend. The backend's engine (runtime_py/engine.py is the protocol;
+runtime_py/torch_engine.py, runtime_py/program_backend.py) runs embedding, attention, router and
+head; at every layer it hands the routed tokens to ``Runner._dispatch`` (given to the engine when it
+is made), which asks the ExpertStore (runtime_py/store.py) for each selected expert, loading and
+evicting per policy, records the selection for ExRep, and (policy ``lru+prefetch``) starts loading
+the next layer's guessed experts in the background.
 
 Budget: backbone bytes (weights or loaded programs as measured, plus the KV cache for the whole
 context) + expert capacity. ``experts_per_layer=N`` is backbone + N x layers x unit bytes.
@@ -27,9 +28,10 @@ import torch
 from runtime_py import routing_metrics
 from runtime_py.backends import BACKENDS
 from runtime_py.bundle import Bundle
+from runtime_py.engine import Engine, EngineFactory
 from runtime_py.errors import ConfigError
 from runtime_py.memory import parse_size, peak_rss_bytes, reset_peak_rss
-from runtime_py.model import dispatch_experts
+from runtime_py.model import Dispatch, dispatch_experts
 from runtime_py.store import POLICIES, ExpertStore, StoreStats
 
 if TYPE_CHECKING:
@@ -43,23 +45,23 @@ PREFETCH_MIN_PROB = 0.3
 __all__ = ["BACKENDS", "ENGINES", "POLICIES", "Generation", "Runner", "check_prompt", "open_runner", "parse_size"]
 
 
-def _torch_engine(bundle: Bundle, check_hash: str):
-    from runtime_py.torch_backend import TorchEngine
+def _torch_engine(bundle: Bundle, check_hash: str, dispatch: Dispatch) -> Engine:
+    from runtime_py.torch_engine import TorchEngine
     # Integers stay integers, as on a device: resident bytes and speed are the quantized ones.
-    return TorchEngine(bundle, check_hash=check_hash, int_kernels=True)
+    return TorchEngine(bundle, dispatch=dispatch, check_hash=check_hash, int_kernels=True)
 
 
-def _program_engine(backend: str) -> Callable[[Bundle, str], Any]:
-    def make(bundle: Bundle, check_hash: str):
+def _program_engine(backend: str) -> EngineFactory:
+    def make(bundle: Bundle, check_hash: str, dispatch: Dispatch) -> Engine:
         from runtime_py.program_backend import ProgramEngine
-        return ProgramEngine(bundle, backend, check_hash=check_hash)
+        return ProgramEngine(bundle, backend, dispatch=dispatch, check_hash=check_hash)
     return make
 
 
-# Backend name -> engine factory (bundle, check_hash), for the backends that run in this process (every
-# name of runtime_py.backends.BACKENDS but native; open_runner takes them all). Program backends need
-# `cosmoe-export lower`.
-ENGINES: dict[str, Callable[[Bundle, str], Any]] = {
+# Backend name -> engine factory (bundle, check_hash, dispatch), for the backends that run in this
+# process (every name of runtime_py.backends.BACKENDS but native; open_runner takes them all). Program
+# backends need `cosmoe-export lower`.
+ENGINES: dict[str, EngineFactory] = {
     "torch": _torch_engine,
     "executorch": _program_engine("executorch"),
     "onnxruntime": _program_engine("onnxruntime"),
@@ -86,7 +88,8 @@ class Runner:
         reset_peak_rss()  # the peak of this run, not of whatever the process did before
         self.bundle, self.config, self.backend, self.policy = bundle, bundle.config, backend, policy
         cfg = self.config
-        self.engine = ENGINES[backend](bundle, check_hash)
+        # The dispatch runs through self.store, made below once the engine has measured its units.
+        self.engine: Engine = ENGINES[backend](bundle, check_hash, self._dispatch)
         self.kv_bytes = self.engine.cache_bytes(cfg.max_position_embeddings)
         self.backbone_bytes = self.engine.backbone_bytes + self.kv_bytes
         self.expert_unit_bytes = self.engine.unit_bytes
@@ -112,7 +115,6 @@ class Runner:
                                  load=self.engine.load_expert, release=self.engine.release_expert,
                                  file_bytes=self.engine.expert_file_bytes,
                                  where=str(bundle.root))
-        self.engine.set_dispatch(self._dispatch)
         # While generate runs: each layer's expert selections, one [K] array per token, in order.
         self._selections: list[list[np.ndarray]] | None = None
         self.prefetch_min_prob = prefetch_min_prob

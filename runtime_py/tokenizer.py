@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from runtime_py import format as fmt
 from runtime_py.bundle import Bundle
 from runtime_py.errors import ConfigError, FormatError
 
@@ -14,12 +15,12 @@ class BundleTokenizer:
         from tokenizers import Tokenizer
 
         root = bundle.tokenizer_dir
-        if root is None or not (root / "tokenizer.json").is_file():
+        if root is None or not (root / fmt.TOKENIZER_FILE).is_file():
             raise ConfigError(f"{bundle.root}: has no tokenizer; give token ids instead of text (--prompt-ids)")
         try:
-            self.tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+            self.tok = Tokenizer.from_file(str(root / fmt.TOKENIZER_FILE))
         except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
-            raise FormatError(f"{root / 'tokenizer.json'}: cannot be read by tokenizers ({e})") from None
+            raise FormatError(f"{root / fmt.TOKENIZER_FILE}: cannot be read by tokenizers ({e})") from None
         self.stop_ids = self._stop_ids(bundle, root / "tokenizer_config.json")
 
     def _stop_ids(self, bundle: Bundle, config_path) -> list[int]:

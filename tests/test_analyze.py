@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cosmoe_export.analyze import loads_per_token
+from cosmoe_export.analyze import eq8_loads_per_token
+from cosmoe_export.cache_sim import belady_hits, hit_rate_curve, lru_hits, next_use
 from cosmoe_export.cli import cli
-from runtime_py.expert_cache import belady_hits, hit_rate_curve, lru_hits, next_use
 from runtime_py.routing_metrics import delta_uniform, exrep, replacement_count
 from tests.test_train import make_tiny_checkpoint, write_corpus
 
@@ -45,7 +45,7 @@ def test_metrics_by_hand():
     sel = np.array([[0, 1], [0, 1], [0, 2], [3, 4]])
     assert replacement_count(sel, 5) == 6
     assert exrep(sel, 5) == pytest.approx(100 * 3 / 6)  # Eq. 5: floor(6/2) / (1*2*3)
-    assert loads_per_token(sel[None], 5) == pytest.approx(3 / 3)  # Eq. 8: 3 loads over 3 transitions
+    assert eq8_loads_per_token(sel[None], 5) == pytest.approx(3 / 3)  # Eq. 8: 3 loads over 3 transitions
     # loads .375 .25 .125 .125 .125 vs uniform .2: .175 + .05 + 3*.075 = .45
     assert delta_uniform(sel, 5) == pytest.approx(45.0)
     # LRU, cache 2 (= K, the Eq. 8 policy): t0 misses twice, t1 hits twice, t2 hits 0 and loads 2
@@ -95,6 +95,9 @@ def test_analyze_end_to_end_json_and_plots(tiny_bles, tmp_path):
     assert data["exrep"] == pytest.approx(np.mean([p["exrep"] for p in data["per_layer"]]))
     assert data["delta_uniform"] == pytest.approx(np.mean([p["delta_uniform"] for p in data["per_layer"]]))
     assert 0 <= data["exrep"] <= 100 and data["perplexity"] > 1
+    # Eq. 8's loads are named apart from the runtime's measured loads_per_token.
+    assert "loads_per_token" not in data and all("loads_per_token" not in p for p in data["per_layer"])
+    assert data["eq8_loads_per_token"] == pytest.approx(sum(p["eq8_loads_per_token"] for p in data["per_layer"]))
     curve = data["hit_rate_curve"]
     assert curve["cache_size"] == list(range(1, 9)) and len(curve["lru"]) == len(curve["belady"]) == 8
     assert all(a <= b + 1e-12 for a, b in zip(curve["lru"], curve["belady"], strict=True))

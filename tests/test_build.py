@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from cosmoe_export.build import build
 from cosmoe_export.cli import cli
+from cosmoe_export.errors import CosmoeError
 from cosmoe_export.recipe import load_recipe
 from cosmoe_export.sources import random_tensor
 from runtime_py.config import CosmoeConfig, tensor_shapes
@@ -204,10 +205,25 @@ def test_build_help_is_a_quickstart_with_examples():
 
 
 def test_gates_start_from_the_precision_defaults_and_unmeasured_metrics_fail():
-    from cosmoe_export import report
-    limits = report.thresholds("int4", {"top1_agreement": 0.9, "ppl_increase": None, "decode_tok_s": 10.0})
+    from cosmoe_export import gates
+    limits = gates.thresholds("int4", {"top1_agreement": 0.9, "ppl_increase": None, "decode_tok_s": 10.0})
     assert limits == {"top1_agreement": 0.9, "decode_tok_s": 10.0}  # ppl_increase switched off
-    assert report.thresholds("float", {})["max_abs_logit_err"] == 1e-4
-    assert not report.gate("decode_tok_s", None, 10.0)["passed"]
-    assert report.gate("peak_rss_mb", 500.0, 500.0)["passed"] and not report.gate("peak_rss_mb", 501.0, 500.0)["passed"]
-    assert report.gate("hit_rate", 0.8, 0.7)["op"] == ">="
+    assert gates.thresholds("float", {})["max_abs_logit_err"] == 1e-4
+    assert not gates.check("decode_tok_s", None, 10.0)["passed"]
+    assert gates.check("peak_rss_mb", 500.0, 500.0)["passed"] and not gates.check("peak_rss_mb", 501.0, 500.0)["passed"]
+    assert gates.check("hit_rate", 0.8, 0.7)["op"] == ">="
+    assert [g["passed"] for g in gates.evaluate({"top1_agreement": 0.95}, limits)] == [True, False]
+    assert gates.integrity([])["passed"] and not gates.integrity(["a: sha256 differs"])["passed"]
+    with pytest.raises(CosmoeError, match="unknown gate"):
+        gates.thresholds("float", {"speed": 1.0})
+
+
+def test_build_gates_the_stored_measurements_as_verify_gates_them(built):
+    """One set of gates: the thresholds in force, evaluated on verify's measurements, are the gates
+    `verify` would report for the same numbers."""
+    from cosmoe_export import gates
+    report = json.loads((built.out / "report.json").read_text())
+    measured = json.loads((built.work / "verify" / "result.json").read_text())
+    for row, result in zip(report["backends"], measured["results"], strict=True):
+        assert row["gates"] == gates.evaluate(result, report["thresholds"])
+        assert "gates" not in result  # the verify stage measures; the build gates

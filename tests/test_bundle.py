@@ -9,9 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from cosmoe_export.cli import cli
+from cosmoe_export.reference import TorchRuntime
 from runtime_py.bundle import Bundle
+from runtime_py.config import backbone_shapes
 from runtime_py.errors import FormatError, IntegrityError
-from runtime_py.torch_backend import TorchRuntime
+from runtime_py.shards import read_shard
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,53 @@ def test_runtime_loads_experts_only_when_selected(bundle_dir):
     cfg = runtime.config
     assert 0 < runtime.store.loads <= cfg.num_hidden_layers * cfg.num_experts
     assert runtime.store.loads == len(runtime.store.resident)
+    layer, expert = runtime.store.resident[0]
+    runtime.store.evict(layer, expert)  # the exporter's tools drop what they are done with
+    assert (layer, expert) not in runtime.store.resident
+    runtime.store.get(layer, expert)
+    assert runtime.store.loads == len(runtime.store.resident) + 1
+
+
+def test_one_hash_check_for_every_reader(bundle_dir, tmp_path):
+    """A backbone changed after the bundle was written (same size): the engine and read_shard (quantize,
+    lower) refuse it with the same line, once per open bundle as a first-load check; never skips it."""
+    import torch
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: None)
+    shard = d / "backbone.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bundle = Bundle.open(d)
+
+    def read(**kw):
+        return read_shard(bundle, bundle.backbone, backbone_shapes(bundle.config), dtype=torch.float32, **kw)
+    with pytest.raises(IntegrityError) as engine:
+        TorchRuntime(bundle)
+    with pytest.raises(IntegrityError) as reader:
+        read()
+    assert str(engine.value) == str(reader.value) == (
+        f"{shard}: sha256 differs from the manifest; the file changed after the bundle was written. "
+        "Rebuild it or run `cosmoe-export verify --integrity`")
+    assert read(check_hash="never")["norm.weight"].shape == (bundle.config.hidden_size,)
+    with pytest.raises(FormatError, match="check_hash must be one of"):
+        read(check_hash="sometimes")
+
+
+def test_reader_checks_tensors_against_the_config(bundle_dir, tmp_path):
+    """The one check: a shard whose tensors are not what the config implies never loads."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    rel = "experts/layer_001/expert_002.safetensors"
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: None)
+    tensors = load_file(d / rel)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, str(d / rel), metadata={"format": "pt"})
+    m = json.loads((d / "manifest.json").read_text())  # the manifest vouches for it: only the config can tell
+    entry = next(f for f in m["files"] if f["path"] == rel)
+    entry["bytes"], entry["sha256"] = (d / rel).stat().st_size, hashlib.sha256((d / rel).read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(m))
+    runtime = TorchRuntime(Bundle.open(d))
+    with pytest.raises(FormatError, match=f"{name} has shape .*, config implies"):
+        runtime.store.get(1, 2)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -59,12 +62,65 @@ def test_error_is_one_line_exit_2(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_help_is_a_quickstart_and_commands_have_examples():
+def examples(help_text: str) -> list[list[str]]:
+    """The command lines of a help text (after its first "cosmoe-export"), continuations joined."""
+    lines, line = [], ""
+    for raw in help_text.splitlines():
+        line += raw.strip()
+        if line.endswith("\\"):
+            line = line[:-1] + " "
+            continue
+        if line.startswith("cosmoe-export "):
+            lines.append(shlex.split(line.split("#")[0])[1:])
+        line = ""
+    return lines
+
+
+def parse_example(args: list[str], root: Path) -> click.Context:
+    """Parse one example as the CLI would, without running it; the files it reads are made first,
+    under ``root`` (the examples' relative paths resolve inside it)."""
+    i = next(i for i, a in enumerate(args) if not a.startswith("-"))  # the group's own flags come first
+    group = cli.make_context("cosmoe-export", args[:i + 1])
+    cmd = cli.get_command(group, args[i])
+    assert cmd is not None, args
+    rest = args[i + 1:]
+    for param in cmd.params:
+        if isinstance(param.type, click.Path) and param.type.exists:
+            for opt in param.opts:
+                if opt in rest:
+                    path = Path(rest[rest.index(opt) + 1]).resolve()
+                    assert root in path.parents, f"{args}: reads {path}, outside the test's directory"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("text")
+    return cmd.make_context(args[i], rest, parent=group)
+
+
+# Examples that need no input and are quick: run, not only parsed.
+RUN = [["architectures"], ["inspect", "phone-moe"]]
+
+
+def test_help_is_a_quickstart_and_every_command_has_examples_that_parse(tmp_path, monkeypatch):
     r = run("-h")
     assert r.exit_code == 0 and "Quickstart" in r.output
-    for cmd in ("split", "inspect", "verify", "architectures"):
-        r = run(cmd, "--help")
-        assert "Examples:" in r.output, cmd
+    quickstart = examples(r.output)
+    assert quickstart
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the examples' relative paths land here
+    for args in quickstart:
+        parse_example(args, tmp_path)
+    for name in cli.commands:
+        r = run(name, "-h")
+        assert r.exit_code == 0 and "Examples:" in r.output, name
+        own = examples(r.output.split("Examples:", 1)[1])
+        assert own and all(name in args for args in own), name
+        for args in own:
+            ctx = parse_example(args, tmp_path)
+            assert ctx.command.name == name
+    every = [args for name in cli.commands for args in examples(run(name, "-h").output)]
+    for args in RUN:
+        assert args in every, args
+        r = run(*args)
+        assert r.exit_code == 0 and r.output, (args, r.output)
 
 
 def test_architectures_lists_every_family():

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from cosmoe_export.cli import cli
 from cosmoe_export.lower import executorch_target, onnx_target, units
 from cosmoe_export.lower.stage import TARGETS
+from cosmoe_export.reference import TorchRuntime
 from runtime_py import quant
 from runtime_py.backends import native_binary
 from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 from runtime_py.model import Attention, Expert, LayerCache, RMSNorm, rope_cos_sin, rope_inv_freq
 from runtime_py.program_backend import layer_masks
-from runtime_py.torch_backend import TorchRuntime
 
 CFG = CosmoeConfig(vocab_size=200, hidden_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=160, max_position_embeddings=64)

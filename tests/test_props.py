@@ -21,6 +21,12 @@ from runtime_py.bundle import Bundle, validate_manifest
 from runtime_py.errors import CosmoeError, FormatError
 from runtime_py.safetensors_header import DTYPE_BITS, MAX_HEADER_BYTES, parse_header, read_header
 
+
+def one_line(e: Exception, where: str) -> None:
+    """Every error the readers raise is one line that starts with the file (or bundle) it is about."""
+    assert "\n" not in str(e) and str(e).startswith(where), str(e)
+
+
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---- strategies ------------------------------------------------------------------------------------
@@ -118,7 +124,8 @@ def test_mutated_files_never_accepted_when_the_library_refuses(case, cuts):
     buf = bytes(buf)
     try:
         ours = our_view(buf)
-    except FormatError:
+    except FormatError as e:
+        one_line(e, "x")
         return
     assert ours == library_view(buf)
 
@@ -129,7 +136,7 @@ def test_header_any_bytes(buf):
     try:
         parse_header(buf, file_size=len(buf), where="x")
     except FormatError as e:
-        assert "\n" not in str(e) and str(e).startswith("x: ")
+        one_line(e, "x")
 
 
 @FAST
@@ -139,7 +146,7 @@ def test_header_any_json(doc, data):
     try:
         h = parse_header(buf, file_size=len(buf), where="x")
     except FormatError as e:
-        assert "\n" not in str(e)
+        one_line(e, "x")
         return
     assert library_view(buf) is not None  # never laxer than the library
     assert sum(t.nbytes for t in h.tensors.values()) == len(data)
@@ -154,7 +161,8 @@ def test_header_any_tensor_entry(entry, data):
     buf = with_header(json.dumps({"t": entry}).encode(), data)
     try:
         parse_header(buf, file_size=len(buf), where="x")
-    except FormatError:
+    except FormatError as e:
+        one_line(e, "x")
         return
     assert library_view(buf) is not None
 
@@ -179,8 +187,9 @@ def test_header_any_tensor_entry(entry, data):
 ])
 def test_header_named_problems(text, problem):
     buf = with_header(text, b"\0\0")
-    with pytest.raises(FormatError, match=problem):
+    with pytest.raises(FormatError, match=problem) as e:
         parse_header(buf, file_size=len(buf), where="x")
+    one_line(e.value, "x")
 
 
 def test_read_header_checks_length_before_reading(tmp_path):
@@ -212,8 +221,8 @@ def tiny_bundle(tmp_path_factory):
 def test_validate_manifest_any_json(manifest):
     try:
         validate_manifest(manifest, where="m.json")
-    except FormatError:
-        pass
+    except FormatError as e:
+        one_line(e, "m.json")
 
 
 def _paths(doc, prefix=()):
@@ -244,7 +253,7 @@ def test_bundle_open_mutated_manifest(tiny_bundle, data, tmp_path_factory):
     try:
         Bundle.open(root)
     except CosmoeError as e:
-        assert "\n" not in str(e)
+        one_line(e, str(root))
 
 
 @FAST
@@ -254,12 +263,13 @@ def test_bundle_open_any_manifest_bytes(raw, tmp_path_factory):
     (root / "manifest.json").write_bytes(raw)
     try:
         Bundle.open(root)
-    except CosmoeError:
-        pass
+    except CosmoeError as e:
+        one_line(e, str(root))
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"format": 1' + b"0" * 5000 + b"}", b'{"a": NaN}'])
 def test_bundle_open_hostile_json(raw, tmp_path):
     (tmp_path / "manifest.json").write_bytes(raw)
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError) as e:
         Bundle.open(tmp_path)
+    one_line(e.value, str(tmp_path))

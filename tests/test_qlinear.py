@@ -12,11 +12,12 @@ import torch
 from click.testing import CliRunner
 
 from cosmoe_export.cli import cli
+from cosmoe_export.reference import TorchRuntime
 from runtime_py import quant
 from runtime_py.bundle import Bundle
 from runtime_py.qlinear import Int4Linear, Int8Linear, QuantEmbedding, kernel_for
 from runtime_py.runner import Runner
-from runtime_py.torch_backend import TorchEngine, TorchRuntime
+from runtime_py.torch_engine import TorchEngine
 
 BF16_REL = 1e-2  # two bf16 roundings (input and output) on a K-term dot product
 
@@ -105,7 +106,7 @@ def test_runner_keeps_integers_and_matches_the_dequantized_model(quantized_bundl
         assert sum(_tensor_bytes(getattr(slot.module, m)) for m in ("gate", "up", "down")) == r.expert_unit_bytes
     assert len(gen.tokens) == 24
     # The integers are what is resident: far below the float experts and backbone.
-    floats = TorchEngine(bundle)
+    floats = TorchEngine(bundle, dispatch=r._dispatch)  # measured, never run
     assert r.expert_unit_bytes * 3 < floats.unit_bytes
     assert r.engine.backbone_bytes * 2 < floats.backbone_bytes
 

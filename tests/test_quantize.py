@@ -20,11 +20,12 @@ from cosmoe_export.cli import cli
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.mixed_precision import _lower_hull, allocate, ladder
 from cosmoe_export.quantize import parse_size, role_of
+from cosmoe_export.reference import TorchRuntime
 from runtime_py import quant as Q
 from runtime_py.bundle import Bundle
 from runtime_py.config import expert_tensor_shapes, tensor_shapes
 from runtime_py.errors import FormatError
-from runtime_py.torch_backend import TorchRuntime, read_safetensors
+from runtime_py.shards import read_file
 from tests.test_train import make_tiny_checkpoint, write_corpus
 
 
@@ -307,20 +308,21 @@ def test_reader_checks_codes_scales_and_encodings(tmp_path):
     good = {"a.weight": packed, "a.weight_scale": scale, "n.weight": torch.ones(64)}
     path = tmp_path / "good.safetensors"
     save_file(good, str(path))
-    out = read_safetensors(path, shapes, torch.float32, encodings)
+    out = read_file(path, shapes, torch.float32, encodings)
     assert torch.equal(out["a.weight"], Q.dequantize(packed, scale, e4, 64))
     cases = {
         "codes-dtype": ({**good, "a.weight": packed.view(torch.int8)}, "its encoding needs torch.uint8"),
         "no-scale": ({k: v for k, v in good.items() if k != "a.weight_scale"}, "missing ['a.weight_scale']"),
         "scale-shape": ({**good, "a.weight_scale": scale[:, :1].contiguous()}, "a.weight_scale has shape"),
+        "float-as-int": ({**good, "n.weight": torch.ones(64, dtype=torch.int32)}, "is torch.int32, expected a float"),
     }
     for name, (tensors, match) in cases.items():
         p = tmp_path / f"{name}.safetensors"
         save_file(tensors, str(p))
         with pytest.raises(FormatError, match=re.escape(match)):
-            read_safetensors(p, shapes, torch.float32, encodings)
+            read_file(p, shapes, torch.float32, encodings)
     with pytest.raises(FormatError, match="encodings do not match"):
-        read_safetensors(path, shapes, torch.float32, {"a.weight": e4})
+        read_file(path, shapes, torch.float32, {"a.weight": e4})
 
 
 def test_bundle_refuses_mixed_float_and_quantized_entries(tiny, tmp_path):

@@ -1,13 +1,34 @@
-"""Recipes: every shipped one loads; bad ones fail with every problem's key path at once."""
+"""Recipes: every shipped one loads; bad ones fail with every problem's key path at once; the schema's
+keys are the dataclasses' and its choices the registries'; reading one imports no model code."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
+from cosmoe_export import gates
 from cosmoe_export.errors import CosmoeError
-from cosmoe_export.recipe import find_recipe, load_recipe, recipe_from_dict, shipped_recipes, with_source
+from cosmoe_export.quant_config import Calibration, QuantConfig, QuantConfigError
+from cosmoe_export.recipe import (
+    SECTIONS,
+    LowerSection,
+    Recipe,
+    VerifySection,
+    find_recipe,
+    load_recipe,
+    recipe_from_dict,
+    schema,
+    shipped_recipes,
+    with_source,
+)
+from runtime_py.backends import BACKENDS
+from runtime_py.format import DTYPE_ALIASES, PROGRAM_TARGETS
+from runtime_py.store import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
@@ -125,3 +146,55 @@ def test_unreadable_recipes_are_one_line_errors(tmp_path):
         load_recipe(tmp_path / "missing.toml")
     with pytest.raises(CosmoeError, match="shipped: .*demo"):
         find_recipe("no-such-recipe")
+
+
+def test_reading_a_recipe_imports_no_model_code():
+    """The gates and the recipe reader are plain data: importing them pulls in no torch, and reading
+    every shipped recipe no model code (QuantConfig reads the scheme registry, runtime_py/quant.py)."""
+    code = """
+import sys
+import cosmoe_export.gates, cosmoe_export.recipe
+assert "torch" not in sys.modules, "importing the gates or the recipe reader imported torch"
+from cosmoe_export.recipe import find_recipe, load_recipe, shipped_recipes
+for name in shipped_recipes():
+    load_recipe(find_recipe(name))
+model = sorted(m for m in sys.modules if m.startswith(("transformers", "runtime_py.model", "runtime_py.torch_backend",
+                                                        "cosmoe_export.verify", "cosmoe_export.quantize")))
+assert not model, model
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_schema_is_valid_has_the_dataclasses_keys_and_the_registries_choices():
+    s = schema()
+    jsonschema.Draft202012Validator.check_schema(s)
+    assert set(s["properties"]) == {f.name for f in dataclasses.fields(Recipe)} - {"path"}
+    for name, cls in SECTIONS.items():
+        assert set(s["properties"][name]["properties"]) == {f.name for f in dataclasses.fields(cls)}, name
+    defs = s["$defs"]
+    assert defs["backend"]["enum"] == list(BACKENDS)
+    assert defs["target"]["enum"] == list(PROGRAM_TARGETS)
+    assert defs["dtype"]["enum"] == list(DTYPE_ALIASES)
+    assert defs["policy"]["enum"] == list(POLICIES)
+    assert list(defs["gates"]["properties"]) == list(gates.OPS)
+    # The recipe's defaults name only things the registries have.
+    assert set(LowerSection().targets) == set(PROGRAM_TARGETS) and set(VerifySection().backends) <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"experts": "auto", "calibration": "t.txt"}, 'quantize.target_size: experts = "auto" needs target_size'),
+    ({"target_size": "3MB"}, 'quantize.target_size: target_size only applies with experts = "auto"'),
+    ({"experts": "auto", "target_size": "3MB", "rounding": "gptq"},
+     'quantize.calibration: experts = "auto" and rounding = "gptq" need a calibration text'),
+    ({"group_size": 16}, "quantize.group_size: 16 is not one of [32, 64, 128]"),
+])
+def test_quantize_options_are_checked_by_quant_config(tmp_path, section, message):
+    (tmp_path / "t.txt").write_text("text")
+    with pytest.raises(CosmoeError) as e:
+        recipe_from_dict({"quantize": section, "verify": {"text": "t.txt"}}, base=tmp_path, where="r.toml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    q = {k: v for k, v in section.items() if k not in ("calibration", "target_size")}
+    with pytest.raises(QuantConfigError):  # the same options, given to the quantize stage directly
+        QuantConfig(**q, target_bytes=3_000_000 if "target_size" in section else None,
+                    calibration=Calibration(tmp_path / "t.txt") if "calibration" in section else None)

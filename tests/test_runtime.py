@@ -19,6 +19,8 @@ from click.testing import CliRunner
 from cosmoe_export.cli import cli
 from runtime_py import routing_metrics
 from runtime_py.bundle import Bundle
+from runtime_py.config import kv_cache_bytes
+from runtime_py.engine import Engine
 from runtime_py.errors import ConfigError, IntegrityError
 from runtime_py.memory import parse_size
 from runtime_py.runner import Runner
@@ -168,6 +170,7 @@ def test_budget_changes_residency_not_tokens(tiny_bles_bundle):
             assert m["resident_expert_bytes_max"] <= per_layer * bundle.config.num_hidden_layers * r.expert_unit_bytes
             assert r.backbone_bytes + m["resident_expert_bytes_max"] <= m["budget_bytes"]
             assert r.engine.experts.slots_created <= r.store.capacity  # the memory really allocated
+            assert isinstance(r.engine, Engine)
             loads[policy] = m["loads_per_token"]
             assert 0 <= m["hit_rate"] <= 1 and m["exrep"] == pytest.approx(want.metrics["exrep"])
     assert loads["paper"] > loads["lru"]
@@ -183,10 +186,22 @@ def test_exrep_matches_analyze_definition(tiny_bles_bundle):
         def spy(layer, x, w, idx):
             seen.setdefault(layer, []).extend(idx.tolist())
             return orig(layer, x, w, idx)
-        r.engine.set_dispatch(spy)
+        r.engine.dispatch = spy  # the engine's documented dispatch attribute (runtime_py/engine.py)
         m = r.generate(PROMPT, 40).metrics
     want = np.mean([routing_metrics.exrep(np.array(seen[i]), bundle.config.num_experts) for i in sorted(seen)])
     assert m["exrep"] == pytest.approx(want)
+
+
+def test_kv_cache_is_budgeted_by_the_one_formula(tiny_bles_bundle):
+    """The torch engine's KV cache (fp32, the whole context) is what kv_cache_bytes says, and what
+    its cache really allocates."""
+    bundle = Bundle.open(tiny_bles_bundle)
+    cfg = bundle.config
+    with Runner(bundle) as r:
+        assert r.kv_bytes == kv_cache_bytes(cfg) == kv_cache_bytes(cfg, cfg.max_position_embeddings, 4)
+        cache = r.engine.new_cache(cfg.max_position_embeddings)
+        assert r.kv_bytes == sum(t.nbytes for layer in cache.layers for t in (layer.k, layer.v))
+        assert r.backbone_bytes == r.engine.backbone_bytes + r.kv_bytes
 
 
 def test_budget_errors(tiny_bles_bundle):
@@ -224,9 +239,12 @@ def test_changed_shard_is_refused_not_run(tiny_bles_bundle, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with Runner(bundle, policy="lru") as r, pytest.raises(IntegrityError, match="sha256"):
+    with Runner(bundle, policy="lru") as r, pytest.raises(IntegrityError, match="sha256") as caught:
         for e in range(bundle.config.num_experts):
             r.engine.load_expert(0, e)
+    # The one sha256 check (runtime_py/bundle.py), worded as the native runner words it.
+    assert str(caught.value) == (f"{shard}: sha256 differs from the manifest; the file changed after the bundle was "
+                            "written. Rebuild it or run `cosmoe-export verify --integrity`")
     shard.write_bytes(bytes(data[:-4]))
     with Runner(bundle, policy="lru", check_hash="never") as r, pytest.raises(IntegrityError, match="bytes on disk"):
         r.engine.load_expert(0, 3)
@@ -243,6 +261,8 @@ def test_program_backends_under_a_budget(lowered_tiny, backend, policy):
         got = r.generate(PROMPT, 40)
         assert r.expert_unit_bytes >= bundle.experts[(0, 0)].bytes // 4  # measured, not guessed at zero
         assert got.metrics["resident_expert_bytes_max"] <= r.store.capacity * r.expert_unit_bytes
+        assert isinstance(r.engine, Engine)
+        assert r.kv_bytes == kv_cache_bytes(bundle.config)  # the whole context, fp32
     assert got.tokens == want
     assert got.metrics["expert_loads"] > 0
 
@@ -297,10 +317,10 @@ from runtime_py.runner import Runner
 prompt = [5, 17, 99, 3, 250, 42, 7, 7]
 with Runner(Bundle.open(sys.argv[1]), policy="lru", experts_per_layer=int(sys.argv[2])) as r:
     # Warm PyTorch up (thread pools, kernel caches) without loading an expert.
-    r.engine.set_dispatch(lambda layer, x, w, idx: torch.zeros_like(x))
+    r.engine.dispatch = lambda layer, x, w, idx: torch.zeros_like(x)
     for ids in (prompt, prompt[:1]):
         r.engine.forward(ids, r.engine.new_cache(64), 0)
-    r.engine.set_dispatch(r._dispatch)
+    r.engine.dispatch = r._dispatch
     base, after = rss_bytes(), []
     for seed in range(4):  # 4 x 250 = 1,000 tokens; the context is 256
         r.generate(prompt, 250, temperature=1.0, seed=seed)

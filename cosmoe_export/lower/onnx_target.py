@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from cosmoe_export.lower.units import QuantWeight, Weight, swap_quantized
+from runtime_py import quant
 from runtime_py.config import CosmoeConfig
 
 OPSET = 18
@@ -45,22 +46,28 @@ def nbits_tensors(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, dict[str,
     block = _matmul_nbits_block(w)
     blocks = -(-k // block)
     bits = w.encoding.bits
-    codes = F.pad(w.codes, (0, blocks * block - k)).to(torch.int16)  # [N, Kb], zero codes
-    u = (codes + (1 << (bits - 1))).to(torch.uint8)  # offset binary: ORT's default zero point
-    if bits == 4:
-        u = u[:, 0::2] | (u[:, 1::2] << 4)  # [N, Kb/2], even column in the low nibble
-    packed = u.reshape(n, blocks, -1).contiguous()  # [N, blocks, blob]
+    packed = _offset_binary(F.pad(w.codes, (0, blocks * block - k)), bits)  # [N, Kb*bits/8], zero-code padding
+    packed = packed.reshape(n, blocks, -1).contiguous()  # [N, blocks, blob]
     scales = w.scales if w.encoding.scheme == "int4" else w.scales.expand(n, blocks)  # [N, blocks]
     return packed, scales.reshape(-1).float().contiguous(), {"K": k, "N": n, "bits": bits, "block_size": block}
+
+
+def _offset_binary(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes int8 [R, K] -> uint8 [R, K*bits/8] as ORT reads them: code + 2^(bits-1) (its default zero
+    point). For 4 bits that is the bundle's own int4 packing (code + 8, even column in the low nibble)."""
+    if bits == 4:
+        return quant.SCHEMES["int4"].pack(codes)
+    return (codes.to(torch.int16) + 128).to(torch.uint8)
 
 
 def _unpack_blocks(packed: torch.Tensor, scales: torch.Tensor, rows: int, bits: int, block: int) -> torch.Tensor:
     """Inverse of the packing above: uint8 [R, bytes] -> fp32 [R, blocks * block], the eager path of
     the custom ops (the exported graph never runs it)."""
-    u = packed.reshape(rows, -1)
+    u = packed.reshape(rows, -1)  # [R, bytes]
     if bits == 4:
-        u = torch.stack((u & 0x0F, u >> 4), dim=-1).reshape(rows, -1)  # [R, blocks*block] 0..15
-    codes = u.to(torch.int16) - (1 << (bits - 1))
+        codes = quant.SCHEMES["int4"].unpack(u, 2 * u.shape[1])  # [R, blocks*block] int8
+    else:
+        codes = (u.to(torch.int16) - 128).to(torch.int8)
     return (codes.float().view(rows, -1, block) * scales.view(rows, -1, 1)).view(rows, -1)
 
 

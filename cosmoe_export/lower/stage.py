@@ -7,7 +7,6 @@ unlisted directory that the next run replaces: readers only open files the manif
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from tqdm import tqdm
 
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError
-from cosmoe_export.lower import executorch_target, onnx_target, units
+from cosmoe_export.lower import executorch_target, onnx_target, pte_template, units
+from cosmoe_export.manifest_writer import ManifestWriter
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
 from runtime_py.bundle import Bundle, sha256_file
@@ -29,7 +29,6 @@ from runtime_py.config import CosmoeConfig
 @dataclass(frozen=True)
 class Target:
     name: str
-    suffix: str
     expert: Callable[[CosmoeConfig, dict[str, units.Weight]], bytes]
     # Backbone units: (module, example inputs, dynamic shapes, input names, output names) -> bytes.
     module: Callable[[torch.nn.Module, tuple, Any, list[str], list[str]], bytes]
@@ -41,12 +40,9 @@ class Target:
 
 
 def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
-    program = executorch_target.ExpertProgram(config, weights).eval()
-    x = torch.zeros(2, config.hidden_size)
-    # N tokens per call up to the prefill chunk, not the context: ExecuTorch plans its buffers for
-    # the largest N, and a plan for 2,048 tokens (7 MB at hidden 432) dwarfed a 1 MB int4 expert.
-    n = torch.export.Dim("n", min=1, max=units.max_tokens(config))
-    return executorch_target.to_pte(program, (x,), dynamic_shapes=({0: n},))
+    # Experts of one layout share one graph: lowered once, then each expert's weights written into
+    # it (milliseconds instead of seconds per expert), byte for byte what a direct export gives.
+    return pte_template.expert_pte(config, weights)
 
 
 def _et_module(module: torch.nn.Module, inputs: tuple, dynamic_shapes, names: list[str], outputs: list[str]) -> bytes:
@@ -93,19 +89,11 @@ def _onnx_backbone_integers(unit: torch.nn.Module, tensors: dict[str, str], raw:
 
 
 TARGETS: dict[str, Target] = {
-    "executorch": Target("executorch", ".pte", _et_expert, _et_module, _et_precision, ("executorch", "torchao"),
+    "executorch": Target("executorch", _et_expert, _et_module, _et_precision, ("executorch", "torchao"),
                          _et_backbone_integers),
-    "onnx": Target("onnx", ".onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript"),
+    "onnx": Target("onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript"),
                    _onnx_backbone_integers),
 }
-
-
-def unit_path(target: Target, unit: str, layer: int | None = None, expert: int | None = None) -> str:
-    if unit == "expert":
-        return f"{target.name}/experts/layer_{layer:03d}/expert_{expert:03d}{target.suffix}"
-    if unit == "layer":
-        return f"{target.name}/layer_{layer:03d}{target.suffix}"
-    return f"{target.name}/{unit}{target.suffix}"
 
 
 def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> dict[str, Any]:
@@ -150,24 +138,24 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     embed = units.build_embed(cfg, floats)
     precision = target.backbone_integers(embed, units.embed_tables(cfg), backbone)
     data = target.module(embed, (torch.zeros(1, 2, dtype=torch.long),), ({1: t},), ["ids"], ["x"])
-    write(unit_path(target, "embed"), data, "embed", precision, p)
+    write(fmt.program_path(target.name, "embed"), data, "embed", precision, p)
     for layer in range(cfg.num_hidden_layers):
         module = units.build_layer(cfg, floats, layer)
         precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
         data = target.module(module, units.layer_example_inputs(cfg), units.layer_dynamic_shapes(cfg),
                              units.LAYER_INPUTS, units.LAYER_OUTPUTS)
-        write(unit_path(target, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
+        write(fmt.program_path(target.name, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
     head = units.build_head(cfg, floats)
     precision = target.backbone_integers(head, units.head_linears(cfg), backbone)
     data = target.module(head, (torch.zeros(1, 2, d),), ({1: t},), ["x"], ["logits"])
-    write(unit_path(target, "head"), data, "head", precision, p)
+    write(fmt.program_path(target.name, "head"), data, "head", precision, p)
     t_experts = time.perf_counter()
     bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)
     for layer in range(cfg.num_hidden_layers):
         for e in range(cfg.num_experts):
             weights = units.expert_weights(bundle, layer, e)
-            write(unit_path(target, "expert", layer, e), target.expert(cfg, weights), "expert",
+            write(fmt.program_path(target.name, "expert", layer, e), target.expert(cfg, weights), "expert",
                   target.precision(weights), p, layer=layer, expert=e)
             bar.update(1)
     bar.close()
@@ -178,14 +166,10 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
 
 
 def _update_manifest(bundle: Bundle, targets: list[str], entries: list[dict]) -> None:
-    manifest = dict(bundle.manifest)
-    keep = [f for f in manifest["files"] if not (f["role"] == "program" and f.get("target") in targets)]
-    manifest["files"] = keep + entries
-    tools = dict(manifest["provenance"]["tools"])
+    """The bundle's manifest with these targets' programs replaced by ``entries``."""
+    manifest = ManifestWriter.updating(
+        bundle.manifest, keep=lambda f: not (f["role"] == "program" and f.get("target") in targets))
+    manifest.add_files(entries)
     for name in targets:
-        tools.update(tool_versions(*TARGETS[name].packages))
-    manifest["provenance"] = {**manifest["provenance"], "tools": dict(sorted(tools.items()))}
-    path = bundle.root / fmt.MANIFEST_NAME
-    tmp = path.with_name(f".{fmt.MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_bytes(fmt.dumps_manifest(manifest))
-    os.replace(tmp, path)
+        manifest.add_tools(tool_versions(*TARGETS[name].packages))
+    manifest.write(bundle.root, where=f"lower {bundle.root}: the manifest it wrote")

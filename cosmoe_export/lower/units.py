@@ -16,15 +16,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
-from runtime_py.config import CosmoeConfig, backbone_layer_shapes, expert_tensor_shapes
-from runtime_py.errors import FormatError
+from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
 from runtime_py.model import Attention, Expert, RMSNorm, apply_rope
-from runtime_py.safetensors_header import read_header
+from runtime_py.shards import read_shard
 
 
 @dataclass(frozen=True)
@@ -36,33 +34,24 @@ class QuantWeight:
     encoding: quant.Encoding
 
     def dequantize(self) -> torch.Tensor:
-        g = self.encoding.group_size
-        k = self.codes.shape[1]
-        return (self.codes.float() * self.scales.repeat_interleave(g, dim=1)[:, :k])  # [N, K]
+        return quant.dequantize_codes(self.codes, self.scales, self.encoding)  # [N, K] fp32
 
 
 Weight = torch.Tensor | QuantWeight
 
 
 def read_weights(bundle: Bundle, entry: FileEntry, shapes: dict[str, tuple[int, ...]]) -> dict[str, Weight]:
-    """Canonical name -> fp32 tensor, or QuantWeight for quantized tensors (codes kept)."""
-    path = bundle.hashed_path(entry)  # what gets lowered is exactly what the manifest vouches for
-    read_header(path)  # the strict reader names a malformed header instead of safetensors' raw error
-    encodings = entry.encodings() or {}
-    out: dict[str, Weight] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name, shape in shapes.items():
-                enc = encodings.get(name)
-                if enc is not None and enc.quantized:
-                    quant.check_encoding(enc, tuple(shape), f"{path}: {name}")
-                    codes = quant.codes(f.get_tensor(name), enc, shape[1])
-                    out[name] = QuantWeight(codes, f.get_tensor(name + quant.SCALE_SUFFIX).float(), enc)
-                else:
-                    out[name] = f.get_tensor(name).float()
-    except SafetensorError as e:
-        raise FormatError(f"{path}: {e}; re-split or re-quantize the bundle") from None
-    return out
+    """Canonical name -> fp32 tensor, or QuantWeight for quantized tensors (codes kept). Its sha256 is
+    checked first: what gets lowered is exactly what the manifest vouches for."""
+    return read_shard(bundle, entry, shapes, dtype=torch.float32, keep=_keep_codes)
+
+
+def _keep_codes(name: str, shape: tuple[int, ...], enc: quant.Encoding) -> Callable[..., QuantWeight]:
+    return _quant_weight
+
+
+def _quant_weight(stored: torch.Tensor, scale: torch.Tensor, enc: quant.Encoding, k: int) -> QuantWeight:
+    return QuantWeight(quant.codes(stored, enc, k), scale.float(), enc)
 
 
 def dequantized(weights: dict[str, Weight], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -78,13 +67,7 @@ def expert_weights(bundle: Bundle, layer: int, expert: int) -> dict[str, Weight]
 
 def backbone_weights(bundle: Bundle) -> dict[str, Weight]:
     """Every backbone tensor: fp32, or QuantWeight where the bundle holds integers."""
-    cfg = bundle.config
-    shapes = {"embed.weight": (cfg.vocab_size, cfg.hidden_size), "norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for layer in range(cfg.num_hidden_layers):
-        shapes.update(backbone_layer_shapes(cfg, layer))
-    return read_weights(bundle, bundle.backbone, shapes)
+    return read_weights(bundle, bundle.backbone, backbone_shapes(bundle.config))
 
 
 # Which linear of a backbone unit holds which canonical tensor: how a target swaps in the bundle's

@@ -1,6 +1,6 @@
-"""Per-layer expert cache simulators: how many expert loads a cache of C experts saves when the
-model decodes token by token. The runtime's budgeted store will use the same policies: LRU
-online, and Belady's optimum as the bound no online policy can beat.
+"""Per-layer expert cache simulators, offline over recorded selections (``analyze``): how many
+expert loads a cache of C experts saves when the model decodes token by token. LRU is the runtime's
+online policy (runtime_py/store.py); Belady's optimum is the bound no online policy can beat.
 
 One layer's selections ``sel [T, K]`` are processed token by token. The router picks all K
 experts of a token before any of them runs, so a token first uses its resident experts (hits),

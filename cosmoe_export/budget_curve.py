@@ -1,0 +1,44 @@
+"""The memory-vs-speed curve of a build (``[budget_curve]`` of a recipe): one bundle decoded at
+backbone + k experts per layer for every k from top-k to all experts, on each backend, so a release
+shows how much memory buys how much speed (plotted by report_plots.budget_curve)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime_py.bundle import Bundle
+from runtime_py.runner import open_runner
+
+
+def measure(*, bundle_path: Path, backends: Sequence[str], policy: str, prompt_ids: list[int],
+                 new_tokens: int, repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Decode tokens/s and loads per token at backbone + k experts per layer, k = top-k .. all experts,
+    for each backend: how much memory buys how much speed. Each point is the median of ``repeats``
+    generations after a warm-up (on a shared 2-core machine one run's speed varies 2-5x)."""
+    bundle = Bundle.open(bundle_path)
+    cfg = bundle.config
+    ks = list(range(cfg.num_experts_per_tok, cfg.num_experts + 1))
+    points = []
+    bar = tqdm(total=len(ks) * len(backends), desc="budget curve", unit="run", disable=not progress or None)
+    for backend in backends:
+        for k in ks:
+            with open_runner(bundle, backend=backend, experts_per_layer=k, policy=policy) as runner:
+                # A short warm-up first: the first calls of a backend pay one-off costs (allocations,
+                # kernel selection) that would otherwise land in the smallest budget's decode speed.
+                runner.generate(prompt_ids, 2)
+                runs = [runner.generate(prompt_ids, new_tokens).metrics for _ in range(repeats)]
+            speeds = [m["decode_tok_s"] for m in runs if m["decode_tok_s"] is not None]
+            points.append({"backend": backend, "experts_per_layer": k, "budget_bytes": runs[0]["budget_bytes"],
+                           "decode_tok_s": float(np.median(speeds)) if speeds else None, "decode_tok_s_runs": speeds,
+                           "loads_per_token": float(np.median([m["loads_per_token"] for m in runs])),
+                           "hit_rate": float(np.median([m["hit_rate"] for m in runs])),
+                           "peak_rss_mb": max(m["peak_rss_mb"] for m in runs)})
+            bar.update(1)
+    bar.close()
+    return {"policy": policy, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "repeats": repeats,
+            "points": points}

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cosmoe_export.lower import units
-from cosmoe_export.lower.stage import TARGETS
+from cosmoe_export.lower.targets import TARGETS
 from cosmoe_export.lower.units import QuantWeight
 from runtime_py import quant
 from runtime_py.bundle import Bundle

@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from cosmoe_export.importers.presets import PRESETS
 from cosmoe_export.lower import pte_template, units
-from cosmoe_export.presets import PRESETS
 from runtime_py import quant
 from runtime_py.config import CosmoeConfig, expert_tensor_shapes
 

@@ -1,8 +1,8 @@
 """Benchmark: quality vs bytes of every quantization scheme on one model (docs/QUANTIZATION.md).
 
 For a float bundle and the checkpoint it was split from, it writes one quantized bundle per row
-(cosmoe_export.quantize, the same code as the CLI) and verifies it against the checkpoint on the
-evaluation text (cosmoe_export.verify): perplexity, its change, mean KL divergence, top-1
+(cosmoe_export.quantization.quantize, the same code as the CLI) and verifies it against the checkpoint on the
+evaluation text (cosmoe_export.release.verify): perplexity, its change, mean KL divergence, top-1
 agreement, expert selections that change, and the bytes of the bundle and of one expert file.
 The mixed-precision row gets the byte size of the all-int4 g32 row as its target. Prints a
 Markdown table; --json keeps every number.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cosmoe_export.quantize import Calibration, QuantConfig, quantize  # noqa: E402
-from cosmoe_export.verify import verify  # noqa: E402
+from cosmoe_export.quantization.quantize import Calibration, QuantConfig, quantize  # noqa: E402
+from cosmoe_export.release.verify import verify  # noqa: E402
 from runtime_py.bundle import Bundle  # noqa: E402
 
 # (row name, experts, backbone, group size, rounding)

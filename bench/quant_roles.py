@@ -1,6 +1,6 @@
 """Benchmark: what does quantizing each part of a model cost in quality and routing?
 
-Takes a float bundle and a text, and for each role of cosmoe_export.quantize.ROLES (experts,
+Takes a float bundle and a text, and for each role of cosmoe_export.quantization.quantize.ROLES (experts,
 attention, embedding, output head, router) and each scheme, rounds only that role's weights through
 the scheme (runtime_py.quant.fake_quantize: the exact values a quantized bundle runs with) and
 measures against the float model, over the text's windows:
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cosmoe_export import calibrate  # noqa: E402
 from cosmoe_export import text as textlib  # noqa: E402
-from cosmoe_export.quantize import role_of  # noqa: E402
+from cosmoe_export.quantization import calibrate  # noqa: E402
+from cosmoe_export.quantization.quantize import role_of  # noqa: E402
 from cosmoe_export.reference import TorchRuntime  # noqa: E402
 from runtime_py import quant, routing_metrics  # noqa: E402
 from runtime_py.bundle import Bundle  # noqa: E402

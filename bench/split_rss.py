@@ -1,6 +1,6 @@
 """Benchmark: does ``cosmoe-export split`` stream? Peak RSS vs checkpoint size.
 
-The claim (cosmoe_export/split.py) is that split's peak memory is a constant (interpreter, torch,
+The claim (cosmoe_export/importers/split.py) is that split's peak memory is a constant (interpreter, torch,
 transformers' config code) plus a few tensors' worth, however big the checkpoint is; the hard
 bound checked here is looser, one decoder layer (what any layer-by-layer streamer must meet).
 
@@ -51,8 +51,8 @@ from cosmoe_export.st_writer import SafetensorsWriter  # noqa: E402
 F32 = 4
 # Everything the CLI imports before it reads a single weight: the "constant" part of the bound.
 # transformers is included because the Mixtral adapter parses config.json with AutoConfig.
-BASELINE_CODE = ("import torch, transformers, cosmoe_export.cli, cosmoe_export.sources, cosmoe_export.split; "
-                 "from transformers import MixtralConfig")
+BASELINE_CODE = ("import torch, transformers, cosmoe_export.cli, cosmoe_export.importers.sources, "
+                 "cosmoe_export.importers.split; from transformers import MixtralConfig")
 
 
 # ---- synthetic checkpoint ------------------------------------------------------------------------

@@ -13,8 +13,16 @@ from typing import Any
 
 import click
 
-from cosmoe_export import gates
-from cosmoe_export.quant_config import AUTO, ROUNDINGS, Calibration, QuantConfig, Spelling, group_sizes, scheme_names
+from cosmoe_export.quantization.quant_config import (
+    AUTO,
+    ROUNDINGS,
+    Calibration,
+    QuantConfig,
+    Spelling,
+    group_sizes,
+    scheme_names,
+)
+from cosmoe_export.release import gates
 from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS
 from runtime_py.errors import CosmoeError
@@ -148,8 +156,8 @@ def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None,
       cosmoe-export build mixtral --source ./my-mixtral -o build/mixtral --json mixtral.json
       cosmoe-export -q build wearable --source ./wearable-ckpt -o /out/wearable
     """
-    from cosmoe_export.build import build as run_build
-    from cosmoe_export.recipe import find_recipe, load_recipe
+    from cosmoe_export.release.build import build as run_build
+    from cosmoe_export.release.recipe import find_recipe, load_recipe
     from runtime_py.errors import GateFailed
 
     r = load_recipe(find_recipe(recipe))
@@ -167,7 +175,7 @@ def build(ctx: click.Context, recipe: str, source: str | None, out: Path | None,
                f"{b['bytes'] / 1e6:.2f} MB; report {out / 'report.md'}", err=info)
     _write_json(json_path, result.report)
     if not result.passed:
-        from cosmoe_export.report import failed_gates
+        from cosmoe_export.release.report import failed_gates
         raise GateFailed(f"build {r.name}: gate(s) failed: {'; '.join(failed_gates(result.report))} "
                          f"(see {out / 'report.md'})")
 
@@ -193,8 +201,8 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
       cosmoe-export split ./mixtral-tiny -o bundles/mixtral-tiny
       cosmoe-export split wearable-moe -o bundles/wearable --dtype bf16 --force
     """
-    from cosmoe_export.sources import open_source
-    from cosmoe_export.split import split as run_split
+    from cosmoe_export.importers.sources import open_source
+    from cosmoe_export.importers.split import split as run_split
 
     source = open_source(src, allow_pickle=allow_pickle)
     result = run_split(source=source, out=out, dtype=fmt.DTYPE_ALIASES[dtype] if dtype else None, force=force,
@@ -244,9 +252,9 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
       cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-mp --expert-bits auto \\
           --calibration ../shared/data/wikitext-2/valid.txt --target-size 2.5MB
     """
-    from cosmoe_export.quant_config import QuantConfigError
-    from cosmoe_export.quantize import parse_size
-    from cosmoe_export.quantize import quantize as run_quantize
+    from cosmoe_export.quantization.quant_config import QuantConfigError
+    from cosmoe_export.quantization.quantize import parse_size
+    from cosmoe_export.quantization.quantize import quantize as run_quantize
 
     # Two flags say what one option says: experts is a scheme (--expert-scheme) or auto (--expert-bits).
     if expert_bits == AUTO and expert_scheme is not None:
@@ -291,8 +299,8 @@ def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None) 
       cosmoe-export lower bundles/tiny-bles --target all
       cosmoe-export lower bundles/wearable --target onnx --json timings.json
     """
-    from cosmoe_export.lower.stage import TARGETS
-    from cosmoe_export.lower.stage import lower as run_lower
+    from cosmoe_export.lower import lower as run_lower
+    from cosmoe_export.lower.targets import TARGETS
 
     targets = sorted(TARGETS) if target == ALL else [target]
     timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"])
@@ -466,7 +474,7 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
       cosmoe-export verify build/demo/bundle --reference recipes/models/tiny-bles --backend native \\
           --text ../shared/data/wikitext-2/test.txt --experts-per-layer 4
     """
-    from cosmoe_export.verify import verify as run_verify
+    from cosmoe_export.release.verify import verify as run_verify
 
     if integrity:
         _check_integrity(bundle, json_path if reference is None else None)
@@ -524,8 +532,8 @@ def architectures() -> None:
     Examples:
       cosmoe-export architectures
     """
-    from cosmoe_export.adapters import supported_architectures
-    from cosmoe_export.presets import PRESETS
+    from cosmoe_export.importers.adapters import supported_architectures
+    from cosmoe_export.importers.presets import PRESETS
 
     click.echo("architectures: " + ", ".join(supported_architectures()))
     click.echo("presets: " + ", ".join(PRESETS))
@@ -550,7 +558,7 @@ def analyze(path: str, text: Path, max_tokens: int | None, json_path: str | None
       cosmoe-export analyze recipes/models/tiny-bles --text ../shared/data/wikitext-2/test.txt
       cosmoe-export analyze bundles/tiny-bles --text notes.txt --max-tokens 65536 --json r.json --plots plots/
     """
-    from cosmoe_export.analyze import analyze as run_analyze
+    from cosmoe_export.release.analyze import analyze as run_analyze
 
     r = run_analyze(path=path, text=text, max_tokens=max_tokens, plots=plots)
     out = sys.stderr if json_path == "-" else sys.stdout

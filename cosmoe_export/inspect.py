@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cosmoe_export.presets import PAPER_PARAMS
-from cosmoe_export.sources import open_source
+from cosmoe_export.importers.presets import PAPER_PARAMS
+from cosmoe_export.importers.sources import open_source
 from runtime_py import format as fmt
 from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig, param_counts

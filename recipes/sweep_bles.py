@@ -19,9 +19,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
-from cosmoe_export import analyze as A  # noqa: E402
-from cosmoe_export import train as T  # noqa: E402
+from cosmoe_export.release import analyze as A  # noqa: E402
 from cosmoe_export.text import windows  # noqa: E402
+from cosmoe_export.training import train as T  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

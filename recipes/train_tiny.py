@@ -3,7 +3,7 @@
     .venv/bin/python recipes/train_tiny.py --variant bles --bles-weight 2 \
         --corpus ../shared/data/pydocs-3.11.txt --seed 0 --out recipes/models/tiny-bles
 
-Variants differ only in the expert setup (see cosmoe_export/train.py). The same corpus, seed and
+Variants differ only in the expert setup (see cosmoe_export/training/train.py). The same corpus, seed and
 machine give the same bytes. The exact commands for the shipped models are in recipes/models/README.md.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
-from cosmoe_export import train as T  # noqa: E402
+from cosmoe_export.training import train as T  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

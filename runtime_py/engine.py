@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from runtime_py.bundle import Bundle
 
 
-@runtime_checkable  # isinstance checks that every member is there (tests/test_runtime.py)
+@runtime_checkable  # isinstance checks that every member is there (tests/runtime_py/test_runtime.py)
 class Engine(Protocol):
     name: str  # the backend (runtime_py.backends.BACKENDS)
     backbone_bytes: int  # resident bytes of everything but the routed experts, as loaded

@@ -36,7 +36,7 @@ ACT_DTYPE = torch.bfloat16  # what the int kernels are fast with
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_N_MULTIPLE = 16
 # torch 2.13's _weight_int8pack_mm returns garbage (one token) or crashes (several) when K is not a
-# multiple of 16; found by tests/test_qlinear.py, checked shape by shape. Such tensors are dequantized.
+# multiple of 16; found by tests/runtime_py/test_qlinear.py, checked shape by shape. Such tensors are dequantized.
 INT8_K_MULTIPLE = 16
 ALIGN = 64  # bytes
 
@@ -44,9 +44,9 @@ ALIGN = 64  # bytes
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it is the whole of its storage and starts on a cache line, else a copy (which
     PyTorch allocates aligned). torch 2.13's int8 kernel crashes on codes that are not 16-byte aligned
-    (found by tests/test_build.py, then shown alone: a view at offset 8 segfaults, 16 and 64 do not),
-    and a view into a shard's bytes would keep the whole read buffer alive, beyond the bytes the
-    store accounts for this module."""
+    (found by tests/cosmoe_export/release/test_build.py, then shown alone: a view at offset 8
+    segfaults, 16 and 64 do not), and a view into a shard's bytes would keep the whole read buffer
+    alive, beyond the bytes the store accounts for this module."""
     whole = t.untyped_storage().nbytes() == t.nbytes
     return t if whole and t.data_ptr() % ALIGN == 0 else t.clone()
 

@@ -40,8 +40,8 @@ from runtime_py.errors import CosmoeError  # noqa: E402
 
 class Target:
     def __init__(self, work: Path) -> None:
-        from cosmoe_export.sources import preset_source
-        from cosmoe_export.split import split
+        from cosmoe_export.importers.sources import preset_source
+        from cosmoe_export.importers.split import split
         from runtime_py.config import CosmoeConfig
         cfg = CosmoeConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1, intermediate_size=4, num_experts=2, num_experts_per_tok=1)

@@ -39,8 +39,8 @@ def _write_tokenizer(path: Path) -> None:
 
 
 def make_bundle(checkpoint: Path, out: Path) -> Path:
-    from cosmoe_export.sources import open_source
-    from cosmoe_export.split import split
+    from cosmoe_export.importers.sources import open_source
+    from cosmoe_export.importers.split import split
     split(source=open_source(str(checkpoint)), out=out, progress=False)
     return out
 

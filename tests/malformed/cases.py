@@ -502,7 +502,7 @@ case("run:budget-below-minimum", expect="below the minimum", names="bundle")(
 
 
 # ---- verify --integrity: a changed file is a failed gate (exit 1), not bad input ---------------------------
-# A gate's report may take a line per bad file before its one error line (tests/test_malformed.py).
+# A gate's report may take a line per bad file before its one error line (tests/cosmoe_export/test_malformed.py).
 for _name, _tamper in [("hash-differs", _flip), ("size-differs", _append), ("missing", lambda p, bnd: p.unlink())]:
     def _integrity(ws: Workspace, tamper=_tamper) -> list:
         bnd = ws.bundle()

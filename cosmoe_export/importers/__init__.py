@@ -1,0 +1,1 @@
+"""Importers: a checkpoint or preset in, a split bundle out (`cosmoe-export split`)."""

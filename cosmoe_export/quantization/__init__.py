@@ -1,0 +1,1 @@
+"""Quantization: a float bundle in, an integer bundle out (`cosmoe-export quantize`)."""

@@ -1,0 +1,149 @@
+"""``analyze``: run a checkpoint or bundle over a text and report how it routes.
+
+The text is tokenised with the model's own tokenizer.json and cut into non-overlapping windows of
+the model's context (the tail that does not fill a window is dropped). Per layer and overall:
+
+- perplexity over the windows (each position predicts the next token inside its window);
+- ExRep (CoSMoEs Eq. 4-5, percent) and ΔUniform: ``runtime_py.routing_metrics``;
+- expert loads per token under CoSMoEs Eq. 8 (keep only the selected experts), ``eq8_loads_per_token``:
+  the experts that enter the selection from one token to the next, |S_t \\ S_{t-1}| = floor(H/2) / (B*(T-1));
+- hit rate of a per-layer expert cache of 1..E experts, LRU and the Belady optimum, decoding the
+  windows one after another token by token (``cosmoe_export.release.cache_sim``).
+
+Shape legend: B windows, T tokens per window, K active experts, E experts, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cosmoe_export.release import cache_sim
+from cosmoe_export.text import encode_with, windows
+from runtime_py import format as fmt
+from runtime_py import routing_metrics
+from runtime_py.config import CosmoeConfig
+from runtime_py.format import MANIFEST_NAME
+from runtime_py.model import CosmoeForCausalLM
+
+FORWARD_BATCH = 8  # windows per forward pass
+
+
+@dataclass
+class Loaded:
+    model: CosmoeForCausalLM
+    config: CosmoeConfig
+    tokenizer_path: Path | None
+    kind: str  # "checkpoint" | "bundle"
+
+
+def load(path: str) -> Loaded:
+    """A bundle directory (manifest.json) through the runtime with lazy experts, else a checkpoint."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).is_file():
+        from cosmoe_export.reference import TorchRuntime
+        from runtime_py.bundle import Bundle
+        runtime = TorchRuntime(Bundle.open(p))
+        tok_dir = runtime.bundle.tokenizer_dir
+        return Loaded(runtime.model, runtime.config, tok_dir / fmt.TOKENIZER_FILE if tok_dir else None, "bundle")
+    from cosmoe_export.importers.sources import open_source
+    from runtime_py.model import rope_inv_freq
+    source = open_source(path, hash_files=False)
+    with torch.device("meta"):
+        model = CosmoeForCausalLM(source.config)
+    model.load_state_dict({k: v.float() for k, v in source.state_dict().items()}, assign=True, strict=True)
+    model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
+    tok = next((f for f in source.tokenizer_files if f.name == fmt.TOKENIZER_FILE), None)
+    return Loaded(model.eval(), source.config, tok, "checkpoint")
+
+
+@torch.inference_mode()
+def run_routing(model: CosmoeForCausalLM, ids: torch.Tensor) -> tuple[list[np.ndarray], float]:
+    """ids [B, T] -> (selections per layer, each [B, T, K]; mean next-token NLL in nats)."""
+    n_layers = model.config.num_hidden_layers
+    picked: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+    nll_sum, count = 0.0, 0
+    moes = [layer.moe for layer in model.layers]
+    for chunk in ids.split(FORWARD_BATCH):
+        b, t = chunk.shape
+        for m in moes:  # the observer sees idx [N, K] with N = b*t, window-major
+            m.observer = lambda layer, idx, b=b, t=t: picked[layer].append(idx.view(b, t, -1).numpy().copy())
+        try:
+            logits = model(chunk).float()  # [b, t, V]
+        finally:
+            for m in moes:
+                m.observer = None
+        if t > 1:
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+            nll_sum += float(nll)
+            count += b * (t - 1)
+    return [np.concatenate(p) for p in picked], nll_sum / max(1, count)
+
+
+def eq8_loads_per_token(sel: np.ndarray, num_experts: int) -> float:
+    """Expert loads per token under CoSMoEs Eq. 8, from the selections alone: every replacement (counted
+    twice by Eq. 4) is one load. Not the runtime's ``loads_per_token``, which counts the loads a store
+    made under its budget and policy."""
+    b, t, _ = sel.shape
+    return (routing_metrics.replacement_count(sel, num_experts) // 2) / (b * (t - 1)) if t > 1 else 0.0
+
+
+def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """batch [B, T] -> (report, selections per layer [B, T, K]); the numbers only, no provenance."""
+    cfg = model.config
+    sels, nll = run_routing(model, batch)  # L x [B, T, K]
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    per_layer = []
+    for layer, sel in enumerate(sels):
+        curve = cache_sim.hit_rate_curve(sel, e)
+        per_layer.append({
+            "layer": layer,
+            "exrep": routing_metrics.exrep(sel, e),
+            "delta_uniform": routing_metrics.delta_uniform(sel, e),
+            "eq8_loads_per_token": eq8_loads_per_token(sel, e),
+            "expert_load": [round(float(x), 6) for x in routing_metrics.expert_load(sel, e)],
+            "hit_rate_lru": curve["lru"],
+            "hit_rate_belady": curve["belady"],
+        })
+    sizes = list(range(1, e + 1))
+    report: dict[str, Any] = {
+        "tokens": int(batch.numel()),
+        "windows": int(batch.shape[0]),
+        "window_tokens": int(batch.shape[1]),
+        "num_experts": e,
+        "top_k": k,
+        "perplexity": math.exp(nll),
+        # Every layer has the same denominator B*K*(T-1), so the mean over layers is the pooled ratio.
+        "exrep": float(np.mean([p["exrep"] for p in per_layer])),
+        "delta_uniform": float(np.mean([p["delta_uniform"] for p in per_layer])),
+        "eq8_loads_per_token": float(sum(p["eq8_loads_per_token"] for p in per_layer)),  # all layers together
+        "hit_rate_curve": {
+            "cache_size": sizes,
+            "lru": [float(np.mean([p["hit_rate_lru"][c - 1] for p in per_layer])) for c in sizes],
+            "belady": [float(np.mean([p["hit_rate_belady"][c - 1] for p in per_layer])) for c in sizes],
+        },
+        "per_layer": per_layer,
+    }
+    return report, sels
+
+
+def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path | None = None,
+            plot_layer: int | None = None) -> dict[str, Any]:
+    loaded = load(path)
+    cfg = loaded.config
+    ids = encode_with(loaded.tokenizer_path, text, vocab_size=cfg.vocab_size, max_tokens=max_tokens,
+                      purpose="analyze", owner=path)
+    batch = windows(ids, cfg.max_position_embeddings)  # [B, T]
+    numbers, sels = routing_report(loaded.model, batch)
+    report = {"model": str(path), "kind": loaded.kind, "text": str(text), **numbers}
+    if plots is not None:
+        from cosmoe_export.release import analyze_plots
+        layer = cfg.num_hidden_layers // 2 if plot_layer is None else plot_layer
+        report["plots"] = [str(p) for p in analyze_plots.write_all(plots, report, sels[layer][0], layer)]
+    return report

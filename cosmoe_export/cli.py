@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cosmoe_export.executors import EXECUTORS, ExecutorConfig
 from cosmoe_export.quantization.quant_config import (
     AUTO,
     ROUNDINGS,
@@ -113,6 +114,23 @@ def _budget_options(f: Any) -> Any:
                      help="Budget as backbone + N experts per layer.")(f)
     return click.option("--budget", default=None, metavar="SIZE",
                         help="Memory for backbone, KV cache and experts, e.g. 300MB (default: everything).")(f)
+
+
+def _executor_options(f: Any) -> Any:
+    """--jobs / --executor / --address, shared by the commands with per-expert tasks (docs/SCALE.md)."""
+    f = click.option("--address", default=None, metavar="HOST:PORT",
+                     help="--executor ray: the Ray head to join (default: a local Ray cluster for this run).")(f)
+    f = click.option("--executor", type=click.Choice(list(EXECUTORS)), default="local", show_default=True,
+                     help="Where per-expert tasks run: local processes, or Ray tasks on a cluster.")(f)
+    return click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Per-expert tasks at once [default: every local core; ray: the cluster's CPUs]. "
+                             "The output is the same bytes for every N.")(f)
+
+
+def _executor(jobs: int | None, executor: str, address: str | None) -> ExecutorConfig:
+    if address is not None and executor != "ray":
+        raise click.BadParameter("only applies with --executor ray", param_hint="--address")
+    return ExecutorConfig(executor, jobs, address)
 
 
 def _parse_budget(budget: str | None) -> int | None:
@@ -232,10 +250,12 @@ def split(ctx: click.Context, src: str, out: Path, dtype: str | None, force: boo
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", default=None,
               help="Write a summary (and the auto decision) as JSON ('-': stdout).")
+@_executor_options
 @click.pass_context
 def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | None, backbone_scheme: str,
              group_size: int, expert_bits: str, calibration: Path | None, rounding: str | None,
-             target_size: str | None, calibration_tokens: int, force: bool, json_path: str | None) -> None:
+             target_size: str | None, calibration_tokens: int, force: bool, json_path: str | None,
+             jobs: int | None, executor: str, address: str | None) -> None:
     """Quantize a float BUNDLE's experts and backbone into a new bundle.
 
     Schemes: int8 (symmetric, per output channel), int4 (symmetric, per group of --group-size inputs,
@@ -251,6 +271,9 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
           --calibration ../shared/data/wikitext-2/valid.txt
       cosmoe-export quantize bundles/tiny-bles -o bundles/tiny-bles-mp --expert-bits auto \\
           --calibration ../shared/data/wikitext-2/valid.txt --target-size 2.5MB
+      cosmoe-export quantize bundles/olmoe -o bundles/olmoe-q4 --calibration text.txt --jobs 16
+      cosmoe-export quantize bundles/olmoe -o bundles/olmoe-q4 --calibration text.txt --executor ray \\
+          --address head:6379
     """
     from cosmoe_export.quantization.quant_config import QuantConfigError
     from cosmoe_export.quantization.quantize import parse_size
@@ -267,7 +290,8 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
                              target_bytes=parse_size(target_size) if target_size else None)
     except QuantConfigError as e:  # QuantConfig decides; the words are the flags'
         raise CosmoeError("; ".join(e.spelled(QUANT_FLAGS))) from None
-    r = run_quantize(bundle=bundle, out=out, config=config, force=force, progress=ctx.meta["progress"])
+    r = run_quantize(bundle=bundle, out=out, config=config, force=force, progress=ctx.meta["progress"],
+                     executor=_executor(jobs, executor, address))
     info = sys.stderr if json_path == "-" else sys.stdout
     click.echo(f"wrote {r.out}: {r.files} files, {r.bytes / 1e6:.2f} MB ({100 * r.bytes / r.source_bytes:.1f} % of "
                f"{r.source_bytes / 1e6:.2f} MB)", file=info)
@@ -286,8 +310,10 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
 @click.option("--target", "target", type=click.Choice([*fmt.PROGRAM_TARGETS, ALL]), default=ALL, show_default=True,
               help="Which runtime to lower for.")
 @click.option("--json", "json_path", default=None, help="Write timings as JSON to this file ('-' for stdout).")
+@_executor_options
 @click.pass_context
-def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None) -> None:
+def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None, jobs: int | None, executor: str,
+          address: str | None) -> None:
     """Add ExecuTorch (XNNPACK) and/or ONNX programs to BUNDLE, one per unit: embedding, each layer
     (attention + router), head, and one per (layer, expert) so experts load one by one.
 
@@ -298,12 +324,14 @@ def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None) 
     Examples:
       cosmoe-export lower bundles/tiny-bles --target all
       cosmoe-export lower bundles/wearable --target onnx --json timings.json
+      cosmoe-export lower bundles/olmoe --target all --executor ray --address head:6379
     """
     from cosmoe_export.lower import lower as run_lower
     from cosmoe_export.lower.targets import TARGETS
 
     targets = sorted(TARGETS) if target == ALL else [target]
-    timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"])
+    timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"],
+                        executor=_executor(jobs, executor, address))
     for name, t in timings.items():
         click.echo(f"{name}: backbone {t['backbone_s']:.1f} s, experts {t['experts_s']:.1f} s "
                    f"({t['per_expert_s'] * 1e3:.0f} ms per expert)", err=json_path == "-")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one install path (README, CI and the Dockerfile use it): a virtual environment in .venv
-# with the pinned versions from pyproject.toml. EXTRAS=test adds the test tools.
+# with the pinned versions from pyproject.toml. EXTRAS names optional extras, comma-separated:
+# EXTRAS=test adds the test tools (and ray, which the tests use), EXTRAS=ray only what
+# `--executor ray` needs (docs/SCALE.md).
 #
 # torch==2.13.0 must be the CPU build. PyPI's Linux wheel pulls several GB of CUDA packages, so on
 # a machine without a local CPU wheel set PIP_EXTRA_INDEX_URL to PyTorch's CPU index (the

@@ -4,11 +4,19 @@ and one per (layer, expert), so a device loads and drops experts one by one (doc
 Programs are written into a temporary directory inside the bundle and renamed into place; the
 manifest is then replaced atomically (write + rename). A run killed in between leaves at worst an
 unlisted directory that the next run replaces: readers only open files the manifest lists.
+
+Expert programs are per-expert tasks on an executor (cosmoe_export/executors.py: ``--jobs``,
+``--executor ray``): a task reads its expert from the bundle path and returns the program's bytes
+and sha256; this process writes them and their manifest entries in (layer, expert) order. Backbone
+units (one per layer) are exported here.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +25,20 @@ from tqdm import tqdm
 
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError
+from cosmoe_export.executors import Executor, ExecutorConfig, open_executor
 from cosmoe_export.lower import units
 from cosmoe_export.lower.targets import TARGETS, Target
 from cosmoe_export.manifest_writer import ManifestWriter
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
-from runtime_py.bundle import Bundle, sha256_file
+from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 
 
-def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> dict[str, Any]:
-    """Lower every unit of the bundle for each target; returns timings per target."""
+def lower(*, bundle_path: Path, targets: list[str], progress: bool = True,
+          executor: ExecutorConfig | None = None) -> dict[str, Any]:
+    """Lower every unit of the bundle for each target; returns timings per target. ``executor``:
+    where the expert programs are written (default: local, every core for large bundles)."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise CosmoeError(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)} or 'all'")
@@ -36,28 +47,40 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True) -> di
     backbone = units.backbone_weights(bundle)  # raw: QuantWeight where the bundle holds integers
     timings: dict[str, Any] = {}
     new_entries: list[dict] = []
-    for name in targets:
-        target = TARGETS[name]
-        # The target's directory is replaced as a whole, like any output: written beside, renamed in.
-        with atomic_dir(bundle.root / name, force=True) as tmp:
-            entries, timings[name] = _lower_target(bundle, cfg, backbone, target, tmp, progress)
-        new_entries.extend(entries)
+    manifest_sha = hashlib.sha256((bundle.root / fmt.MANIFEST_NAME).read_bytes()).hexdigest()
+    try:
+        with open_executor(executor, tasks=cfg.num_hidden_layers * cfg.num_experts) as ex:
+            for name in targets:
+                target = TARGETS[name]
+                job = _Job(str(bundle.root.resolve()), manifest_sha, name)
+                # The target's directory is replaced as a whole, like any output: written beside, renamed in.
+                with atomic_dir(bundle.root / name, force=True) as tmp:
+                    entries, timings[name] = _lower_target(bundle, cfg, backbone, target, tmp, progress, ex, job)
+                new_entries.extend(entries)
+    finally:
+        _bundle.cache_clear()  # the in-process task's bundle (a pool's workers have ended)
     _update_manifest(bundle, targets, new_entries)
     return timings
 
 
 def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.Weight], target: Target,
-                  tmp: Path, progress: bool) -> tuple[list[dict], dict[str, float]]:
+                  tmp: Path, progress: bool, ex: Executor, job: _Job) -> tuple[list[dict], dict[str, float]]:
     entries: list[dict] = []
     t_backbone = time.perf_counter()
 
-    def write(rel: str, data: bytes, unit: str, precision: str, max_tokens: int, **fields) -> None:
+    def write(rel: str, data: bytes, unit: str, precision: str, max_tokens: int, sha256: str | None = None,
+              **fields) -> None:
         path = tmp / rel.split("/", 1)[1]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         entries.append({"path": rel, "role": "program", "target": target.name, "unit": unit, **fields,
                         "precision": precision, "max_tokens": max_tokens, "bytes": len(data),
-                        "sha256": sha256_file(path)})
+                        "sha256": sha256 or hashlib.sha256(data).hexdigest()})
+
+    # The experts' tasks go first: the workers write expert programs while this process exports
+    # the backbone's units.
+    experts = ex.map(_expert_task, [(job, layer, e) for layer in range(cfg.num_hidden_layers)
+                                    for e in range(cfg.num_experts)])
 
     floats = units.dequantized(backbone)
     # Backbone programs take T tokens per call, 1 <= T <= p (one program for decode and prefill).
@@ -82,17 +105,43 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     t_experts = time.perf_counter()
     bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)
-    for layer in range(cfg.num_hidden_layers):
-        for e in range(cfg.num_experts):
-            weights = units.expert_weights(bundle, layer, e)
-            write(fmt.program_path(target.name, "expert", layer, e), target.expert(cfg, weights), "expert",
-                  target.precision(weights), p, layer=layer, expert=e)
-            bar.update(1)
+    for (layer, e), (data, sha256, precision) in zip(
+            ((layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)), experts,
+            strict=True):
+        write(fmt.program_path(target.name, "expert", layer, e), data, "expert", precision, p, sha256,
+              layer=layer, expert=e)
+        bar.update(1)
     bar.close()
     done = time.perf_counter()
     n = cfg.num_hidden_layers * cfg.num_experts
     return entries, {"backbone_s": t_experts - t_backbone, "experts_s": done - t_experts,
                      "per_expert_s": (done - t_experts) / n}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every expert task of one target shares."""
+
+    bundle: str  # the bundle's directory (on a cluster: a path every node sees)
+    manifest_sha256: str  # the bundle as this run opened it: a changed one is refused
+    target: str  # TARGETS key
+
+
+@functools.lru_cache(maxsize=1)
+def _bundle(path: str, manifest_sha256: str) -> Bundle:
+    bundle = Bundle.open(Path(path))
+    if hashlib.sha256((bundle.root / fmt.MANIFEST_NAME).read_bytes()).hexdigest() != manifest_sha256:
+        raise CosmoeError(f"{bundle.root}: its manifest changed while lowering it; lower again")
+    return bundle
+
+
+def _expert_task(job: _Job, layer: int, e: int) -> tuple[bytes, str, str]:
+    """Expert (layer, e)'s program for the job's target: (bytes, sha256, precision label)."""
+    bundle = _bundle(job.bundle, job.manifest_sha256)
+    target = TARGETS[job.target]
+    weights = units.expert_weights(bundle, layer, e)
+    data = target.expert(bundle.config, weights)
+    return data, hashlib.sha256(data).hexdigest(), target.precision(weights)
 
 
 def _update_manifest(bundle: Bundle, targets: list[str], entries: list[dict]) -> None:

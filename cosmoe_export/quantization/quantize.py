@@ -14,14 +14,27 @@ embedding is a lookup and is rounded to nearest). The calibration walk goes laye
 Per-expert mixed precision (``experts="auto"``) measures every expert under every encoding of the
 ladder on the calibration text in a first walk, chooses (cosmoe_export/quantization/mixed_precision.py), then
 writes in a second walk: twice the compute, one layer's statistics in memory.
+
+Per-expert work (reading, GPTQ's Hessians and rounding, writing a shard; mixed precision's scoring)
+runs as tasks on an executor (cosmoe_export/executors.py: ``--jobs``, ``--executor ray``). A task is
+a pure function of the bundle path, the options, (layer, expert) and, with calibration, the tokens
+routed to that expert; the manifest lists the results in (layer, expert) order, so the bundle is
+byte-identical whatever the executor and job count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
+import os
 import re
 import shutil
-from dataclasses import dataclass
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +44,7 @@ from tqdm import tqdm
 from cosmoe_export import text
 from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError, FormatError
+from cosmoe_export.executors import Executor, ExecutorConfig, open_executor
 from cosmoe_export.manifest_writer import ManifestWriter
 from cosmoe_export.quantization import calibrate, gptq, mixed_precision
 from cosmoe_export.quantization.quant_config import AUTO, ROUNDINGS, Calibration, QuantConfig  # noqa: F401 (re-exported)
@@ -41,7 +55,9 @@ from runtime_py import format as fmt
 from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, expert_of, expert_tensor_shapes, tensor_shapes
+from runtime_py.expert_slots import ExpertSlots
 from runtime_py.memory import parse_size  # noqa: F401  (re-exported for the CLI)
+from runtime_py.model import Expert
 from runtime_py.shards import read_shard
 
 # Role of each canonical tensor, by name; the first pattern that matches wins.
@@ -97,13 +113,17 @@ class _Plan:
     def cfg(self) -> CosmoeConfig:
         return self.src.config
 
-    def expert_encodings(self, layer: int, e: int) -> dict[str, quant.Encoding]:
-        level = self.levels[self.choice[layer * self.cfg.num_experts + e]]
-        return {n: level.encoding(s, self.float_name) for n, s in expert_tensor_shapes(self.cfg, layer, e).items()}
+    def level_of(self, layer: int, e: int) -> int:
+        return int(self.choice[layer * self.cfg.num_experts + e])
+
+    def expert_encodings(self, layer: int, e: int, level: int) -> dict[str, quant.Encoding]:
+        return {n: self.levels[level].encoding(s, self.float_name)
+                for n, s in expert_tensor_shapes(self.cfg, layer, e).items()}
 
 
-def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = False,
-             progress: bool = True) -> QuantizeResult:
+def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = False, progress: bool = True,
+             executor: ExecutorConfig | None = None) -> QuantizeResult:
+    """``executor``: where the per-expert tasks run (default: local, every core for large bundles)."""
     src = Bundle.open(bundle)
     if src.quantization is not None:
         raise CosmoeError(f"{bundle}: is already quantized ({src.quantization['experts']} experts, "
@@ -113,16 +133,21 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
     fixed_bytes = (file_bytes(_specs(plan.backbone, plan.shapes, plan.float_dtype), fmt.SHARD_METADATA)
                    + sum(f.bytes for f in tokenizer_files))
     calib = _open_calibration(src, config)
+    job = _Job(str(src.root.resolve()), hashlib.sha256((src.root / fmt.MANIFEST_NAME).read_bytes()).hexdigest(),
+               config)
     # One thread: GPTQ's and calibration's sums reduce in an order that depends on the thread count,
-    # and the bytes written from them must not.
-    with torch.inference_mode(), calibrate.one_thread():
+    # and the bytes written from them must not (every worker runs on one thread too).
+    tasks = src.config.num_hidden_layers * src.config.num_experts
+    with torch.inference_mode(), calibrate.one_thread(), _cleared_worker(), open_executor(executor, tasks=tasks) as ex:
         mixed = None
         if config.experts == AUTO:
             assert config.target_bytes is not None and calib is not None
-            mixed = _decide(plan, calib, fixed_bytes, config.target_bytes)
+            mixed = _decide(plan, calib, fixed_bytes, config.target_bytes, ex, job)
         with atomic_dir(out, force=force) as tmp:
             backbone_src = _read_source(plan, src.backbone, plan.backbone)
-            entries, rounded, nearest = _write_experts(tmp, plan, calib, backbone_src, progress)
+            if ex.shared_files:
+                job = dataclasses.replace(job, out=str(tmp))
+            entries, rounded, nearest = _write_experts(tmp, plan, calib, backbone_src, progress, ex, job)
             entries.insert(0, _write_backbone(tmp, plan, backbone_src, rounded))
             for f in tokenizer_files:
                 (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +202,8 @@ def _open_calibration(src: Bundle, config: QuantConfig) -> _Calibration | None:
 
 
 def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone_src: dict[str, torch.Tensor],
-                   progress: bool) -> tuple[list[dict], dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+                   progress: bool, ex: Executor,
+                   job: _Job) -> tuple[list[dict], dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """Write every expert shard, layer by layer. With GPTQ, the calibration walk also rounds the
     backbone's matrices as their Hessians come in. Returns (expert entries, backbone matrices
     rounded by GPTQ, experts GPTQ left to nearest rounding for lack of calibration tokens)."""
@@ -185,27 +211,38 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
     entries: list[dict] = []
     rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     nearest: list[str] = []
-    bar = tqdm(total=cfg.num_hidden_layers, desc="quantize", unit="layer", disable=not progress or None)
-    if plan.config.rounding != "gptq":
-        for layer in range(cfg.num_hidden_layers):
-            entries += [_write_expert(root, plan, layer, e, {}) for e in range(cfg.num_experts)]
+    bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc="quantize", unit="expert",
+               disable=not progress or None)
+
+    def collect(results) -> None:
+        for entry, data, to_nearest in results:  # in (layer, expert) order, however the tasks finished
+            if data is not None:
+                _put(root, entry["path"], data)
+            if to_nearest:
+                nearest.append(f"layers.{entry['layer']}.moe.experts.{entry['expert']}")
+            entries.append(entry)
             bar.update(1)
+
+    if plan.config.rounding != "gptq":
+        collect(ex.map(_expert_task, ((job, layer, e, plan.level_of(layer, e), None)
+                                      for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts))))
         bar.close()
         return entries, rounded, nearest
     assert calib is not None
     matrices = {n for n, e in plan.backbone.items() if e.quantized and role_of(n) != "embedding"}
     for lc in calibrate.walk(calib.runtime, calib.batches, matrices):
+        # The layer's tasks go first (each with the tokens routed to its expert), so the workers
+        # round experts while this process rounds the layer's backbone matrices.
+        results = None
+        if lc.layer < cfg.num_hidden_layers:  # the output head's Hessian comes last, alone
+            results = ex.map(_expert_task, [(job, lc.layer, e, plan.level_of(lc.layer, e), _tokens(lc.routed.get(e)))
+                                            for e in range(cfg.num_experts)])
         for name, h in lc.hessians.items():
             rounded[name] = gptq.gptq_quantize(backbone_src[name], h, plan.backbone[name])
-        if lc.layer == cfg.num_hidden_layers:
-            continue  # the output head's Hessian comes last, alone
-        for e in range(cfg.num_experts):
-            hessians = _expert_hessians(calib.runtime, lc, e, plan)
-            if hessians is None:
-                nearest.append(f"layers.{lc.layer}.moe.experts.{e}")
-            entries.append(_write_expert(root, plan, lc.layer, e, hessians or {}))
-            calib.runtime.store.evict(lc.layer, e)  # one layer of experts in memory
-        bar.update(1)
+        if results is not None:
+            collect(results)
+            for e in range(cfg.num_experts):
+                calib.runtime.store.evict(lc.layer, e)  # one layer of experts in memory
     bar.close()
     return entries, rounded, nearest
 
@@ -237,17 +274,101 @@ def _round(w: torch.Tensor, enc: quant.Encoding, h: torch.Tensor | None) -> tupl
     return quant.quantize(w, enc) if h is None else gptq.gptq_quantize(w, h, enc)
 
 
-def _expert_hessians(runtime: TorchRuntime, lc: calibrate.LayerCalibration, e: int,
-                     plan: _Plan) -> dict[str, torch.Tensor] | None:
+def _expert_hessians(expert: Expert, layer: int, e: int, plan: _Plan,
+                     routed: calibrate.Routed | None) -> dict[str, torch.Tensor] | None:
     """GPTQ Hessians of expert e's matrices, or None when it saw fewer calibration tokens than its
     widest matrix has inputs (H would be singular: GPTQ would fit the rounding to a handful of tokens)."""
-    routed = lc.routed.get(e)
-    shapes = expert_tensor_shapes(plan.cfg, lc.layer, e)
+    shapes = expert_tensor_shapes(plan.cfg, layer, e)
     if routed is None or len(routed.weight) < max(s[1] for s in shapes.values()):
         return None
-    prefix = f"layers.{lc.layer}.moe.experts.{e}."
-    inputs = calibrate.matrix_inputs(runtime.store.get(lc.layer, e), routed.x)
+    prefix = f"layers.{layer}.moe.experts.{e}."
+    inputs = calibrate.matrix_inputs(expert, routed.x)
     return {prefix + n: gptq.hessian(x, routed.weight) for n, x in inputs.items()}
+
+
+# ---- per-expert tasks (cosmoe_export/executors.py) ---------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What every task of one quantize run shares: enough for a worker to rebuild the run's plan."""
+
+    bundle: str  # the float bundle's directory (on a cluster: a path every node sees)
+    manifest_sha256: str  # the bundle the plan was made for: a changed one is refused
+    config: QuantConfig
+    out: str | None = None  # tasks write their shard here (same machine); None: they return its bytes
+    run: str = field(default_factory=lambda: uuid.uuid4().hex)  # no worker reuses another run's state
+
+
+Tokens = tuple[np.ndarray, np.ndarray]  # an expert's calibration tokens: x [N, D], routing weight [N]
+
+
+def _tokens(routed: calibrate.Routed | None) -> Tokens | None:
+    """As plain arrays: pickled by value for any executor (torch would send a local pool shared-memory handles)."""
+    return None if routed is None else (routed.x.numpy(), routed.weight.numpy())
+
+
+def _routed(tokens: Tokens | None) -> calibrate.Routed | None:
+    return None if tokens is None else calibrate.Routed(torch.from_numpy(tokens[0]), torch.from_numpy(tokens[1]))
+
+
+@dataclass
+class _Worker:
+    plan: _Plan
+    slots: ExpertSlots  # the float experts as modules, as the calibration run holds them
+
+
+@functools.lru_cache(maxsize=1)
+def _worker(job: _Job) -> _Worker:
+    src = Bundle.open(Path(job.bundle))
+    if hashlib.sha256((src.root / fmt.MANIFEST_NAME).read_bytes()).hexdigest() != job.manifest_sha256:
+        raise CosmoeError(f"{src.root}: its manifest changed while quantizing it; quantize again")
+    return _Worker(_plan(src, job.config), ExpertSlots(src, torch.float32))
+
+
+@contextlib.contextmanager
+def _cleared_worker() -> Iterator[None]:
+    """Drop the in-process worker's bundle and plan when the run ends (a pool's workers end with it)."""
+    try:
+        yield
+    finally:
+        _worker.cache_clear()
+
+
+@torch.inference_mode()
+def _expert_task(job: _Job, layer: int, e: int, level: int, tokens: Tokens | None) -> tuple[dict, bytes | None, bool]:
+    """Round and write expert (layer, e) at ``level``: (its manifest entry, the shard's bytes unless
+    it was written into ``job.out``, whether GPTQ had to round it to nearest)."""
+    w = _worker(job)
+    hessians = None
+    if job.config.rounding == "gptq":
+        hessians = _expert_hessians(w.slots.load(layer, e).module, layer, e, w.plan, _routed(tokens))
+    if job.out is not None:
+        return _write_expert(Path(job.out), w.plan, layer, e, level, hessians or {}), None, hessians is None \
+            and job.config.rounding == "gptq"
+    with tempfile.TemporaryDirectory(prefix="cosmoe-quantize-") as tmp:
+        entry = _write_expert(Path(tmp), w.plan, layer, e, level, hessians or {})
+        data = (Path(tmp) / entry["path"]).read_bytes()
+    return entry, data, hessians is None and job.config.rounding == "gptq"
+
+
+@torch.inference_mode()
+def _error_task(job: _Job, layer: int, e: int, tokens: Tokens) -> list[float]:
+    """Mixed precision's score of expert (layer, e) at every level: sum_t w_t^2 ||E^q(x_t) - E(x_t)||^2
+    (calibrate.output_error; the caller divides by the layer's output energy)."""
+    w = _worker(job)
+    plan, routed = w.plan, _routed(tokens)
+    assert routed is not None
+    expert = w.slots.load(layer, e).module
+    prefix = f"layers.{layer}.moe.experts.{e}."
+    hessians = (_expert_hessians(expert, layer, e, plan, routed) or {}) if plan.config.rounding == "gptq" else {}
+    params = dict(expert.named_parameters())
+    errors = []
+    for level in plan.levels:
+        rounded = {}
+        for n, p in params.items():
+            enc = level.encoding(tuple(p.shape), plan.float_name)
+            rounded[n] = quant.dequantize(*_round(p, enc, hessians.get(prefix + n)), enc, p.shape[1])
+        errors.append(calibrate.output_error(expert, rounded, routed))
+    return errors
 
 
 # ---- writing -----------------------------------------------------------------------------------------
@@ -259,13 +380,23 @@ def _specs(encodings: dict[str, quant.Encoding], shapes: dict[str, tuple[int, ..
     return specs
 
 
-def _write_expert(root: Path, plan: _Plan, layer: int, e: int, hessians: dict[str, torch.Tensor]) -> dict:
-    encodings = plan.expert_encodings(layer, e)
+def _write_expert(root: Path, plan: _Plan, layer: int, e: int, level: int, hessians: dict[str, torch.Tensor]) -> dict:
+    encodings = plan.expert_encodings(layer, e, level)
     entry = plan.src.experts[(layer, e)]
     source = _read_source(plan, entry, encodings)
     rounded = {n: _round(w, encodings[n], hessians.get(n)) for n, w in source.items() if encodings[n].quantized}
     written = _write_file(root, entry.path, plan, encodings, source, rounded)
     return {**written, "role": "expert", "layer": layer, "expert": e, "tensors": _tensors_json(encodings)}
+
+
+def _put(root: Path, rel: str, data: bytes) -> None:
+    """A shard a task sent back as bytes, written where that task would have written it."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as f:  # never overwrite, as SafetensorsWriter
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_backbone(root: Path, plan: _Plan, source: dict[str, torch.Tensor],
@@ -315,7 +446,7 @@ def _tensors_json(encodings: dict[str, quant.Encoding]) -> dict[str, dict]:
 
 
 # ---- per-expert mixed precision ----------------------------------------------------------------------
-def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: int) -> dict:
+def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: int, ex: Executor, job: _Job) -> dict:
     """Measure every expert under every level, choose a level per expert within the target (sets
     ``plan.choice``), and return the manifest's record of the decision."""
     cfg, levels = plan.cfg, plan.levels
@@ -333,17 +464,11 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
     runtime = calib.runtime
     for lc in calibrate.walk(runtime, calib.batches, set()):
         selections[lc.layer] = lc.selections
-        for e, routed in lc.routed.items():
-            expert = runtime.store.get(lc.layer, e)
-            prefix = f"layers.{lc.layer}.moe.experts.{e}."
-            hessians = (_expert_hessians(runtime, lc, e, plan) or {}) if plan.config.rounding == "gptq" else {}
-            params = dict(expert.named_parameters())
-            for q, level in enumerate(levels):
-                rounded = {}
-                for n, p in params.items():
-                    enc = level.encoding(tuple(p.shape), plan.float_name)
-                    rounded[n] = quant.dequantize(*_round(p, enc, hessians.get(prefix + n)), enc, p.shape[1])
-                error[lc.layer, e, q] = calibrate.output_error(expert, rounded, routed) / max(lc.out_energy, 1e-300)
+        scored = sorted(lc.routed)  # experts never selected keep error 0
+        for e, errors in zip(scored, ex.map(_error_task, [(job, lc.layer, e, _tokens(lc.routed[e])) for e in scored]),
+                             strict=True):
+            for q, err in enumerate(errors):
+                error[lc.layer, e, q] = err / max(lc.out_energy, 1e-300)
         for e in range(cfg.num_experts):
             runtime.store.evict(lc.layer, e)
     cost = np.tile(np.array(level_bytes, dtype=np.int64), (n_experts, 1))  # [L*E, Q]

@@ -168,7 +168,9 @@ class _Build:
         section = {**dataclasses.asdict(q), "calibration": calib_sha}
 
         def run(out: Path) -> None:
-            quantize(bundle=bundle, out=out, config=config, force=True, progress=self.progress)
+            quantize(bundle=bundle, out=out, config=config, force=True, progress=self.progress,
+                     executor=self.recipe.executor.config())
+        # The executor is no input: every executor and job count writes the same bytes.
         return self.stage("quantize", {"bundle": _fingerprint(bundle), "quantize": section}, run)
 
     def lower(self, bundle: Path) -> Path:
@@ -180,7 +182,8 @@ class _Build:
             # (lower replaces files by rename, never writes into them), published whole at the end.
             with atomic_dir(out, force=True) as tmp:
                 _link_tree(bundle, tmp)
-                lower(bundle_path=tmp, targets=targets, progress=self.progress)
+                lower(bundle_path=tmp, targets=targets, progress=self.progress,
+                      executor=self.recipe.executor.config())
         return self.stage("lower", {"bundle": _fingerprint(bundle), "targets": targets}, run)
 
     def verify(self, bundle: Path, source: Source) -> Path:

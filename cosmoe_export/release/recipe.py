@@ -30,6 +30,7 @@ from typing import Any
 import jsonschema
 
 from cosmoe_export.errors import CosmoeError
+from cosmoe_export.executors import EXECUTORS, ExecutorConfig
 from cosmoe_export.importers.presets import get_preset
 from cosmoe_export.quantization.quant_config import Calibration, QuantConfig, QuantConfigError, Spelling
 from cosmoe_export.release import gates as gating
@@ -127,10 +128,23 @@ class BudgetCurveSection:
     policy: str | None = None
 
 
+@dataclass(frozen=True)
+class ExecutorSection:
+    """Where the per-expert tasks of quantize and lower run (cosmoe_export/executors.py, docs/SCALE.md).
+    Input to no stage's stamp: the bytes are the same whatever runs them."""
+
+    name: str = ExecutorConfig.name  # EXECUTORS key: "local" or "ray"
+    jobs: int | None = None  # tasks at once; None: every local core (local), the cluster's CPUs (ray)
+    address: str | None = None  # ray: the head's HOST:PORT; None: a Ray cluster started for the build
+
+    def config(self) -> ExecutorConfig:
+        return ExecutorConfig(self.name, self.jobs, self.address)
+
+
 # Every section of a recipe: its key and its dataclass (the schema's top-level tables).
 SECTIONS: dict[str, type] = {"source": SourceSection, "split": SplitSection, "quantize": QuantizeSection,
                              "lower": LowerSection, "verify": VerifySection, "analyze": AnalyzeSection,
-                             "budget_curve": BudgetCurveSection}
+                             "budget_curve": BudgetCurveSection, "executor": ExecutorSection}
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,7 @@ class Recipe:
     verify: VerifySection = VerifySection()
     analyze: AnalyzeSection = AnalyzeSection()
     budget_curve: BudgetCurveSection = BudgetCurveSection()
+    executor: ExecutorSection = ExecutorSection()
     path: Path | None = None  # the recipe file
 
     @property
@@ -162,7 +177,7 @@ def _schema() -> dict[str, Any]:
     s = json.loads(resources.files("cosmoe_export.release").joinpath("recipe.schema.json").read_text(encoding="utf-8"))
     defs = s["$defs"]
     for name, registry in (("dtype", DTYPE_ALIASES), ("target", PROGRAM_TARGETS), ("backend", BACKENDS),
-                           ("policy", POLICIES)):
+                           ("policy", POLICIES), ("executor", EXECUTORS)):
         defs[name]["enum"] = list(registry)
     defs["threshold"]["anyOf"][1]["const"] = gating.OFF
     defs["gates"]["properties"] = {name: {"$ref": "#/$defs/threshold"} for name in gating.OPS}
@@ -251,7 +266,7 @@ def _kind(value: Any) -> str:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-SHIPPED = Path(__file__).resolve().parents[1] / "recipes"  # the project's recipes/ (source checkouts, the image)
+SHIPPED = Path(__file__).resolve().parents[2] / "recipes"  # the project's recipes/ (source checkouts, the image)
 
 
 def shipped_recipes() -> list[str]:
@@ -378,6 +393,8 @@ def _check_consistency(r: Recipe, where: str) -> None:
     needs_text = [g for g in gating.ON_TEXT if v.gates.get(g) is not None]
     if needs_text and not v.text:
         problems.append(f"verify.gates: {', '.join(needs_text)} are measured on verify.text, which is not set")
+    if r.executor.address is not None and r.executor.name != "ray":
+        problems.append('executor.address: only applies with executor.name = "ray"')
     if problems:
         raise CosmoeError(f"{where}: " + "; ".join(problems))
 

@@ -21,7 +21,8 @@ from runtime_py.bundle import validate_manifest
 class ManifestWriter:
     def __init__(self, *, model: dict, tokenizer: dict | None, provenance: dict,
                  quantization: dict | None = None) -> None:
-        self._head: dict = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "model": model,
+        self._head: dict = {"format": fmt.FORMAT_NAME, "format_version": fmt.format_version_for(model),
+                            "model": model,
                             "tokenizer": tokenizer}
         if quantization is not None:
             self._head[fmt.QUANTIZATION_KEY] = quantization

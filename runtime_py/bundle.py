@@ -1,5 +1,5 @@
-"""Read and validate a split bundle (format v1). Safe by construction: the manifest is size-capped
-and schema-checked, every path must stay inside the bundle (symlinks included), and every file's
+"""Read and validate a split bundle (format v1, or v2 with a layer plan). Safe by construction: the
+manifest is size-capped and schema-checked, every path must stay inside the bundle (symlinks included), and every file's
 size is checked on open; its sha256 on the first load since the bundle was opened (``hash_due``,
 ``check_sha256``: the one check every reader uses); ``verify_integrity`` re-hashes everything."""
 
@@ -108,10 +108,15 @@ class Bundle:
             if root_real != real and root_real not in real.parents:
                 raise FormatError(f"{mpath}: {f.path!r} resolves outside the bundle (symlink?) to {real}")
         cfg = self.config
-        want = {(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)}
+        # Expert files exist for the MoE layers of the plan only: a dense layer has none.
+        want = {(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)}
         if set(self.experts) != want:
             missing = sorted(want - set(self.experts))[:5]
-            raise FormatError(f"{mpath}: expert files do not cover every (layer, expert); missing e.g. {missing}")
+            if missing:
+                raise FormatError(f"{mpath}: expert files do not cover every (layer, expert); missing e.g. {missing}")
+            extra = sorted(set(self.experts) - want)[:5]
+            raise FormatError(f"{mpath}: expert files listed for layers without routed experts, e.g. {extra}; "
+                              "rebuild the bundle")
         if not any(f.role == "backbone" for f in self.files):
             raise FormatError(f"{mpath}: no backbone file listed")
 
@@ -193,7 +198,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def validate_manifest(manifest: object, *, where: str) -> None:
-    """Raise FormatError unless ``manifest`` is a v1 (or older) manifest."""
+    """Raise FormatError unless ``manifest`` is a manifest of a version this runtime reads (<= FORMAT_VERSION)."""
     if not isinstance(manifest, dict):
         raise FormatError(f"{where}: manifest must be a JSON object")
     if manifest.get("format") != fmt.FORMAT_NAME:
@@ -202,6 +207,11 @@ def validate_manifest(manifest: object, *, where: str) -> None:
     if isinstance(version, int) and not isinstance(version, bool) and version > fmt.FORMAT_VERSION:
         raise FormatError(f"{where}: format version {version} is newer than this runtime reads "
                           f"({fmt.FORMAT_VERSION}); upgrade cosmoe-export")
+    model = manifest.get("model")
+    if isinstance(model, dict) and fmt.LAYER_PLAN_KEY in model and isinstance(version, int) \
+            and version < fmt.PLAN_VERSION:
+        raise FormatError(f"{where}: model.{fmt.LAYER_PLAN_KEY} needs format version {fmt.PLAN_VERSION}, the manifest "
+                          f"says {version}; rebuild the bundle")
     try:
         jsonschema.validate(manifest, fmt.manifest_schema())
     except jsonschema.ValidationError as e:

@@ -1,8 +1,10 @@
 """The CoSMoE model config (HF-style, ``model_type: "cosmoe"``) and the canonical tensor table.
 
-One config describes every architecture we import: a Llama-3 decoder whose FFN is a
-Mixture-of-Experts in every layer. The per-family differences (q/k norm, attention biases,
-shared expert, renormalised top-k) are fields here, so one model implementation runs them all.
+One config describes every architecture we import: a Llama-3 decoder whose FFN is, layer by
+layer, one kind of FFN_KINDS: a Mixture-of-Experts ("moe", the default in every layer) or a plain
+SwiGLU MLP ("dense", Qwen3-MoE's ``mlp_only_layers``). The per-family differences (q/k norm,
+attention biases, shared expert, renormalised top-k) are fields here, so one model implementation
+runs them all.
 
 Canonical tensor names (the names in every bundle file) and their shapes come from
 ``tensor_shapes(config)``: the single place that says what a complete model contains.
@@ -11,8 +13,10 @@ Canonical tensor names (the names in every bundle file) and their shapes come fr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +38,45 @@ MAX_PARAMS = 200_000_000_000
 # context (kv_cache_bytes: 2 x layers x kv heads x context x head size, fp32), 16 GB for Qwen3-235B at 40k tokens.
 MAX_EXPERT_FILES = 1 << 16
 MAX_KV_CACHE_BYTES = 128 << 30
+
+
+
+@dataclass(frozen=True)
+class FfnKind:
+    """One kind of per-layer FFN: whether it has routed experts (expert files, a router, the store's
+    units) and the backbone tensors it adds to its layer (``shapes(config, layer)``)."""
+    name: str
+    routed: bool
+    shapes: Callable[[CosmoeConfig, int], dict[str, tuple[int, ...]]]
+
+
+def _moe_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Router [E, D], and the shared expert where the config has one (Qwen2-MoE, sigmoid-gated)."""
+    d, pre = config.hidden_size, f"layers.{layer}.moe"
+    s: dict[str, tuple[int, ...]] = {f"{pre}.router.weight": (config.num_experts, d)}
+    if config.shared_expert_intermediate_size:
+        fs = config.shared_expert_intermediate_size
+        s.update({f"{pre}.shared.gate.weight": (fs, d), f"{pre}.shared.up.weight": (fs, d),
+                  f"{pre}.shared.down.weight": (d, fs), f"{pre}.shared_gate.weight": (1, d)})
+    return s
+
+
+def _dense_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """SwiGLU gate/up [F_dense, D], down [D, F_dense]: F_dense is the source's dense ``intermediate_size``."""
+    d, f, pre = config.hidden_size, config.dense_intermediate_size, f"layers.{layer}.mlp"
+    return {f"{pre}.gate.weight": (f, d), f"{pre}.up.weight": (f, d), f"{pre}.down.weight": (d, f)}
+
+
+# Per-layer FFN kinds by the name the manifest's ``layer_ffns`` uses. A new kind is one entry here
+# and one module in runtime_py/model.py's FFN_MODULES.
+FFN_KINDS: dict[str, FfnKind] = {k.name: k for k in (
+    FfnKind("moe", routed=True, shapes=_moe_shapes),
+    FfnKind("dense", routed=False, shapes=_dense_shapes),
+)}
+DEFAULT_FFN = "moe"
+# Fields a v1 manifest never has: written only when not at their default, so a bundle whose every
+# layer is MoE keeps its v1 bytes (runtime_py/format.py format_version_for).
+PLAN_FIELDS = ("layer_ffns", "dense_intermediate_size")
 
 EXPERT_NAME_RE = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)$")
 
@@ -64,6 +107,29 @@ class CosmoeConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # The layer plan: one FFN_KINDS name per layer; None means "moe" in every layer (v1 bundles).
+    # A plan of only "moe" is stored as None, so it serialises as v1 did.
+    layer_ffns: tuple[str, ...] | None = None
+    dense_intermediate_size: int = 0  # FFN width of a "dense" layer's MLP (Qwen3-MoE intermediate_size)
+
+    def __post_init__(self) -> None:
+        plan = self.layer_ffns
+        if isinstance(plan, (list, tuple)):
+            plan = None if plan and all(k == DEFAULT_FFN for k in plan) else tuple(plan)
+            object.__setattr__(self, "layer_ffns", plan)
+
+    # ---- the layer plan ------------------------------------------------------------------------
+    def ffn_kind(self, layer: int) -> FfnKind:
+        return FFN_KINDS[self.layer_ffns[layer] if self.layer_ffns is not None else DEFAULT_FFN]
+
+    @functools.cached_property  # the runner asks at every layer of every token
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers with routed experts, in order: the only ones with expert files and store units."""
+        return tuple(i for i in range(self.num_hidden_layers) if self.ffn_kind(i).routed)
+
+    @property
+    def all_moe(self) -> bool:
+        return self.layer_ffns is None
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -76,7 +142,10 @@ class CosmoeConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in PLAN_FIELDS or getattr(self, f.name) != f.default}
+        if "layer_ffns" in d:
+            d["layer_ffns"] = list(d["layer_ffns"])
         return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **d}
 
     @classmethod
@@ -119,10 +188,13 @@ class CosmoeConfig:
         for name in ("head_dim", "wd_rank"):
             if getattr(self, name) is not None:
                 ints_ok &= positive_int(name, getattr(self, name))
-        s = self.shared_expert_intermediate_size
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            p.append(f"shared_expert_intermediate_size must be an integer >= 0, got {s!r}")
-            ints_ok = False
+        for name in ("shared_expert_intermediate_size", "dense_intermediate_size"):
+            s = getattr(self, name)
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                p.append(f"{name} must be an integer >= 0, got {s!r}")
+                ints_ok = False
+        plan_ok = self._plan_problems(p)
+        ints_ok &= plan_ok
         for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -152,9 +224,9 @@ class CosmoeConfig:
                 total = param_counts(self).total
                 if total > MAX_PARAMS:
                     p.append(f"{total:,} parameters exceeds the limit of {MAX_PARAMS:,}; check the sizes")
-                files = self.num_hidden_layers * self.num_experts
+                files = len(self.moe_layers) * self.num_experts
                 if files > MAX_EXPERT_FILES:
-                    p.append(f"{self.num_hidden_layers} layers x {self.num_experts} experts = {files:,} expert files "
+                    p.append(f"{len(self.moe_layers)} MoE layers x {self.num_experts} experts = {files:,} expert files "
                              f"exceeds the limit of {MAX_EXPERT_FILES:,}; check the sizes")
                 kv = kv_cache_bytes(self)
                 if kv > MAX_KV_CACHE_BYTES:
@@ -162,6 +234,31 @@ class CosmoeConfig:
                              f"KV cache, above the limit of {MAX_KV_CACHE_BYTES >> 30} GiB; check the sizes")
         if p:
             raise ConfigError(f"{source}: " + "; ".join(p))
+
+    def _plan_problems(self, p: list[str]) -> bool:
+        """Append the layer plan's problems to ``p``; True when the plan can be used."""
+        plan = self.layer_ffns
+        if plan is None:
+            return True
+        n = self.num_hidden_layers
+        if not isinstance(plan, tuple) or not all(isinstance(k, str) for k in plan):
+            p.append(f"layer_ffns must be a list of FFN kinds, got {plan!r}")
+            return False
+        ok = True
+        if isinstance(n, int) and len(plan) != n:
+            p.append(f"layer_ffns lists {len(plan)} layers, num_hidden_layers is {n}")
+            ok = False
+        unknown = sorted(set(plan) - set(FFN_KINDS))
+        if unknown:
+            p.append(f"layer_ffns has unknown kinds {unknown}; known: {list(FFN_KINDS)}")
+            return False
+        if not any(FFN_KINDS[k].routed for k in plan):
+            p.append("layer_ffns has no 'moe' layer; CoSMoE needs routed experts in at least one layer")
+            ok = False
+        if "dense" in plan and not self.dense_intermediate_size:
+            p.append("layer_ffns has 'dense' layers but dense_intermediate_size is 0")
+            ok = False
+        return ok
 
 
 def _is_number(x: Any) -> bool:
@@ -226,15 +323,7 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
     elif config.qk_norm == "full":
         s.update({f"{pre}.attn.q_norm.weight": (q_out,), f"{pre}.attn.k_norm.weight": (kv_out,)})
     s[f"{pre}.ffn_norm.weight"] = (d,)
-    s[f"{pre}.moe.router.weight"] = (config.num_experts, d)
-    if config.shared_expert_intermediate_size:
-        fs = config.shared_expert_intermediate_size
-        s.update({
-            f"{pre}.moe.shared.gate.weight": (fs, d),
-            f"{pre}.moe.shared.up.weight": (fs, d),
-            f"{pre}.moe.shared.down.weight": (d, fs),
-            f"{pre}.moe.shared_gate.weight": (1, d),
-        })
+    s.update(config.ffn_kind(layer).shapes(config, layer))
     return s
 
 
@@ -243,7 +332,7 @@ def tensor_shapes(config: CosmoeConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"embed.weight": (config.vocab_size, config.hidden_size)}
     for layer in range(config.num_hidden_layers):
         shapes.update(backbone_layer_shapes(config, layer))
-        for expert in range(config.num_experts):
+        for expert in range(config.num_experts if config.ffn_kind(layer).routed else 0):
             shapes.update(expert_tensor_shapes(config, layer, expert))
     shapes["norm.weight"] = (config.hidden_size,)
     if not config.tie_word_embeddings:
@@ -271,9 +360,9 @@ def kv_cache_bytes(config: CosmoeConfig, positions: int | None = None, itemsize:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    backbone: int  # embeddings, attention, norms, routers, shared experts, head
+    backbone: int  # embeddings, attention, norms, routers, shared experts, dense MLPs, head
     per_expert: int  # one routed expert in one layer
-    num_layers: int
+    num_layers: int  # layers with routed experts (config.moe_layers)
     num_experts: int
     top_k: int
 
@@ -288,11 +377,14 @@ class ParamCounts:
 
 
 def param_counts(config: CosmoeConfig) -> ParamCounts:
-    """Counts from the config alone, in O(1): nothing is materialised, every layer has the same shapes."""
+    """Counts from the config alone, in O(kinds): nothing is materialised, every layer of one FFN
+    kind has the same shapes."""
     def numel(shapes: dict[str, tuple[int, ...]]) -> int:
         return sum(math.prod(s) for s in shapes.values())
 
     ends = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.hidden_size
-    backbone = ends + numel(backbone_layer_shapes(config, 0)) * config.num_hidden_layers
-    return ParamCounts(backbone, numel(expert_tensor_shapes(config, 0, 0)), config.num_hidden_layers,
+    plan = config.layer_ffns or (DEFAULT_FFN,) * config.num_hidden_layers
+    first = {kind: plan.index(kind) for kind in set(plan)}  # a layer of each kind stands for all of it
+    backbone = ends + sum(numel(backbone_layer_shapes(config, first[kind])) * plan.count(kind) for kind in first)
+    return ParamCounts(backbone, numel(expert_tensor_shapes(config, 0, 0)), len(config.moe_layers),
                        config.num_experts, config.num_experts_per_tok)

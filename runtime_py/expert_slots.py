@@ -53,7 +53,7 @@ class ExpertSlots:
                  int_kernels: bool = False) -> None:
         self.bundle, self.dtype, self.config, self.check_hash = bundle, dtype, bundle.config, check_hash
         cfg = self.config
-        first = bundle.experts[(0, 0)]
+        first = bundle.experts[(cfg.moe_layers[0], 0)]  # layer 0 may be dense (no experts)
         shapes = {k.removeprefix("layers.0.moe.experts.0."): s for k, s in expert_tensor_shapes(cfg, 0, 0).items()}
         # Linear weights (gate/up/down) computed on their integers (runtime_py/qlinear.py): those that
         # every expert can run on a kernel (with --expert-bits auto, experts differ in scheme).

@@ -1,4 +1,4 @@
-"""The split bundle, format v1: the spec in code. ``docs/FORMAT.md`` says the same in words.
+"""The split bundle, format v2: the spec in code. ``docs/FORMAT.md`` says the same in words.
 
 A bundle is a directory:
     manifest.json                                  this module's MANIFEST_* keys
@@ -7,6 +7,10 @@ A bundle is a directory:
     tokenizer/...                                  tokenizer files passed through from the source
     {target}/embed{suffix}, {target}/layer_{L:03d}{suffix}, {target}/head{suffix},
     {target}/experts/layer_{L:03d}/expert_{E:03d}{suffix}   lowered programs (cosmoe-export lower)
+
+Format versions: 1 is every bundle whose layers are all MoE (its manifest's model has no
+``layer_ffns``); 2 adds the layer plan (``model.layer_ffns``, runtime_py/config.py FFN_KINDS) and is
+written only for bundles that have one, so an all-MoE bundle keeps its v1 bytes.
 
 Quantized bundles add the manifest's QUANTIZATION_KEY section and a per-file ``tensors`` map;
 runtime_py/quant.py is the spec of their tensors' bytes.
@@ -19,7 +23,9 @@ from dataclasses import dataclass
 from importlib import resources
 
 FORMAT_NAME = "cosmoe-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this runtime reads
+PLAN_VERSION = 2  # the first version with a layer plan (model.layer_ffns)
+LAYER_PLAN_KEY = "layer_ffns"  # runtime_py.config.CosmoeConfig.layer_ffns
 MANIFEST_NAME = "manifest.json"
 QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"
@@ -95,6 +101,11 @@ def program_path(target: str, unit: str, layer: int | None = None, expert: int |
 
 def expert_path(layer: int, expert: int) -> str:
     return EXPERT_PATH.format(layer=layer, expert=expert)
+
+
+def format_version_for(model: dict) -> int:
+    """The version a manifest with this model config is written as: the oldest that can say it."""
+    return PLAN_VERSION if LAYER_PLAN_KEY in model else 1
 
 
 def manifest_schema() -> dict:

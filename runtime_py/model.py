@@ -257,20 +257,51 @@ class MoE(nn.Module):
         return y, logits
 
 
+class DenseMLP(nn.Module):
+    """A "dense" layer's FFN (Qwen3-MoE ``mlp_only_layers``): one SwiGLU MLP for every token, no
+    router. Same interface as MoE, with no router logits."""
+
+    def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.dense_intermediate_size
+        self.gate, self.up, self.down = (nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False),
+                                         nn.Linear(f, d, bias=False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """x [N, D] -> (y [N, D], None)."""
+        return self.down(F.silu(self.gate(x)) * self.up(x)), None
+
+
+# FFN kind (runtime_py.config.FFN_KINDS) -> (the DecoderLayer attribute, which is the canonical
+# tensor-name segment: layers.L.moe.* / layers.L.mlp.*; the module).
+FFN_MODULES: dict[str, tuple[str, type[nn.Module]]] = {
+    "moe": ("moe", MoE),
+    "dense": ("mlp", DenseMLP),
+}
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = MoE(config, layer, experts)
+        attr, module = FFN_MODULES[config.ffn_kind(layer).name]
+        setattr(self, attr, module(config, layer, experts))
+        self.ffn = attr  # the FFN's attribute name ("moe" | "mlp")
+
+    @property
+    def routed(self) -> MoE | None:
+        """The layer's MoE, None for a layer without routed experts."""
+        ffn = getattr(self, self.ffn)
+        return ffn if isinstance(ffn, MoE) else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: LayerCache | None, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)  # [B, T, D]
         b, t, d = x.shape
-        y, logits = self.moe(self.ffn_norm(x).reshape(b * t, d))  # [N, D], [N, E]
-        return x + y.view(b, t, d), logits.view(b, t, -1)
+        y, logits = getattr(self, self.ffn)(self.ffn_norm(x).reshape(b * t, d))  # [N, D], [N, E] or None
+        return x + y.view(b, t, d), None if logits is None else logits.view(b, t, -1)
 
 
 class CosmoeForCausalLM(nn.Module):
@@ -300,7 +331,8 @@ class CosmoeForCausalLM(nn.Module):
         router_logits = []
         for i, layer in enumerate(self.layers):
             x, logits = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
-            router_logits.append(logits)  # [B, T, E]
+            if logits is not None:  # a dense layer routes nothing
+                router_logits.append(logits)  # [B, T, E]
         if cache is not None:
             cache.pos = pos + t
         x = self.norm(x)

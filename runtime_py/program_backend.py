@@ -2,8 +2,9 @@
 
 The decode loop is the device's: embed -> for each layer (attention program with the KV cache
 passed in; top-k routing here; the selected experts' programs through the runner's budgeted store;
-weighted sum) -> head. Programs take up to ``max_tokens`` tokens per call (manifest), so a
-prompt is prefilled in chunks of that many.
+weighted sum) -> head. A dense layer's program computes its MLP itself and returns zero router
+logits (docs/LOWERING.md): it is not routed, and no expert loads. Programs take up to
+``max_tokens`` tokens per call (manifest), so a prompt is prefilled in chunks of that many.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ProgramEngine:
         cfg = self.config
         layers = range(cfg.num_hidden_layers)
         want = {("embed", None, None), ("head", None, None), *(("layer", i, None) for i in layers),
-                *(("expert", i, e) for i in layers for e in range(cfg.num_experts))}
+                *(("expert", i, e) for i in cfg.moe_layers for e in range(cfg.num_experts))}
         if set(self.units) != want:
             raise FormatError(f"{bundle.root}: the {target} programs do not cover every unit; run "
                               f"`cosmoe-export lower {bundle.root} --target {target}`")
@@ -108,21 +109,24 @@ class ProgramEngine:
         """Resident bytes of one expert unit as loaded: the RSS growth of loading two of them (layer
         0, experts 0 and 1), halved; never less than the file. Experts of a bundle share one shape
         and precision, so one measurement stands for all."""
-        entries = [self.units[("expert", 0, e)] for e in range(min(2, self.config.num_experts))]
+        first = self.config.moe_layers[0]
+        entries = [self.units[("expert", first, e)] for e in range(min(2, self.config.num_experts))]
         before = rss_bytes()
         held = [self._loader(self.bundle.checked_path(e), 1) for e in entries]
         grown = (rss_bytes() - before) // len(held)
         del held
         return max(grown, max(e.bytes for e in entries))
 
-    def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (router weight [E, D], MoE norm weight [D]) fp32, for the prefetch guess
-        (routers and norms are never quantized), read from the backbone's tensors."""
+    def _routers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every MoE layer's (router weight [E, D], FFN norm weight [D]) fp32, and every layer's norm
+        (the guess divides by the previous layer's), for the prefetch guess (routers and norms are
+        never quantized), read from the backbone's tensors. Dense layers: (None, norm)."""
         cfg = self.config
-        names = [(f"layers.{i}.moe.router.weight", f"layers.{i}.ffn_norm.weight") for i in range(cfg.num_hidden_layers)]
+        names = {i: (f"layers.{i}.moe.router.weight" if cfg.ffn_kind(i).routed else None, f"layers.{i}.ffn_norm.weight")
+                 for i in range(cfg.num_hidden_layers)}
         state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
-                           names=[n for pair in names for n in pair], check_hash=self.check_hash)
-        return [(state[router], state[norm]) for router, norm in names]
+                           names=[n for pair in names.values() for n in pair if n], check_hash=self.check_hash)
+        return {i: (state.get(router) if router else None, state[norm]) for i, (router, norm) in names.items()}
 
     def load_expert(self, layer: int, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
         program = self._open(self.units[("expert", layer, expert)])
@@ -172,6 +176,9 @@ class ProgramEngine:
                 [x, cos, sin, *masks, k_in, v_in])  # [1,T,D] [T,D] [T,E] [1,G,T,Dh] x2
             k_cache[layer][:, :, pos:pos + t] = k_new
             v_cache[layer][:, :, pos:pos + t] = v_new
+            if not cfg.ffn_kind(layer).routed:  # a dense layer: base already holds its MLP; nothing routed
+                x = base
+                continue
             weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, K] x2
             x = base + self.dispatch(layer, xn, weights, idx).view(1, t, -1)  # [1, T, D]
         return self._backbone[("head", None, None)]([x])[0][0]  # [T, V]

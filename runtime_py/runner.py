@@ -93,7 +93,8 @@ class Runner:
         self.kv_bytes = self.engine.cache_bytes(cfg.max_position_embeddings)
         self.backbone_bytes = self.engine.backbone_bytes + self.kv_bytes
         self.expert_unit_bytes = self.engine.unit_bytes
-        layers, experts, k = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
+        # Budgets count the layers with routed experts only: a dense layer's MLP is in the backbone.
+        layers, experts, k = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
         self.min_budget_bytes = self.backbone_bytes + k * self.expert_unit_bytes
         self.resident_budget_bytes = self.backbone_bytes + layers * experts * self.expert_unit_bytes
         if experts_per_layer is not None:
@@ -114,7 +115,7 @@ class Runner:
                                  capacity_bytes=budget_bytes - self.backbone_bytes, policy=policy,
                                  load=self.engine.load_expert, release=self.engine.release_expert,
                                  file_bytes=self.engine.expert_file_bytes,
-                                 where=str(bundle.root))
+                                 where=str(bundle.root), layer_ids=cfg.moe_layers)
         # While generate runs: each layer's expert selections, one [K] array per token, in order.
         self._selections: list[list[np.ndarray]] | None = None
         self.prefetch_min_prob = prefetch_min_prob
@@ -127,7 +128,8 @@ class Runner:
             self._selections[layer].extend(idx.numpy().copy())  # N rows of [K]
         store = self.store
         store.begin_layer(layer, selected)
-        if store.policy.prefetch and layer + 1 < self.config.num_hidden_layers:
+        # The guess reads layer l+1's router: only when l+1 has one (not past the last layer, not dense).
+        if store.policy.prefetch and layer + 1 in self.config.moe_layers:
             probs = torch.softmax(self.engine.guess_logits(layer + 1, x), -1).mean(0)  # [E]
             top_p, top = torch.topk(probs, self.config.num_experts_per_tok)  # [K] x2
             # Only confident guesses: a wrong one costs a load and evicts a unit that may be needed.
@@ -220,7 +222,8 @@ class Runner:
             else 1.0,
             "decode_hit_rate": (st.hits - prefilled.hits) / decode_requests if decode_requests else 1.0,
             # CoSMoEs Eq. 5 per layer over the whole sequence, averaged over layers (as `analyze`).
-            "exrep": float(np.mean([routing_metrics.exrep(np.stack(s), e) for s in sel])) if sel[0] else 0.0,
+            "exrep": float(np.mean([routing_metrics.exrep(np.stack(sel[i]), e) for i in self.config.moe_layers]))
+            if sel[self.config.moe_layers[0]] else 0.0,
             "loads_per_token": (st.loads - prefilled.loads) / steps if steps else 0.0,
             "prefetches": st.prefetches - before.prefetches,
             "prefetch_used": st.prefetch_used - before.prefetch_used,

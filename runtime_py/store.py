@@ -6,8 +6,9 @@ backend measured them). The store decides what to keep through a policy from POL
 holds more units than its capacity: a unit being loaded in the background already counts.
 
 Capacity: C = (budget - backbone bytes) // unit bytes units. When C >= K * L (K = experts per token,
-L = layers) every layer gets a quota of C // L units and evicts within itself ("per layer"); below
-that the layers share one pool. C < K is an error: one token of one layer would not fit.
+L = layers with routed experts: dense layers have no units and count nowhere) every layer gets a
+quota of C // L units and evicts within itself ("per layer"); below that the layers share one pool.
+C < K is an error: one token of one layer would not fit.
 
 Hits and misses count requests (``get``); a unit that a prefetch had already started loading is a
 hit, the time spent waiting for it is still counted in ``wait_ms``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,9 +114,15 @@ class _Slot:
 class ExpertStore:
     def __init__(self, *, layers: int, experts: int, top_k: int, unit_bytes: int, capacity_bytes: int,
                  policy: str, load: Callable[[int, int], Any], release: Callable[[Any], None],
-                 file_bytes: Callable[[int, int], int] | None = None, where: str = "expert store") -> None:
+                 file_bytes: Callable[[int, int], int] | None = None, where: str = "expert store",
+                 layer_ids: Sequence[int] | None = None) -> None:
+        """``layers``: how many layers have routed experts; ``layer_ids``: their indices (default
+        0..layers-1; a plan with dense layers skips theirs)."""
         if policy not in POLICIES:
             raise ConfigError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")
+        self.layer_ids = tuple(range(layers) if layer_ids is None else layer_ids)
+        if len(self.layer_ids) != layers:
+            raise ConfigError(f"{where}: {len(self.layer_ids)} layer ids for {layers} layers with experts")
         self.layers, self.experts, self.top_k = layers, experts, top_k
         self.unit_bytes = unit_bytes
         self.capacity = min(capacity_bytes // unit_bytes, layers * experts)  # units
@@ -139,7 +146,7 @@ class ExpertStore:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if self.policy.prefetch else None
         self.stats = StoreStats()
         if self.policy.preload_all:
-            for layer in range(layers):
+            for layer in self.layer_ids:
                 for e in range(experts):
                     self._slots[(layer, e)] = _Slot(unit=self._timed_load((layer, e)))
                     self.stats.preloaded += 1
@@ -206,7 +213,7 @@ class ExpertStore:
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Start loading these units in the background if they are missing and room can be made
         without evicting a unit in use or another of this guess."""
-        if self._pool is None or not 0 <= layer < self.layers:
+        if self._pool is None or layer not in self.layer_ids:
             return
         guess = [(layer, int(e)) for e in experts]
         with self._lock:

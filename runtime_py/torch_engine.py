@@ -59,7 +59,8 @@ class TorchEngine:
     def dispatch(self, dispatch: Dispatch) -> None:
         self._dispatch = dispatch
         for layer in self.model.layers:
-            layer.moe.dispatch = dispatch
+            if layer.routed is not None:  # dense layers route nothing
+                layer.routed.dispatch = dispatch
 
     def load_expert(self, layer: int, expert: int) -> ExpertSlot:
         return self.experts.load(layer, expert)
@@ -78,7 +79,7 @@ class TorchEngine:
 
     def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
         cur, prev = self.model.layers[layer], self.model.layers[layer - 1]
-        return guess_logits(cur.moe.router.weight, cur.ffn_norm.weight, prev.ffn_norm.weight, x_prev)
+        return guess_logits(cur.routed.router.weight, cur.ffn_norm.weight, prev.ffn_norm.weight, x_prev)
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], cache: KVCache, pos: int) -> torch.Tensor:

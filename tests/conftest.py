@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every family feature is switched on somewhere: GQA and llama3 rope (Mixtral), shared expert,
 # q/k/v bias and un-renormalised top-k (Qwen2-MoE), per-head q/k norm and renormalised top-k
-# (Qwen3-MoE), whole-projection q/k norm and clip_qkv (OLMoE).
+# (Qwen3-MoE), whole-projection q/k norm and clip_qkv (OLMoE), a dense first layer beside MoE ones
+# (Qwen3-MoE mlp_only_layers: layer plan moe/dense, format v2).
 COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
 FAMILIES = {
@@ -26,6 +27,9 @@ FAMILIES = {
         intermediate_size=80)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         moe_intermediate_size=48, num_experts=6, norm_topk_prob=True, head_dim=24)),
+    "qwen3_moe_dense": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        moe_intermediate_size=48, num_experts=6, norm_topk_prob=True, head_dim=24, mlp_only_layers=[0],
+        intermediate_size=80)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         intermediate_size=48, num_experts=4, norm_topk_prob=False, clip_qkv=3.0)),
 }
@@ -104,5 +108,25 @@ def tiny_bles_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-bles"
     args = ["-q", "split", str(ROOT / "recipes/models/tiny-bles"), "-o", str(out), "--dtype", "fp32"]
     r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+
+
+@pytest.fixture(scope="session")
+def lowered_dense(tmp_path_factory) -> Path:
+    """Qwen3-MoE with a dense first layer, split and lowered to every target, once per session."""
+    from click.testing import CliRunner
+
+    from cosmoe_export.cli import cli
+
+    root = tmp_path_factory.mktemp("lowered-dense")
+    ckpt = make_hf_checkpoint("qwen3_moe_dense", root / "ckpt")
+    out = root / "bundle"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["-q", "split", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["-q", "lower", str(out), "--target", "all"])
     assert r.exit_code == 0, r.output
     return out

@@ -64,8 +64,8 @@ class Adapter:
 
 
 def _unsupported(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (CoSMoE needs an MoE FFN with "
-                           "full attention in every layer)")
+    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (CoSMoE needs full attention in "
+                           "every layer, an MoE FFN in every layer but Qwen3-MoE's dense ones)")
 
 
 def _common(hf: Any, path: Path) -> dict[str, Any]:
@@ -98,8 +98,28 @@ def _check_every_layer_sparse(hf: Any, path: Path) -> None:
         raise _unsupported(path, f"mlp_only_layers {hf.mlp_only_layers}")
     if getattr(hf, "decoder_sparse_step", 1) != 1:
         raise _unsupported(path, f"decoder_sparse_step {hf.decoder_sparse_step}")
+    _check_full_attention(hf, path)
+
+
+def _check_full_attention(hf: Any, path: Path) -> None:
     if getattr(hf, "use_sliding_window", False):
         raise _unsupported(path, "use_sliding_window")
+
+
+def _sparse_step_plan(hf: Any, path: Path) -> dict[str, Any]:
+    """The layer plan of Qwen2/3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``, exactly as
+    transformers' modeling_qwen3_moe.py builds its layers: layer i is MoE iff
+    ``i not in mlp_only_layers and num_experts > 0 and (i + 1) % decoder_sparse_step == 0``, else a
+    dense MLP of width ``intermediate_size``. An all-MoE plan adds no keys (a v1 bundle)."""
+    only = set(getattr(hf, "mlp_only_layers", None) or [])
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    plan = ["moe" if i not in only and hf.num_experts > 0 and (i + 1) % step == 0 else "dense"
+            for i in range(hf.num_hidden_layers)]
+    if all(k == "moe" for k in plan):
+        return {}
+    if "moe" not in plan:
+        raise _unsupported(path, f"mlp_only_layers {sorted(only)} with decoder_sparse_step {step} (no MoE layer left)")
+    return dict(layer_ffns=plan, dense_intermediate_size=hf.intermediate_size)
 
 
 @register("MixtralForCausalLM")
@@ -125,11 +145,11 @@ class Qwen2Moe(Adapter):
 @register("Qwen3MoeForCausalLM")
 class Qwen3Moe(Adapter):
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        _check_every_layer_sparse(hf, path)
+        _check_full_attention(hf, path)
         bias = bool(getattr(hf, "attention_bias", False))
         return dict(num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size,
                     norm_topk_prob=bool(hf.norm_topk_prob), qk_norm="head",
-                    attention_bias=bias, attention_out_bias=bias)
+                    attention_bias=bias, attention_out_bias=bias, **_sparse_step_plan(hf, path))
 
 
 @register("OlmoeForCausalLM")

@@ -48,7 +48,7 @@ def split(*, source: Source, out: Path, dtype: str | None = None, force: bool = 
         entries = []
         bar = tqdm(total=cfg.num_hidden_layers + 1, desc="split", unit="layer", disable=not progress or None)
         for layer in range(cfg.num_hidden_layers):
-            for e in range(cfg.num_experts):
+            for e in range(cfg.num_experts if cfg.ffn_kind(layer).routed else 0):  # a dense layer has none
                 rel = fmt.expert_path(layer, e)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 entry = _write_file(tmp, rel, experts[(layer, e)], target, source)

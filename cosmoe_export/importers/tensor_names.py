@@ -38,6 +38,10 @@ TENSOR_NAMES: dict[str, list[str]] = {
     "layers.{l}.moe.shared.up.weight": [HF_LAYER + ".mlp.shared_expert.up_proj.weight"],
     "layers.{l}.moe.shared.down.weight": [HF_LAYER + ".mlp.shared_expert.down_proj.weight"],
     "layers.{l}.moe.shared_gate.weight": [HF_LAYER + ".mlp.shared_expert_gate.weight"],
+    # A "dense" layer's MLP (runtime_py.config FFN_KINDS).
+    "layers.{l}.mlp.gate.weight": [HF_LAYER + ".mlp.gate_proj.weight"],  # Qwen3-MoE mlp_only_layers
+    "layers.{l}.mlp.up.weight": [HF_LAYER + ".mlp.up_proj.weight"],
+    "layers.{l}.mlp.down.weight": [HF_LAYER + ".mlp.down_proj.weight"],
 }
 
 # Fused 3-D expert tensors (the layout transformers >= 5 keeps in memory; some checkpoints are

@@ -49,7 +49,7 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True,
     new_entries: list[dict] = []
     manifest_sha = hashlib.sha256((bundle.root / fmt.MANIFEST_NAME).read_bytes()).hexdigest()
     try:
-        with open_executor(executor, tasks=cfg.num_hidden_layers * cfg.num_experts) as ex:
+        with open_executor(executor, tasks=len(cfg.moe_layers) * cfg.num_experts) as ex:
             for name in targets:
                 target = TARGETS[name]
                 job = _Job(str(bundle.root.resolve()), manifest_sha, name)
@@ -79,7 +79,7 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
 
     # The experts' tasks go first: the workers write expert programs while this process exports
     # the backbone's units.
-    experts = ex.map(_expert_task, [(job, layer, e) for layer in range(cfg.num_hidden_layers)
+    experts = ex.map(_expert_task, [(job, layer, e) for layer in cfg.moe_layers
                                     for e in range(cfg.num_experts)])
 
     floats = units.dequantized(backbone)
@@ -103,17 +103,17 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     data = target.module(head, (torch.zeros(1, 2, d),), ({1: t},), ["x"], ["logits"])
     write(fmt.program_path(target.name, "head"), data, "head", precision, p)
     t_experts = time.perf_counter()
-    bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
+    bar = tqdm(total=len(cfg.moe_layers) * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)
     for (layer, e), (data, sha256, precision) in zip(
-            ((layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)), experts,
+            ((layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)), experts,
             strict=True):
         write(fmt.program_path(target.name, "expert", layer, e), data, "expert", precision, p, sha256,
               layer=layer, expert=e)
         bar.update(1)
     bar.close()
     done = time.perf_counter()
-    n = cfg.num_hidden_layers * cfg.num_experts
+    n = len(cfg.moe_layers) * cfg.num_experts
     return entries, {"backbone_s": t_experts - t_backbone, "experts_s": done - t_experts,
                      "per_expert_s": (done - t_experts) / n}
 

@@ -1,8 +1,9 @@
 """The units a device runs, as export-friendly PyTorch modules, and their weights from a bundle.
 
 Cut (docs/LOWERING.md): ``embed`` (ids -> x), one ``layer`` program per decoder layer (attention
-with the KV cache passed in, the router logits and the shared expert), one ``expert`` program per
-(layer, routed expert), and ``head`` (final norm + output projection). Top-k routing and the
+with the KV cache passed in, the router logits and the shared expert; for a "dense" layer of the
+plan its whole MLP, and zero router logits), one ``expert`` program per (MoE layer, routed expert),
+and ``head`` (final norm + output projection). Top-k routing and the
 weighted sum of expert outputs happen in the runtime, so no unit needs another expert's weights.
 
 Shape legend: T tokens in this call, S cache slots (the context), D hidden, G kv heads, Dh head
@@ -21,6 +22,7 @@ from torch import nn
 from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
+from runtime_py.errors import FormatError
 from runtime_py.model import Attention, Expert, RMSNorm, apply_rope
 from runtime_py.shards import read_shard
 
@@ -60,6 +62,10 @@ def dequantized(weights: dict[str, Weight], prefix: str = "") -> dict[str, torch
 
 def expert_weights(bundle: Bundle, layer: int, expert: int) -> dict[str, Weight]:
     """Weights of one expert, keys relative to the expert ('gate.weight', 'up.left', ...)."""
+    kind = bundle.config.ffn_kind(layer)
+    if not kind.routed:  # the caller must loop over config.moe_layers
+        raise FormatError(f"{bundle.root}: layer {layer} is a {kind.name} layer and has no expert {expert}; "
+                          "lower experts of config.moe_layers only")
     shapes = expert_tensor_shapes(bundle.config, layer, expert)
     prefix = f"layers.{layer}.moe.experts.{expert}."
     return {k.removeprefix(prefix): v for k, v in read_weights(bundle, bundle.experts[(layer, expert)], shapes).items()}
@@ -75,9 +81,7 @@ def backbone_weights(bundle: Bundle) -> dict[str, Weight]:
 def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
     pre = f"layers.{layer}."
     out = {f"attn.{p}": f"{pre}attn.{p}.weight" for p in "qkvo"}
-    if config.shared_expert_intermediate_size:
-        out.update({f"shared.{m}": f"{pre}moe.shared.{m}.weight" for m in ("gate", "up", "down")})
-        out["shared_gate"] = f"{pre}moe.shared_gate.weight"
+    out.update(LAYER_FFNS[config.ffn_kind(layer).name].linears(config, pre))
     return out
 
 
@@ -111,22 +115,20 @@ class LayerUnit(nn.Module):
     dynamic dims.)
     """
 
-    def __init__(self, config: CosmoeConfig) -> None:
+    def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
         d = config.hidden_size
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.router = nn.Linear(d, config.num_experts, bias=False)
-        fs = config.shared_expert_intermediate_size
-        self.shared = Expert(d, fs) if fs else None
-        self.shared_gate = nn.Linear(d, 1, bias=False) if self.shared is not None else None
+        self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
+        self.ffn.build(self, config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mask: torch.Tensor,
                 new_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k/v_cache [1, G, S, Dh] ->
-        base [1, T, D] (residual + shared expert), xn [T, D] (expert input), logits [T, E],
-        k_new, v_new [1, G, T, Dh]."""
+        base [1, T, D] (residual + shared expert; + the MLP in a dense layer), xn [T, D] (expert
+        input), logits [T, E] (zeros in a dense layer), k_new, v_new [1, G, T, Dh]."""
         a = self.attn
         b, t, _ = x.shape
         h = self.attn_norm(x)
@@ -155,11 +157,65 @@ class LayerUnit(nn.Module):
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, H, T, Dh]
         x = x + a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))  # [1, T, D]
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
-        logits = self.router(xn)  # [T, E]
-        base = x
-        if self.shared is not None:
-            base = x + (torch.sigmoid(self.shared_gate(xn)) * self.shared(xn)).view(b, t, -1)
+        base, logits = self.ffn.forward(self, x, xn)  # [1, T, D], [T, E]
         return base, xn, logits, k_new, v_new
+
+
+@dataclass(frozen=True)
+class LayerFfn:
+    """What a layer program computes after attention for one FFN kind (runtime_py.config.FFN_KINDS):
+    ``build(unit, config)`` adds its modules to the LayerUnit (attribute names = canonical tensor
+    names less ``layers.L.`` and ``moe.``), ``forward(unit, x, xn) -> (base [1, T, D], logits [T, E])``,
+    ``linears(config, prefix)`` the attribute -> canonical tensor map for integer swaps."""
+    build: Callable[[nn.Module, CosmoeConfig], None]
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    linears: Callable[[CosmoeConfig, str], dict[str, str]]
+
+
+def _routed_build(unit: nn.Module, config: CosmoeConfig) -> None:
+    d = config.hidden_size
+    unit.router = nn.Linear(d, config.num_experts, bias=False)
+    fs = config.shared_expert_intermediate_size
+    unit.shared = Expert(d, fs) if fs else None
+    unit.shared_gate = nn.Linear(d, 1, bias=False) if unit.shared is not None else None
+
+
+def _routed_forward(unit: nn.Module, x: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = unit.router(xn)  # [T, E]
+    if unit.shared is None:
+        return x, logits
+    return x + (torch.sigmoid(unit.shared_gate(xn)) * unit.shared(xn)).view(x.shape[0], x.shape[1], -1), logits
+
+
+def _routed_linears(config: CosmoeConfig, pre: str) -> dict[str, str]:
+    if not config.shared_expert_intermediate_size:
+        return {}
+    out = {f"shared.{m}": f"{pre}moe.shared.{m}.weight" for m in ("gate", "up", "down")}
+    out["shared_gate"] = f"{pre}moe.shared_gate.weight"
+    return out
+
+
+def _dense_build(unit: nn.Module, config: CosmoeConfig) -> None:
+    unit.mlp = Expert(config.hidden_size, config.dense_intermediate_size)
+    unit.num_experts = config.num_experts
+
+
+def _dense_forward(unit: nn.Module, x: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Zero router logits keep every layer program's five outputs; the runtimes never route a dense
+    # layer (the plan says so), so the zeros are never read.
+    zeros = xn.new_zeros((xn.shape[0], unit.num_experts))  # [T, E]
+    return x + unit.mlp(xn).view(x.shape[0], x.shape[1], -1), zeros  # [1, T, D], [T, E]
+
+
+def _dense_linears(config: CosmoeConfig, pre: str) -> dict[str, str]:
+    return {f"mlp.{m}": f"{pre}mlp.{m}.weight" for m in ("gate", "up", "down")}
+
+
+# FFN kind -> what its layer program computes. A new kind is one entry here.
+LAYER_FFNS: dict[str, LayerFfn] = {
+    "moe": LayerFfn(_routed_build, _routed_forward, _routed_linears),
+    "dense": LayerFfn(_dense_build, _dense_forward, _dense_linears),
+}
 
 
 class HeadUnit(nn.Module):
@@ -176,7 +232,7 @@ def build_layer(config: CosmoeConfig, weights: dict[str, torch.Tensor], layer: i
     prefix = f"layers.{layer}."
     sd = {k.removeprefix(prefix).replace("moe.", ""): v for k, v in weights.items() if k.startswith(prefix)}
     with torch.device("meta"):
-        unit = LayerUnit(config)
+        unit = LayerUnit(config, layer)
     unit.load_state_dict(sd, assign=True, strict=True)
     return unit.eval()
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cosmoe_export.errors import CosmoeError
 from cosmoe_export.release import cache_sim
 from cosmoe_export.text import encode_with, windows
 from runtime_py import format as fmt
@@ -45,6 +46,16 @@ class Loaded:
 
 def load(path: str) -> Loaded:
     """A bundle directory (manifest.json) through the runtime with lazy experts, else a checkpoint."""
+    loaded = _load(path)
+    if len(loaded.config.moe_layers) != loaded.config.num_hidden_layers:
+        # The metrics and plots are per layer over every layer; a plan with dense layers needs them
+        # indexed by MoE layer first (issue 14).
+        dense = sorted(set(range(loaded.config.num_hidden_layers)) - set(loaded.config.moe_layers))
+        raise CosmoeError(f"{path}: has dense (non-MoE) layers {dense}; analyze reads all-MoE models only so far")
+    return loaded
+
+
+def _load(path: str) -> Loaded:
     p = Path(path)
     if (p / MANIFEST_NAME).is_file():
         from cosmoe_export.reference import TorchRuntime

@@ -22,7 +22,8 @@ namespace {
 using nlohmann::json;
 
 constexpr const char* kFormatName = "cosmoe-bundle";   // runtime_py/format.py FORMAT_NAME
-constexpr int kFormatVersion = 1;                      // FORMAT_VERSION
+constexpr int kFormatVersion = 2;                      // FORMAT_VERSION
+constexpr int kPlanVersion = 2;                        // PLAN_VERSION: the first with model.layer_ffns
 constexpr int64_t kMaxManifestBytes = 64LL << 20;      // MAX_MANIFEST_BYTES
 constexpr const char* kManifestName = "manifest.json"; // MANIFEST_NAME
 
@@ -36,13 +37,15 @@ const std::set<std::string> kRoles = {"backbone", "expert", "tokenizer", "progra
 const std::set<std::string> kTargets = {"executorch", "onnx"};
 const std::set<std::string> kUnits = {"embed", "layer", "head", "expert"};
 const std::set<std::string> kDtypes = {"float32", "bfloat16", "float16"};
+// runtime_py/config.py FFN_KINDS: FFN kind -> whether it has routed experts.
+const std::map<std::string, bool> kFfnKinds = {{"moe", true}, {"dense", false}};
 // runtime_py/config.py: every CosmoeConfig field, and the HF keys it ignores.
 const std::set<std::string> kConfigKeys = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob", "expert_kind", "wd_rank",
     "shared_expert_intermediate_size", "head_dim", "qk_norm", "attention_bias", "attention_out_bias",
     "clip_qkv", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
-    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "layer_ffns", "dense_intermediate_size",
     "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
@@ -158,6 +161,36 @@ Config read_config(const json& model, const std::string& where) {
                   (r.is_object() && r.contains("rope_type") ? r["rope_type"].dump() : std::string("None")));
     }
   }
+  c.routed.assign(size_t(std::max(c.num_hidden_layers, 0)), true);
+  if (model.contains("layer_ffns") && !model["layer_ffns"].is_null()) {  // CosmoeConfig._plan_problems
+    const json& plan = model["layer_ffns"];
+    bool strings = plan.is_array();
+    for (const json& k : strings ? plan : json::array()) strings &= k.is_string();
+    if (!strings) {
+      p.push_back("layer_ffns must be a list of FFN kinds, got " + plan.dump().substr(0, 80));
+    } else {
+      if (int64_t(plan.size()) != c.num_hidden_layers)
+        p.push_back("layer_ffns lists " + std::to_string(plan.size()) + " layers, num_hidden_layers is " +
+                    std::to_string(c.num_hidden_layers));
+      bool any_routed = false, any_dense = false, known = true;
+      for (size_t i = 0; i < plan.size(); ++i) {
+        auto kind = kFfnKinds.find(plan[i].get<std::string>());
+        if (kind == kFfnKinds.end()) {
+          known = false;
+          continue;
+        }
+        any_routed |= kind->second;
+        any_dense |= !kind->second;
+        if (i < c.routed.size()) c.routed[i] = kind->second;
+      }
+      if (!known) p.push_back("layer_ffns has unknown kinds; known: ['moe', 'dense']");
+      else if (!any_routed) p.push_back("layer_ffns has no 'moe' layer; CoSMoE needs routed experts in at least one layer");
+      if (any_dense && get_int(model, "dense_intermediate_size", 0, p, true) == 0)
+        p.push_back("layer_ffns has 'dense' layers but dense_intermediate_size is 0");
+    }
+  }
+  for (int l = 0; l < int(c.routed.size()); ++l)
+    if (c.routed[size_t(l)]) c.moe_layers.push_back(l);
   if (p.empty()) {
     if (c.num_experts_per_tok > c.num_experts)
       p.push_back("num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) + ") exceeds num_experts (" +
@@ -168,8 +201,8 @@ Config read_config(const json& model, const std::string& where) {
       p.push_back("num_key_value_heads does not divide num_attention_heads");
     c.head_size = head_dim ? head_dim : c.hidden_size / c.num_attention_heads;
     if (c.head_size % 2) p.push_back("head size " + std::to_string(c.head_size) + " must be even for rotary embeddings");
-    if (int64_t(c.num_hidden_layers) * c.num_experts > (1 << 16))
-      p.push_back("too many expert files (layers x experts exceeds the limit of 65,536); check the sizes");
+    if (int64_t(c.moe_layers.size()) * c.num_experts > (1 << 16))
+      p.push_back("too many expert files (MoE layers x experts exceeds the limit of 65,536); check the sizes");
     double kv = 2.0 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_size * 4;
     if (kv > double(128LL << 30)) p.push_back("max_position_embeddings needs a KV cache above 128 GiB; check the sizes");
   }
@@ -259,6 +292,9 @@ Bundle Bundle::open(const std::string& dir) {
                 " was unexpected)");
   if (!is_int(m["format_version"]) || m["format_version"].get<int64_t>() < 1)
     bad_input(where + ": invalid manifest at format_version: " + m["format_version"].dump() + " is not an integer >= 1");
+  if (m["model"].is_object() && m["model"].contains("layer_ffns") && m["format_version"].get<int64_t>() < kPlanVersion)
+    bad_input(where + ": model.layer_ffns needs format version " + std::to_string(kPlanVersion) +
+              ", the manifest says " + m["format_version"].dump() + "; rebuild the bundle");
   if (!m["files"].is_array()) bad_input(where + ": invalid manifest at files: is not of type 'array'");
   if (!m["provenance"].is_object()) bad_input(where + ": invalid manifest at provenance: is not of type 'object'");
   bool quantized = m.contains("quantization");
@@ -291,13 +327,14 @@ Bundle Bundle::open(const std::string& dir) {
     if (f.role == "backbone" && !b.backbone) b.backbone = &f;
   }
   const Config& c = b.config;
-  for (int l = 0; l < c.num_hidden_layers; ++l)
+  // Expert files exist for the MoE layers of the plan only: a dense layer has none.
+  for (int l : c.moe_layers)
     for (int e = 0; e < c.num_experts; ++e)
       if (!experts.count({l, e}))
         bad_input(where + ": expert files do not cover every (layer, expert); missing e.g. [(" + std::to_string(l) +
                   ", " + std::to_string(e) + ")]");
-  if (experts.size() != size_t(c.num_hidden_layers) * c.num_experts)
-    bad_input(where + ": expert files do not cover every (layer, expert) exactly (extra entries)");
+  if (experts.size() != c.moe_layers.size() * size_t(c.num_experts))
+    bad_input(where + ": expert files listed for layers without routed experts, or twice; rebuild the bundle");
   if (!b.backbone) bad_input(where + ": no backbone file listed");
 
   // runtime_py.program_backend.ProgramEngine: one ExecuTorch program per unit.
@@ -306,11 +343,12 @@ Bundle Bundle::open(const std::string& dir) {
       bool per_layer = f.unit == "layer" || f.unit == "expert";
       b.programs[{f.unit, per_layer ? f.layer : -1, f.unit == "expert" ? f.expert : -1}] = &f;
     }
-  size_t want = 2 + size_t(c.num_hidden_layers) * (1 + c.num_experts);
+  size_t want = 2 + size_t(c.num_hidden_layers) + c.moe_layers.size() * size_t(c.num_experts);
   bool complete = b.programs.size() == want && b.programs.count({"embed", -1, -1}) && b.programs.count({"head", -1, -1});
   for (int l = 0; complete && l < c.num_hidden_layers; ++l) {
     complete &= b.programs.count({"layer", l, -1}) > 0;
-    for (int e = 0; complete && e < c.num_experts; ++e) complete &= b.programs.count({"expert", l, e}) > 0;
+    for (int e = 0; complete && c.routed[size_t(l)] && e < c.num_experts; ++e)
+      complete &= b.programs.count({"expert", l, e}) > 0;
   }
   if (!complete)
     bad_input(b.root + ": the executorch programs do not cover every unit; run `cosmoe-export lower " + b.root +

@@ -22,6 +22,10 @@ struct Config {
   double rope_theta = 500000.0;
   // Llama 3.1 rope scaling ("llama3"); factor 0: none.
   double rope_factor = 0, rope_low = 0, rope_high = 0, rope_old_ctx = 0;
+  // The layer plan (format v2 model.layer_ffns; v1: "moe" everywhere): whether each layer has
+  // routed experts, and those layers in order (runtime_py CosmoeConfig.moe_layers).
+  std::vector<bool> routed;
+  std::vector<int> moe_layers;
 };
 
 struct FileEntry {

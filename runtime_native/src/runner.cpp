@@ -144,8 +144,10 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
   std::string backbone = bundle_.verified_path(*bundle_.backbone, hash_first_ || hash_always_);
   SafetensorsFile st(backbone);
   for (int l = 0; l < layers; ++l) {
-    routers_.push_back(st.read_float("layers." + std::to_string(l) + ".moe.router.weight",
-                                     {c.num_experts, c.hidden_size}));
+    // A dense layer has no router (an empty one here: the prefetch guess never targets it).
+    routers_.push_back(c.routed[size_t(l)] ? st.read_float("layers." + std::to_string(l) + ".moe.router.weight",
+                                                           {c.num_experts, c.hidden_size})
+                                           : std::vector<float>());
     norms_.push_back(st.read_float("layers." + std::to_string(l) + ".ffn_norm.weight", {c.hidden_size}));
   }
   inv_freq_ = rope_inv_freq(c);
@@ -167,9 +169,9 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
   arena_.reserve(embed_->plan());
   arena_.reserve(head_->plan());
   for (const auto& p : layers_) arena_.reserve(p->plan());
-  // Experts of a bundle share one shape and precision: expert (0, 0)'s plan stands for all; one
-  // with a larger plan gets buffers of its own (Program::bind).
-  arena_.reserve(Program(bundle_.checked_path(bundle_.program("expert", 0, 0))).plan());
+  // Experts of a bundle share one shape and precision: the first MoE layer's expert 0's plan stands
+  // for all; one with a larger plan gets buffers of its own (Program::bind).
+  arena_.reserve(Program(bundle_.checked_path(bundle_.program("expert", c.moe_layers[0], 0))).plan());
   embed_->bind(arena_);
   head_->bind(arena_);
   for (const auto& p : layers_) p->bind(arena_);
@@ -208,17 +210,18 @@ Unit Runner::load_expert(int layer, int expert) {
 // Budget arithmetic as runtime_py.runner.Runner.__init__.
 void Runner::measure_costs(int64_t budget, int experts_per_layer) {
   const Config& c = bundle_.config;
-  int layers = c.num_hidden_layers, experts = c.num_experts, k = c.num_experts_per_tok;
+  // Budgets count the layers with routed experts only: a dense layer's MLP is in its layer program.
+  int layers = int(c.moe_layers.size()), experts = c.num_experts, k = c.num_experts_per_tok;
   {
-    // One expert's resident bytes as loaded: the RSS growth of loading two (layer 0, experts 0
-    // and 1), halved; never less than the file (ProgramEngine._measure_unit_bytes).
-    int n = std::min(2, experts);
+    // One expert's resident bytes as loaded: the RSS growth of loading two (the first MoE layer,
+    // experts 0 and 1), halved; never less than the file (ProgramEngine._measure_unit_bytes).
+    int n = std::min(2, experts), first = c.moe_layers[0];
     int64_t file = 0;
-    for (int e = 0; e < n; ++e) file = std::max(file, bundle_.program("expert", 0, e).bytes);
+    for (int e = 0; e < n; ++e) file = std::max(file, bundle_.program("expert", first, e).bytes);
     int64_t before = rss_bytes();
     std::vector<Unit> held;
     for (int e = 0; e < n; ++e) {
-      held.push_back(std::make_shared<Program>(bundle_.checked_path(bundle_.program("expert", 0, e))));
+      held.push_back(std::make_shared<Program>(bundle_.checked_path(bundle_.program("expert", first, e))));
       held.back()->bind(arena_);
     }
     unit_bytes = std::max((rss_bytes() - before) / n, file);
@@ -239,7 +242,7 @@ void Runner::measure_costs(int64_t budget, int experts_per_layer) {
               " experts of " + mb(double(unit_bytes), 2) + " MB); raise --budget");
   budget_bytes = budget;
   store_ = std::make_unique<ExpertStore>(
-      layers, experts, k, unit_bytes, budget - backbone_bytes, policy_,
+      c.moe_layers, experts, k, unit_bytes, budget - backbone_bytes, policy_,
       [this](int l, int e) { return load_expert(l, e); },
       [this](int l, int e) { return bundle_.program("expert", l, e).bytes; }, where);
 }
@@ -332,6 +335,10 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
       std::memcpy(&kc[(h * size_t(ctx) + size_t(pos)) * Dh], k_new + h * T * Dh, T * Dh * sizeof(float));
       std::memcpy(&vc[(h * size_t(ctx) + size_t(pos)) * Dh], v_new + h * T * Dh, T * Dh * sizeof(float));
     }
+    if (!c.routed[size_t(layer)]) {  // a dense layer: base already holds its MLP; nothing routed
+      x.swap(base);
+      continue;
+    }
     for (size_t i = 0; i < T; ++i) {
       softmax(&router[i * size_t(e)], e, probs.data());
       top_k(probs.data(), e, k, c.norm_topk_prob, &idx[i * size_t(k)], &weights[i * size_t(k)]);
@@ -363,7 +370,8 @@ void Runner::dispatch(int layer, const float* x, int t, const std::vector<float>
     rows.insert(rows.end(), idx.begin(), idx.begin() + long(t) * k);
   }
   store_->begin_layer(layer, selected);
-  if (store_->policy().prefetch && layer + 1 < c.num_hidden_layers) {
+  // The guess reads layer l+1's router: only when l+1 has one (not past the last layer, not dense).
+  if (store_->policy().prefetch && layer + 1 < c.num_hidden_layers && c.routed[size_t(layer + 1)]) {
     // Layer l+1's router on this layer's MoE input, exactly rescaled (runtime_py.model.guess_logits):
     // the mean over tokens of its softmax, top-k, kept only when confident.
     const std::vector<float>& router = routers_[size_t(layer + 1)];
@@ -506,9 +514,9 @@ Generation Runner::generate(const std::vector<int32_t>& prompt, int max_new_toke
   if (load_ms.empty()) load_ms.push_back(0.0);
   int64_t requests = st.requests - before.requests, decode_requests = st.requests - prefilled.requests;
   double ex = 0;
-  if (!selections_[0].empty()) {
-    for (const auto& s : selections_) ex += exrep(s, c.num_experts_per_tok, c.num_experts);
-    ex /= double(selections_.size());
+  if (!selections_[size_t(c.moe_layers[0])].empty()) {  // over the MoE layers, as runtime_py
+    for (int l : c.moe_layers) ex += exrep(selections_[size_t(l)], c.num_experts_per_tok, c.num_experts);
+    ex /= double(c.moe_layers.size());
   }
   nlohmann::ordered_json m;
   m["backend"] = "native";

@@ -45,11 +45,12 @@ Policy make_policy(const std::string& name) {
   return p;
 }
 
-ExpertStore::ExpertStore(int layers, int experts, int top_k, int64_t unit_bytes, int64_t capacity_bytes,
-                         const std::string& policy, Loader load, std::function<int64_t(int, int)> file_bytes,
-                         const std::string& where)
-    : layers_(layers), experts_(experts), top_k_(top_k), unit_bytes_(unit_bytes),
+ExpertStore::ExpertStore(const std::vector<int>& layer_ids, int experts, int top_k, int64_t unit_bytes,
+                         int64_t capacity_bytes, const std::string& policy, Loader load,
+                         std::function<int64_t(int, int)> file_bytes, const std::string& where)
+    : layer_ids_(layer_ids), layers_(int(layer_ids.size())), experts_(experts), top_k_(top_k), unit_bytes_(unit_bytes),
       policy_(make_policy(policy)), load_(std::move(load)), file_bytes_(std::move(file_bytes)) {
+  const int layers = layers_;
   capacity_ = std::min<int64_t>(std::max<int64_t>(capacity_bytes, 0) / unit_bytes, int64_t(layers) * experts);
   auto n = [](int64_t v) { return std::to_string(v); };
   if (capacity_ < top_k)
@@ -64,7 +65,7 @@ ExpertStore::ExpertStore(int layers, int experts, int top_k, int64_t unit_bytes,
   quota_ = capacity_ >= int64_t(top_k) * layers ? capacity_ / layers : -1;
   if (policy_.prefetch) worker_ = std::thread([this] { loader_thread(); });
   if (policy_.preload_all) {
-    for (int l = 0; l < layers; ++l)
+    for (int l : layer_ids_)
       for (int e = 0; e < experts; ++e) {
         slots_[{l, e}] = Slot{timed_load({l, e}), {}, false, next_seq_++};
         ++stats_.preloaded;
@@ -181,7 +182,7 @@ Unit ExpertStore::get(int layer, int expert) {
 }
 
 void ExpertStore::prefetch(int layer, const std::vector<int>& experts) {
-  if (!policy_.prefetch || layer < 0 || layer >= layers_) return;
+  if (!policy_.prefetch || std::find(layer_ids_.begin(), layer_ids_.end(), layer) == layer_ids_.end()) return;
   std::set<Key> guess;
   for (int e : experts) guess.insert({layer, e});
   std::unique_lock<std::mutex> lock(mu_);

@@ -57,7 +57,8 @@ struct StoreStats {
 class ExpertStore {
  public:
   using Loader = std::function<Unit(int layer, int expert)>;
-  ExpertStore(int layers, int experts, int top_k, int64_t unit_bytes, int64_t capacity_bytes,
+  // layer_ids: the layers with routed experts (runtime_py ExpertStore's layer_ids; dense layers have none).
+  ExpertStore(const std::vector<int>& layer_ids, int experts, int top_k, int64_t unit_bytes, int64_t capacity_bytes,
               const std::string& policy, Loader load, std::function<int64_t(int, int)> file_bytes,
               const std::string& where);
   ~ExpertStore();
@@ -87,6 +88,7 @@ class ExpertStore {
   void note_size();
   void loader_thread();
 
+  std::vector<int> layer_ids_;
   int layers_, experts_, top_k_;
   int64_t unit_bytes_, capacity_;
   int64_t quota_;  // per layer; -1: one shared pool

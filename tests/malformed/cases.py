@@ -392,7 +392,7 @@ def _(bnd: Path) -> None:
 
 @bundle_case("manifest-newer-format", expect="upgrade cosmoe-export", names=MANIFEST)
 def _(bnd: Path) -> None:
-    b.edit_manifest(bnd, lambda m: m.update(format_version=2))
+    b.edit_manifest(bnd, lambda m: m.update(format_version=3))  # runtime_py/format.py FORMAT_VERSION is 2
 
 
 @bundle_case("manifest-not-json", expect="not valid UTF-8 JSON", names=MANIFEST)

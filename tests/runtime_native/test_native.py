@@ -175,3 +175,22 @@ def test_recipes_name_native_only_with_executorch_programs(tmp_path):
         recipe_from_dict({**base, "lower": {"targets": ["onnx"]}}, base=tmp_path)
     with pytest.raises(CosmoeError, match="not one of"):
         recipe_from_dict({**base, "verify": {"backends": ["nativ"]}}, base=tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["resident", "paper", "lru+prefetch"])
+def test_dense_layers_run_natively_as_the_executorch_runner(lowered_dense, policy):
+    """Qwen3-MoE with a dense first layer: the C++ runner reads the plan, skips routing there, and
+    gives the tokens, expert traffic and logits of runtime_py's ExecuTorch runner."""
+    bundle = Bundle.open(lowered_dense)
+    per_layer = {"resident": None, "paper": 2, "lru+prefetch": 3}[policy]
+    python = Runner(bundle, backend="executorch", policy=policy, experts_per_layer=per_layer)
+    native = NativeRunner(bundle, policy=policy, experts_per_layer=per_layer)
+    ids = torch.tensor([PROMPT])
+    with python, native:
+        want, got = python.generate(PROMPT, 24), native.generate(PROMPT, 24)
+        want_logits = python.logits(ids)
+        assert float((native.logits(ids) - want_logits).abs().max()) <= 1e-5 * float(want_logits.abs().max())
+    assert got.tokens == want.tokens
+    m, w = got.metrics, want.metrics
+    assert m["expert_loads"] == w["expert_loads"] and m["exrep"] == pytest.approx(w["exrep"])
+    assert m["hit_rate"] == pytest.approx(w["hit_rate"])

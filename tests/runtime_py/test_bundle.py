@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cosmoe_export.cli import cli
 from cosmoe_export.reference import TorchRuntime
+from runtime_py import format as fmt
 from runtime_py.bundle import Bundle
 from runtime_py.config import backbone_shapes
 from runtime_py.errors import FormatError, IntegrityError
@@ -56,8 +57,32 @@ def test_symlink_escaping_the_bundle(bundle_dir, tmp_path):
 
 
 def test_newer_format_version(bundle_dir, tmp_path):
-    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: m.update(format_version=2))
-    with pytest.raises(FormatError, match="format version 2 is newer .* upgrade cosmoe-export"):
+    newer = fmt.FORMAT_VERSION + 1
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", lambda m: m.update(format_version=newer))
+    with pytest.raises(FormatError, match=f"format version {newer} is newer .* upgrade cosmoe-export"):
+        Bundle.open(d)
+
+
+def test_all_moe_bundles_stay_v1(bundle_dir):
+    m = Bundle.open(bundle_dir).manifest
+    assert m["format_version"] == 1 and fmt.LAYER_PLAN_KEY not in m["model"]
+
+
+def test_a_layer_plan_needs_format_v2(bundle_dir, tmp_path):
+    def edit(m):
+        m["model"].update(layer_ffns=["moe", "moe"])  # claims a plan, says v1
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", edit)
+    with pytest.raises(FormatError, match="layer_ffns needs format version 2, the manifest says 1"):
+        Bundle.open(d)
+
+
+def test_dense_layer_must_not_list_experts(bundle_dir, tmp_path):
+    """A v2 plan that makes layer 0 dense while the files still list its experts: refused."""
+    def edit(m):
+        m["format_version"] = 2
+        m["model"].update(layer_ffns=["dense", "moe"], dense_intermediate_size=32)
+    d = copy_with_manifest(bundle_dir, tmp_path / "b", edit)
+    with pytest.raises(FormatError, match="expert files listed for layers without routed experts"):
         Bundle.open(d)
 
 

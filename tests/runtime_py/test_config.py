@@ -66,3 +66,35 @@ def test_presets_match_paper_table1_within_3pct(name):
     active, total = PAPER_PARAMS[name]
     assert abs(p.active / active - 1) < 0.03
     assert abs(p.total / total - 1) < 0.03
+
+
+def test_an_all_moe_plan_is_no_plan():
+    """A plan of only "moe" serialises as v1 did: no layer_ffns key, so v1 bundles keep their bytes."""
+    c = CosmoeConfig.from_dict(tiny(layer_ffns=["moe", "moe"]))
+    assert c.layer_ffns is None and c.all_moe and c.moe_layers == (0, 1)
+    assert c.to_dict() == CosmoeConfig.from_dict(tiny()).to_dict()
+    assert "layer_ffns" not in c.to_dict() and "dense_intermediate_size" not in c.to_dict()
+
+
+def test_dense_layer_plan():
+    c = CosmoeConfig.from_dict(tiny(layer_ffns=["dense", "moe"], dense_intermediate_size=40))
+    assert c.moe_layers == (1,) and c.ffn_kind(0).name == "dense" and not c.ffn_kind(0).routed
+    assert CosmoeConfig.from_dict(c.to_dict()) == c
+    assert c.to_dict()["layer_ffns"] == ["dense", "moe"]
+    shapes = tensor_shapes(c)
+    assert shapes["layers.0.mlp.gate.weight"] == (40, 32) and shapes["layers.0.mlp.down.weight"] == (32, 40)
+    assert not any(n.startswith(("layers.0.moe.", "layers.1.mlp.")) for n in shapes)
+    p = param_counts(c)
+    assert p.num_layers == 1 and p.total == sum(math.prod(s) for s in shapes.values())
+
+
+@pytest.mark.parametrize("plan,extra,message", [
+    (["dense", "moe", "moe"], {}, "layer_ffns lists 3 layers, num_hidden_layers is 2"),
+    (["dense", "conv"], {}, "layer_ffns has unknown kinds ['conv']"),
+    (["dense", "dense"], {"dense_intermediate_size": 8}, "no 'moe' layer"),
+    (["dense", "moe"], {}, "dense_intermediate_size is 0"),
+    ("dense", {}, "layer_ffns must be a list"),
+])
+def test_bad_layer_plans(plan, extra, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        CosmoeConfig.from_dict(tiny(layer_ffns=plan, **extra))

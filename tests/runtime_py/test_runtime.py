@@ -353,3 +353,48 @@ def test_rss_follows_the_accounting_over_1000_tokens(tiny_bles_bundle):
     extra_rss = full["growth"][-1] - small["growth"][-1]
     extra_accounted = full["accounted"] - small["accounted"]
     assert abs(extra_rss - extra_accounted) <= 0.2 * extra_accounted, (extra_rss, extra_accounted)
+
+
+def test_store_counts_only_layers_with_experts():
+    """A plan with dense layers: the store's layers are the MoE ones (quota, preload, prefetch)."""
+    loader = Loader()
+    store = ExpertStore(layers=2, experts=4, top_k=1, unit_bytes=1, capacity_bytes=8, policy="resident",
+                        load=loader.load, release=loader.release, layer_ids=(1, 3))
+    assert store.quota == 4 and loader.live == {(layer, e) for layer in (1, 3) for e in range(4)}
+    store.close()
+    store = ExpertStore(layers=2, experts=4, top_k=1, unit_bytes=1, capacity_bytes=4, policy="lru+prefetch",
+                        load=loader.load, release=loader.release, layer_ids=(1, 3))
+    store.prefetch(0, [0])  # a dense layer: nothing to prefetch
+    store.prefetch(3, [2])
+    store.close()
+    assert store.stats.prefetches == 1
+    with pytest.raises(ConfigError, match="3 layer ids for 2 layers"):
+        ExpertStore(layers=2, experts=4, top_k=1, unit_bytes=1, capacity_bytes=4, policy="lru",
+                    load=loader.load, release=loader.release, layer_ids=(0, 1, 2))
+
+
+@pytest.mark.parametrize("policy,per_layer", [("resident", None), ("paper", 2), ("lru+prefetch", 3), ("lfu", 2)])
+def test_dense_layers_run_under_a_budget(hf_checkpoint, tmp_path, policy, per_layer):
+    """Qwen3-MoE with a dense first layer: no expert of layer 0 is ever asked for, the budget counts
+    the one MoE layer, and the tokens are the reference's whatever the budget."""
+    from cosmoe_export.reference import TorchRuntime
+    out = tmp_path / "b"
+    ckpt = hf_checkpoint("qwen3_moe_dense")
+    assert CliRunner().invoke(cli, ["-q", "split", str(ckpt), "-o", str(out)]).exit_code == 0
+    bundle = Bundle.open(out)
+    cfg = bundle.config
+    assert cfg.moe_layers == (1,) and bundle.manifest["format_version"] == 2
+    asked = []
+    runner = Runner(bundle, policy=policy, experts_per_layer=per_layer)
+    load = runner.store._load
+    runner.store._load = lambda layer, e: asked.append(layer) or load(layer, e)
+    prompt = [5, 17, 99, 3, 250, 42, 7, 7]
+    gen = runner.generate(prompt, 10)
+    assert gen.tokens == TorchRuntime(bundle).greedy(torch.tensor([prompt]), 10)
+    assert set(asked) <= {1} and runner.store.layers == 1
+    resident = runner.backbone_bytes + cfg.num_experts * runner.expert_unit_bytes  # one MoE layer's experts
+    assert runner.resident_budget_bytes == resident
+    if per_layer:
+        assert runner.budget_bytes == runner.backbone_bytes + per_layer * runner.expert_unit_bytes
+    assert gen.metrics["exrep"] >= 0 and gen.metrics["resident_expert_bytes_max"] <= runner.budget_bytes
+    runner.close()

@@ -131,3 +131,37 @@ def test_unknown_architecture_lists_supported(hf_checkpoint):
         open_source(str(ckpt))
     assert "'DeepseekV3ForCausalLM' is not supported" in str(e.value)
     assert "MixtralForCausalLM" in str(e.value) and "OlmoeForCausalLM" in str(e.value)
+
+
+def test_qwen3_dense_layers_split_to_a_v2_bundle(hf_checkpoint, tmp_path):
+    """mlp_only_layers=[0]: layer 0's MLP lands in the backbone, it has no expert files, and the
+    manifest says so in its layer plan (format v2); an all-MoE family stays v1."""
+    out = tmp_path / "bundle"
+    r = CliRunner().invoke(cli, ["-q", "split", str(hf_checkpoint("qwen3_moe_dense")), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 2
+    assert m["model"]["layer_ffns"] == ["dense", "moe"] and m["model"]["dense_intermediate_size"] == 80
+    assert {f["layer"] for f in m["files"] if f["role"] == "expert"} == {1}
+    backbone = load_file(str(out / "backbone.safetensors"))
+    assert backbone["layers.0.mlp.gate.weight"].shape == (80, 64)
+    assert not any(k.startswith("layers.0.moe.") for k in backbone)
+    r = CliRunner().invoke(cli, ["-q", "split", str(hf_checkpoint("qwen3_moe")), "-o", str(tmp_path / "v1")])
+    m1 = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    assert m1["format_version"] == 1 and "layer_ffns" not in m1["model"]
+
+
+@pytest.mark.parametrize("only,step", [([], 2), ([2], 1), ([0, 3], 2), ([], 1)])
+def test_qwen3_layer_plan_is_transformers_own(tmp_path, only, step):
+    """Which layers are dense, as transformers' Qwen3MoeDecoderLayer decides it."""
+    import transformers
+    config = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=8, intermediate_size=24,
+                                         moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                                         mlp_only_layers=only, decoder_sparse_step=step)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    want = ["moe" if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts") else "dense"
+            for layer in model.model.layers]
+    model.save_pretrained(tmp_path)
+    cfg = open_source(str(tmp_path), hash_files=False).config
+    assert list(cfg.layer_ffns or ["moe"] * 4) == want

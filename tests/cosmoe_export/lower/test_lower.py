@@ -403,3 +403,61 @@ def test_quantized_onnx_lowering_is_deterministic(tmp_path):
     precisions = {f["unit"]: f["precision"] for f in files[0]}
     assert precisions == {"embed": "gatherblockquantized-int4", "layer": "matmulnbits-int4",
                           "head": "matmulnbits-int4", "expert": "matmulnbits-int4"}
+
+
+# A dense layer of the plan (Qwen3-MoE mlp_only_layers): layer 0 dense, layer 1 MoE.
+DENSE_CFG = dataclasses.replace(CFG, num_hidden_layers=2, layer_ffns=("dense", "moe"), dense_intermediate_size=112)
+
+
+def random_dense_layer(config: CosmoeConfig, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Canonical float weights of dense layer 0 (attention, norms, the MLP)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        names = {k: tuple(v.shape) for k, v in units.LayerUnit(config, 0).state_dict().items()}
+    assert {n for n in names if n.startswith("mlp.")} == {"mlp.gate.weight", "mlp.up.weight", "mlp.down.weight"}
+    assert not any(n.startswith(("router", "shared")) for n in names)
+    out = {}
+    for name, shape in names.items():
+        w = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 else 0.1)
+        out["layers.0." + name] = 1 + w if name.endswith("norm.weight") else w
+    return out
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx"])
+def test_dense_layer_program_computes_its_mlp(target, tmp_path):
+    """A dense layer's program returns base = h + MLP(xn) and zero router logits, in the five
+    outputs every layer program has, against runtime_py.model's DenseMLP."""
+    from runtime_py.model import DenseMLP
+    floats = random_dense_layer(DENSE_CFG)
+    data = lower_layer(target, DENSE_CFG, floats, floats)
+    mlp = DenseMLP(DENSE_CFG, 0)
+    mlp.load_state_dict({k.removeprefix("layers.0.mlp."): v for k, v in floats.items() if ".mlp." in k})
+    for t, pos in ((5, 7), (1, 12), (1, 0)):
+        inputs = layer_call(DENSE_CFG, t, pos)
+        got = run_layer(target, data, tmp_path, inputs)
+        sd = {**floats, "layers.0.moe.router.weight": torch.zeros(DENSE_CFG.num_experts, DENSE_CFG.hidden_size)}
+        h, xn, _, k_new, v_new = canonical_layer(DENSE_CFG, sd, inputs, pos)
+        with torch.no_grad():
+            base = h + mlp(xn)[0].view(1, t, -1)
+        want = (base, xn, torch.zeros(t, DENSE_CFG.num_experts), k_new, v_new)
+        for name, a, b in zip(units.LAYER_OUTPUTS, got, want, strict=True):
+            assert tuple(a.shape) == tuple(b.shape), (t, pos, name)
+            err = float((torch.as_tensor(a) - b).abs().max())  # logits are zeros: absolute, scaled by the output
+            assert err <= 1e-5 * max(1.0, float(b.abs().max())), (t, pos, name, err)
+
+
+@pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
+def test_dense_layers_over_lowered_units_match_pytorch_runtime(lowered_dense, backend):
+    """The whole plan lowered: one layer program per layer (the dense one with its MLP), experts for
+    the MoE layer only; logits and greedy tokens as the PyTorch runtime, under a budget too."""
+    from runtime_py.runner import Runner
+    bundle = Bundle.open(lowered_dense)
+    experts = {(f.target, f.layer) for f in bundle.files if f.unit == "expert"}
+    assert experts == {("executorch", 1), ("onnx", 1)}
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 7]])
+    want, greedy = TorchRuntime(bundle).logits(ids), TorchRuntime(bundle).greedy(ids, 12)
+    runtime = Runner(bundle, backend=backend)
+    assert float((runtime.logits(ids) - want).abs().max()) <= 1e-4
+    assert runtime.generate(ids[0].tolist(), 12).tokens == greedy
+    budgeted = Runner(bundle, backend=backend, experts_per_layer=2, policy="lru+prefetch")
+    assert budgeted.generate(ids[0].tolist(), 12).tokens == greedy

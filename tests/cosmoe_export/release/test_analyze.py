@@ -127,3 +127,14 @@ def test_analyze_bundle_routes_like_its_checkpoint(tiny_bles, tmp_path):
 def test_analyze_errors(tmp_path):
     r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "nope"), "--text", __file__])
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_analyze_refuses_a_plan_with_dense_layers(hf_checkpoint, tmp_path):
+    """Until its metrics are indexed by MoE layer, analyze must refuse a dense-layer plan in one line,
+    never report a dense layer's (absent) routing."""
+    ckpt = hf_checkpoint("qwen3_moe_dense")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    r = CliRunner().invoke(cli, ["analyze", str(ckpt), "--text", str(text)])
+    assert r.exit_code == 2, r.output
+    assert f"{ckpt}: has dense (non-MoE) layers [0]" in r.output and r.output.count("\n") == 1

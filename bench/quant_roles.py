@@ -43,7 +43,7 @@ from cosmoe_export.quantization.quantize import role_of  # noqa: E402
 from cosmoe_export.reference import TorchRuntime  # noqa: E402
 from runtime_py import quant, routing_metrics  # noqa: E402
 from runtime_py.bundle import Bundle  # noqa: E402
-from runtime_py.model import route  # noqa: E402
+from runtime_py.routers import route  # noqa: E402
 
 ROLES = ("expert", "attention", "embedding", "head", "router")
 
@@ -68,10 +68,10 @@ def run(runtime: TorchRuntime, batches: list[torch.Tensor], router_weights: dict
 
     def hook(module, inputs, output, b_t):
         _, logits = output
-        _, idx = route(logits, module.top_k, module.renormalise)  # [N, K]
+        _, idx = route(logits, module.config, module.score_bias)  # [N, K]
         sels[module.layer].append(idx.view(*b_t, -1).numpy().copy())
         if router_weights is not None:  # same hidden state, rounded router
-            _, idx_q = route(F.linear(inputs[0], router_weights[module.layer]), module.top_k, module.renormalise)
+            _, idx_q = route(F.linear(inputs[0], router_weights[module.layer]), module.config, module.score_bias)
             flips[0] += int((idx.sort(-1).values != idx_q.sort(-1).values).any(-1).sum())
             flips[1] += idx.shape[0]
 

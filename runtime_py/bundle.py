@@ -208,9 +208,9 @@ def validate_manifest(manifest: object, *, where: str) -> None:
         raise FormatError(f"{where}: format version {version} is newer than this runtime reads "
                           f"({fmt.FORMAT_VERSION}); upgrade cosmoe-export")
     model = manifest.get("model")
-    if isinstance(model, dict) and fmt.LAYER_PLAN_KEY in model and isinstance(version, int) \
-            and version < fmt.PLAN_VERSION:
-        raise FormatError(f"{where}: model.{fmt.LAYER_PLAN_KEY} needs format version {fmt.PLAN_VERSION}, the manifest "
+    newer = [k for k in fmt.V2_MODEL_KEYS if k in model] if isinstance(model, dict) else []
+    if newer and isinstance(version, int) and version < fmt.PLAN_VERSION:
+        raise FormatError(f"{where}: model.{newer[0]} needs format version {fmt.PLAN_VERSION}, the manifest "
                           f"says {version}; rebuild the bundle")
     try:
         jsonschema.validate(manifest, fmt.manifest_schema())

@@ -20,12 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runtime_py import format as fmt
 from runtime_py.errors import ConfigError
 
 MODEL_TYPE = "cosmoe"
 ARCHITECTURE = "CosmoeForCausalLM"
 EXPERT_KINDS = ("standard", "wd")
-QK_NORMS = ("none", "head", "full")  # head: Qwen3-MoE (per head_dim); full: OLMoE (whole projection)
+# head: per head_dim before RoPE (Qwen3-MoE, GLM-4-MoE); full: the whole projection (OLMoE);
+# head_after_rope: per head_dim after RoPE (HunYuan-MoE).
+QK_NORMS = ("none", "head", "full", "head_after_rope")
+# How router logits become expert weights (runtime_py/routers.py ROUTERS has the math): softmax
+# (Mixtral, Qwen, OLMoE, Granite, HunYuan, ERNIE) or sigmoid (GLM-4-MoE, DeepSeek-V3).
+ROUTERS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "llama3")
 # Keys HF writes into every config.json that carry no model information.
 _IGNORED_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
@@ -51,13 +57,18 @@ class FfnKind:
 
 
 def _moe_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Router [E, D], and the shared expert where the config has one (Qwen2-MoE, sigmoid-gated)."""
+    """Router [E, D], its score bias [E] where the config has one, and the shared expert where the
+    config has one (with its sigmoid gate [1, D] in Qwen2-MoE)."""
     d, pre = config.hidden_size, f"layers.{layer}.moe"
     s: dict[str, tuple[int, ...]] = {f"{pre}.router.weight": (config.num_experts, d)}
+    if config.score_bias:
+        s[f"{pre}.score_bias"] = (config.num_experts,)
     if config.shared_expert_intermediate_size:
         fs = config.shared_expert_intermediate_size
         s.update({f"{pre}.shared.gate.weight": (fs, d), f"{pre}.shared.up.weight": (fs, d),
-                  f"{pre}.shared.down.weight": (d, fs), f"{pre}.shared_gate.weight": (1, d)})
+                  f"{pre}.shared.down.weight": (d, fs)})
+        if config.shared_expert_gate:
+            s[f"{pre}.shared_gate.weight"] = (1, d)
     return s
 
 
@@ -74,9 +85,10 @@ FFN_KINDS: dict[str, FfnKind] = {k.name: k for k in (
     FfnKind("dense", routed=False, shapes=_dense_shapes),
 )}
 DEFAULT_FFN = "moe"
-# Fields a v1 manifest never has: written only when not at their default, so a bundle whose every
-# layer is MoE keeps its v1 bytes (runtime_py/format.py format_version_for).
-PLAN_FIELDS = ("layer_ffns", "dense_intermediate_size")
+# Fields a v1 manifest never has: written only when not at their default, so a bundle of the four
+# v1 families keeps its v1 bytes (runtime_py/format.py format_version_for): the layer plan and the
+# knobs of the families added with it.
+V2_FIELDS = fmt.V2_MODEL_KEYS
 
 EXPERT_NAME_RE = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)$")
 
@@ -111,6 +123,27 @@ class CosmoeConfig:
     # A plan of only "moe" is stored as None, so it serialises as v1 did.
     layer_ffns: tuple[str, ...] | None = None
     dense_intermediate_size: int = 0  # FFN width of a "dense" layer's MLP (Qwen3-MoE intermediate_size)
+    # Routing (runtime_py/routers.py). score_bias: a per-expert bias added to the scores for the
+    # choice of experts only, not to their weights (ERNIE-4.5, GLM-4-MoE, DeepSeek-V3's
+    # e_score_correction_bias), tensor layers.L.moe.score_bias [E]. Group-limited top-k: experts
+    # form n_group groups, and only the topk_group best groups are eligible (DeepSeek-V3, GLM).
+    router: str = "softmax"
+    score_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are scaled by this (GLM, DeepSeek-V3)
+    shared_expert_gate: bool = True  # Qwen2-MoE gates its shared expert by a sigmoid; the others add it as is
+    # RoPE on the first rotary_dim dims of each head only (GLM partial_rotary_factor); None: all of
+    # them. Bundles store q/k in the half-split RoPE layout (rotate_half), so importers permute the
+    # head dims of families that rotate interleaved pairs or a prefix (docs/MODELS.md).
+    rotary_dim: int | None = None
+    # Granite's multipliers: embeddings times embedding_multiplier; each residual branch times
+    # residual_multiplier; attention scores times attention_multiplier (None: 1 / sqrt(head size));
+    # logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         plan = self.layer_ffns
@@ -137,13 +170,18 @@ class CosmoeConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def rope_dims(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones, in the half-split layout)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_size
+
+    @property
     def rank(self) -> int:
         return self.wd_rank if self.wd_rank is not None else self.hidden_size // 2
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in PLAN_FIELDS or getattr(self, f.name) != f.default}
+             if f.name not in V2_FIELDS or getattr(self, f.name) != f.default}
         if "layer_ffns" in d:
             d["layer_ffns"] = list(d["layer_ffns"])
         return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **d}
@@ -185,7 +223,7 @@ class CosmoeConfig:
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size", "num_experts", "num_experts_per_tok",
             "max_position_embeddings")])
-        for name in ("head_dim", "wd_rank"):
+        for name in ("head_dim", "wd_rank", "rotary_dim"):
             if getattr(self, name) is not None:
                 ints_ok &= positive_int(name, getattr(self, name))
         for name in ("shared_expert_intermediate_size", "dense_intermediate_size"):
@@ -195,7 +233,9 @@ class CosmoeConfig:
                 ints_ok = False
         plan_ok = self._plan_problems(p)
         ints_ok &= plan_ok
-        for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings"):
+        ints_ok &= all([positive_int(n, getattr(self, n)) for n in ("n_group", "topk_group")])
+        for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings", "score_bias",
+                     "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.expert_kind not in EXPERT_KINDS:
@@ -206,6 +246,14 @@ class CosmoeConfig:
             p.append(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if not _is_number(self.rope_theta) or not self.rope_theta > 0:
             p.append(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.router not in ROUTERS:
+            p.append(f"router must be one of {list(ROUTERS)}, got {self.router!r}")
+        for name in ("routed_scaling_factor", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                p.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if self.attention_multiplier is not None and (not _is_number(self.attention_multiplier)
+                                                      or not self.attention_multiplier > 0):
+            p.append(f"attention_multiplier must be a positive number or null, got {self.attention_multiplier!r}")
         if self.clip_qkv is not None and (not _is_number(self.clip_qkv) or not self.clip_qkv > 0):
             p.append(f"clip_qkv must be a positive number or null, got {self.clip_qkv!r}")
         p.extend(_rope_problems(self.rope_scaling))
@@ -220,6 +268,16 @@ class CosmoeConfig:
                          f"num_attention_heads ({self.num_attention_heads})")
             if self.head_size % 2:
                 p.append(f"head size {self.head_size} must be even for rotary embeddings")
+            if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.head_size):
+                p.append(f"rotary_dim ({self.rotary_dim}) must be even and at most the head size ({self.head_size})")
+            if self.num_experts % self.n_group or not self.topk_group <= self.n_group:
+                p.append(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}) and be at least "
+                         f"topk_group ({self.topk_group})")
+            elif self.n_group > 1 and (self.num_experts // self.n_group < 2 or
+                                       self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok):
+                p.append(f"{self.topk_group} of {self.n_group} groups of {self.num_experts // self.n_group} "
+                         f"experts cannot hold num_experts_per_tok ({self.num_experts_per_tok}) experts "
+                         "(a group needs 2 or more)")
             if not p:
                 total = param_counts(self).total
                 if total > MAX_PARAMS:
@@ -318,7 +376,7 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
         s.update({f"{pre}.attn.q.bias": (q_out,), f"{pre}.attn.k.bias": (kv_out,), f"{pre}.attn.v.bias": (kv_out,)})
     if config.attention_out_bias:
         s[f"{pre}.attn.o.bias"] = (d,)
-    if config.qk_norm == "head":
+    if config.qk_norm in ("head", "head_after_rope"):
         s.update({f"{pre}.attn.q_norm.weight": (hd,), f"{pre}.attn.k_norm.weight": (hd,)})
     elif config.qk_norm == "full":
         s.update({f"{pre}.attn.q_norm.weight": (q_out,), f"{pre}.attn.k_norm.weight": (kv_out,)})

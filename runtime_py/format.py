@@ -24,8 +24,14 @@ from importlib import resources
 
 FORMAT_NAME = "cosmoe-bundle"
 FORMAT_VERSION = 2  # the newest version this runtime reads
-PLAN_VERSION = 2  # the first version with a layer plan (model.layer_ffns)
+PLAN_VERSION = 2  # the first version with a layer plan (model.layer_ffns) and the keys below
 LAYER_PLAN_KEY = "layer_ffns"  # runtime_py.config.CosmoeConfig.layer_ffns
+# Model keys a v1 manifest never has (runtime_py.config.CosmoeConfig fields written only when not at
+# their default): the layer plan, and the routing, RoPE and multiplier knobs of the families added
+# with it (docs/FORMAT.md).
+V2_MODEL_KEYS = (LAYER_PLAN_KEY, "dense_intermediate_size", "router", "score_bias", "n_group", "topk_group",
+                 "routed_scaling_factor", "shared_expert_gate", "rotary_dim", "embedding_multiplier",
+                 "residual_multiplier", "attention_multiplier", "logits_scaling")
 MANIFEST_NAME = "manifest.json"
 QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"
@@ -105,7 +111,7 @@ def expert_path(layer: int, expert: int) -> str:
 
 def format_version_for(model: dict) -> int:
     """The version a manifest with this model config is written as: the oldest that can say it."""
-    return PLAN_VERSION if LAYER_PLAN_KEY in model else 1
+    return PLAN_VERSION if any(k in model for k in V2_MODEL_KEYS) else 1
 
 
 def manifest_schema() -> dict:

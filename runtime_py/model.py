@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime_py.config import CosmoeConfig
+from runtime_py.routers import route
 
 
 class RMSNorm(nn.Module):
@@ -42,8 +43,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies [Dh/2], with Llama-3.1 scaling when configured."""
-    dim = config.head_size
+    """Inverse RoPE frequencies [Dh/2], with Llama-3.1 scaling when configured. With partial rotary
+    (rotary_dim R < Dh) the frequencies are those of an R-dim RoPE, then zeros: pairs (i, i + Dh/2)
+    for i >= R/2 do not rotate (cos 1, sin 0), which is exactly passing them through."""
+    inv_freq = _scaled_inv_freq(config, config.rope_dims)
+    return torch.cat([inv_freq, inv_freq.new_zeros(config.head_size // 2 - inv_freq.shape[0])])
+
+
+def _scaled_inv_freq(config: CosmoeConfig, dim: int) -> torch.Tensor:
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rope = config.rope_scaling
     if not rope or rope.get("rope_type", "default") == "default":
@@ -106,16 +113,18 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, self.n_kv * hd, bias=config.attention_bias)
         self.o = nn.Linear(self.n_heads * hd, d, bias=config.attention_out_bias)
         self.qk_norm = config.qk_norm
-        if config.qk_norm == "head":
+        if config.qk_norm in ("head", "head_after_rope"):
             self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(self.n_heads * hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.n_kv * hd, config.rms_norm_eps)
         self.clip_qkv = config.clip_qkv
+        self.scale = config.attention_multiplier  # None: SDPA's 1 / sqrt(Dh)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
-        """x [B, T, D] at positions pos..pos+T-1; with a cache, attends to positions 0..pos+T-1."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, H, T, Dh], k and v [B, G, T, Dh], with RoPE and the family's q/k norm
+        and clamp: the part of attention before the cache, shared with the lowered layer programs."""
         b, t, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)  # [B, T, H*Dh], [B, T, G*Dh] x2
         if self.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
@@ -124,11 +133,20 @@ class Attention(nn.Module):
             q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
-        if self.qk_norm == "head":  # Qwen3-MoE normalises each head
+        if self.qk_norm == "head":  # Qwen3-MoE and GLM normalise each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, G, T, Dh]
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm == "head_after_rope":  # HunYuan normalises each head after RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
+        """x [B, T, D] at positions pos..pos+T-1; with a cache, attends to positions 0..pos+T-1."""
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)  # [B, H, T, Dh], [B, G, T, Dh] x2
         if cache is not None:
             cache.k[:, :, pos:pos + t] = k
             cache.v[:, :, pos:pos + t] = v
@@ -136,7 +154,8 @@ class Attention(nn.Module):
         s = k.shape[2]
         # Query i sits at absolute position pos+i and sees keys 0..pos+i.
         mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)  # [T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                             scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B, T, D]
 
 
@@ -168,18 +187,6 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-def route(logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-choice routing: softmax over E in fp32, keep the top-k.
-
-    logits [N, E] -> weights [N, K] (fp32), indices [N, K]
-    """
-    probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
-    weights, idx = torch.topk(probs, top_k, dim=-1)  # [N, K]
-    if renormalise:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, idx
 
 
 # Something that returns the module of expert e: an nn.ModuleList, or the runtime's lazy store.
@@ -227,25 +234,25 @@ class MoE(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         d = config.hidden_size
-        self.layer, self.top_k, self.renormalise = layer, config.num_experts_per_tok, config.norm_topk_prob
+        self.layer, self.config = layer, config
         self.router = nn.Linear(d, config.num_experts, bias=False)
+        # The selection-only bias (runtime_py/routers.py), canonical name layers.L.moe.score_bias.
+        self.score_bias = nn.Parameter(torch.zeros(config.num_experts)) if config.score_bias else None
         if experts is None:
             experts = [Expert(d, config.intermediate_size, config.expert_kind, config.rank)
                        for _ in range(config.num_experts)]
         self.experts = nn.ModuleList(experts)
         self.expert_lookup: ExpertLookup = self.experts.__getitem__
-        if config.shared_expert_intermediate_size:
-            self.shared = Expert(d, config.shared_expert_intermediate_size)
-            self.shared_gate = nn.Linear(d, 1, bias=False)
-        else:
-            self.shared = None
+        fs = config.shared_expert_intermediate_size
+        self.shared = Expert(d, fs) if fs else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if fs and config.shared_expert_gate else None
         self.observer: RouteObserver | None = None
         self.dispatch: Dispatch | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (y [N, D], router logits [N, E])."""
         logits = self.router(x)  # [N, E]
-        weights, idx = route(logits, self.top_k, self.renormalise)  # [N, K] x2
+        weights, idx = route(logits, self.config, self.score_bias)  # [N, K] x2
         if self.observer is not None:
             self.observer(self.layer, idx)
         if self.dispatch is not None:
@@ -253,8 +260,14 @@ class MoE(nn.Module):
         else:
             y = dispatch_experts(self.expert_lookup, x, weights, idx)  # [N, D]
         if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+            y = y + shared_expert(self, x)
         return y, logits
+
+
+def shared_expert(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The shared expert's output for x [N, D] -> [N, D], sigmoid-gated where the family gates it."""
+    out = moe.shared(x)
+    return out if moe.shared_gate is None else torch.sigmoid(moe.shared_gate(x)) * out
 
 
 class DenseMLP(nn.Module):
@@ -289,6 +302,7 @@ class DecoderLayer(nn.Module):
         attr, module = FFN_MODULES[config.ffn_kind(layer).name]
         setattr(self, attr, module(config, layer, experts))
         self.ffn = attr  # the FFN's attribute name ("moe" | "mlp")
+        self.residual_multiplier = config.residual_multiplier
 
     @property
     def routed(self) -> MoE | None:
@@ -298,10 +312,27 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)  # [B, T, D]
+        m = self.residual_multiplier
+        x = add_residual(x, self.attn(self.attn_norm(x), cos, sin, cache, pos), m)  # [B, T, D]
         b, t, d = x.shape
         y, logits = getattr(self, self.ffn)(self.ffn_norm(x).reshape(b * t, d))  # [N, D], [N, E] or None
-        return x + y.view(b, t, d), None if logits is None else logits.view(b, t, -1)
+        return add_residual(x, y.view(b, t, d), m), None if logits is None else logits.view(b, t, -1)
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """x + branch, the branch scaled by Granite's residual_multiplier (skipped at 1, so the other
+    families' graphs hold no extra op)."""
+    return x + branch if multiplier == 1.0 else x + branch * multiplier
+
+
+def scale_embeddings(x: torch.Tensor, config: CosmoeConfig) -> torch.Tensor:
+    m = config.embedding_multiplier  # Granite
+    return x if m == 1.0 else x * m
+
+
+def scale_logits(logits: torch.Tensor, config: CosmoeConfig) -> torch.Tensor:
+    s = config.logits_scaling  # Granite divides its logits
+    return logits if s == 1.0 else logits / s
 
 
 class CosmoeForCausalLM(nn.Module):
@@ -326,7 +357,7 @@ class CosmoeForCausalLM(nn.Module):
         pos = cache.pos if cache is not None else 0
         if cache is not None and pos + t > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + t} requested")
-        x = self.embed(ids)  # [B, T, D]
+        x = scale_embeddings(self.embed(ids), self.config)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), x.dtype)  # [T, Dh] x2
         router_logits = []
         for i, layer in enumerate(self.layers):
@@ -336,5 +367,6 @@ class CosmoeForCausalLM(nn.Module):
         if cache is not None:
             cache.pos = pos + t
         x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # [B, T, V]
+        logits = scale_logits(self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight),
+                              self.config)  # [B, T, V]
         return (logits, router_logits) if return_router_logits else logits

@@ -19,7 +19,8 @@ from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import backbone_shapes, kv_cache_bytes
 from runtime_py.errors import FormatError
 from runtime_py.memory import rss_bytes
-from runtime_py.model import Dispatch, guess_logits, rope_cos_sin, rope_inv_freq, route
+from runtime_py.model import Dispatch, add_residual, guess_logits, rope_cos_sin, rope_inv_freq
+from runtime_py.routers import route
 from runtime_py.shards import read_shard
 
 Program = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -98,6 +99,7 @@ class ProgramEngine:
         files = sum(self.units[key].bytes for key in self._backbone)
         self.backbone_bytes = max(rss_bytes() - before, files)
         self.routers = self._routers()
+        self.score_biases = self._score_biases()
         self.unit_bytes = self._measure_unit_bytes()
 
     # ---- units
@@ -127,6 +129,16 @@ class ProgramEngine:
         state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
                            names=[n for pair in names.values() for n in pair if n], check_hash=self.check_hash)
         return {i: (state.get(router) if router else None, state[norm]) for i, (router, norm) in names.items()}
+
+    def _score_biases(self) -> dict[int, torch.Tensor | None]:
+        """Each MoE layer's selection-only score bias [E] fp32 (runtime_py/routers.py), or None."""
+        cfg = self.config
+        if not cfg.score_bias:
+            return dict.fromkeys(cfg.moe_layers)
+        names = {i: f"layers.{i}.moe.score_bias" for i in cfg.moe_layers}
+        state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
+                           names=list(names.values()), check_hash=self.check_hash)
+        return {i: state[n] for i, n in names.items()}
 
     def load_expert(self, layer: int, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
         program = self._open(self.units[("expert", layer, expert)])
@@ -179,8 +191,8 @@ class ProgramEngine:
             if not cfg.ffn_kind(layer).routed:  # a dense layer: base already holds its MLP; nothing routed
                 x = base
                 continue
-            weights, idx = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, K] x2
-            x = base + self.dispatch(layer, xn, weights, idx).view(1, t, -1)  # [1, T, D]
+            weights, idx = route(logits, cfg, self.score_biases[layer])  # [T, K] x2
+            x = add_residual(base, self.dispatch(layer, xn, weights, idx).view(1, t, -1), cfg.residual_multiplier)
         return self._backbone[("head", None, None)]([x])[0][0]  # [T, V]
 
     @torch.inference_mode()

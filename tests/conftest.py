@@ -32,6 +32,25 @@ FAMILIES = {
         intermediate_size=80)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         intermediate_size=48, num_experts=4, norm_topk_prob=False, clip_qkv=3.0)),
+    # Multipliers far from 1 so that a missed one shows; the shared variant's fused shared MLP.
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=2.5)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, shared_intermediate_size=80, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5, tie_word_embeddings=True)),
+    # q/k norm after RoPE, shared MLP.
+    "hunyuan_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(
+        intermediate_size=48, num_experts=4, moe_topk=2, head_dim=16)),
+    # Interleaved RoPE, dense layer 0, shared experts, correction bias.
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        intermediate_size=80, moe_intermediate_size=48, moe_num_experts=4, moe_num_shared_experts=1,
+        moe_layer_start_index=1, moe_layer_interval=1)),
+    # Partial RoPE, q/k norm, dense layer 0, sigmoid router with groups, scaling and correction bias.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, use_qk_norm=True, head_dim=16,
+        routed_scaling_factor=1.8, num_hidden_layers=3)),
 }
 
 
@@ -40,7 +59,9 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
     expert could still pass a 1e-4 gate. Re-draw every weight at fan-in scale, norms near 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        # GLM keeps its correction bias as a buffer: drawn too, or the tests would never see it.
+        biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        for name, p in sorted([*model.named_parameters(), *biases]):
             if p.dim() == 1 and "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:
@@ -54,7 +75,7 @@ def make_hf_checkpoint(family: str, out: Path, *, layout: str = "per-expert", ma
                        seed: int = 0) -> Path:
     import transformers
     cfg_cls, model_cls, extra = FAMILIES[family]
-    config = getattr(transformers, cfg_cls)(**COMMON, **extra)
+    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     _reinit(model, seed)
@@ -65,8 +86,9 @@ def make_hf_checkpoint(family: str, out: Path, *, layout: str = "per-expert", ma
     else:  # fused 3-D expert tensors, exactly as transformers keeps them in memory
         config.architectures = [model_cls]
         config.save_pretrained(out)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # save_pretrained drops it too
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied},
+                  str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

@@ -6,6 +6,7 @@ one table in ``tensor_names``. Adding a family = one small class with ``@registe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,18 @@ def adapter_for(raw_config: dict[str, Any], where: str) -> Adapter:
 class Adapter:
     architecture = ""
     uses_transformers = True  # the reference for verify is transformers' own model
+    # RoPE rotates interleaved pairs (2i, 2i+1) (ERNIE) rather than halves (i, i + Dh/2).
+    interleaved_rope = False
+
+    def head_permutation(self, config: CosmoeConfig) -> list[int] | None:
+        """The order of each q/k head's dims that puts the family's RoPE pairs in the bundle's
+        half-split layout (docs/MODELS.md), or None when they already are. Attention scores are
+        dot products of q and k over a head, so permuting both alike changes no output."""
+        return rope_permutation(config.head_size, config.rope_dims, self.interleaved_rope)
+
+    def ignores(self, key: str, config: CosmoeConfig) -> bool:
+        """Source tensors the family's transformers class does not load either."""
+        return False
 
     def config(self, raw: dict[str, Any], path: Path) -> CosmoeConfig:
         hf = self._hf_config(path)
@@ -63,9 +76,20 @@ class Adapter:
             raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({first})") from None
 
 
+def rope_permutation(head_size: int, rope_dims: int, interleaved: bool) -> list[int] | None:
+    """New position -> old dim of one head, so that RoPE pair i is (i, i + head_size/2) with frequency
+    i, as rotate_half computes it. The rotated dims come first in each half and the ones a partial
+    RoPE passes through after them (their frequency is 0: runtime_py.model.rope_inv_freq)."""
+    r = rope_dims
+    rot = [*range(0, r, 2), *range(1, r, 2)] if interleaved else list(range(r))  # pairs (rot[i], rot[i + r/2])
+    rest = list(range(r, head_size))
+    perm = rot[:r // 2] + rest[:len(rest) // 2] + rot[r // 2:] + rest[len(rest) // 2:]
+    return None if perm == list(range(head_size)) else perm
+
+
 def _unsupported(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (CoSMoE needs full attention in "
-                           "every layer, an MoE FFN in every layer but Qwen3-MoE's dense ones)")
+    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (docs/MODELS.md lists what each "
+                           "family may use)")
 
 
 def _common(hf: Any, path: Path) -> dict[str, Any]:
@@ -76,17 +100,18 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
     kind = rope.get("rope_type", "default")
     if kind not in ("default", "llama3"):
         raise _unsupported(path, f"rope_type {kind!r}")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(path, "partial_rotary_factor != 1")
+    partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)) or 1.0
     scaling = None
     if kind == "llama3":
         scaling = {k: rope[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
                                          "original_max_position_embeddings") if k in rope}
     n_heads = hf.num_attention_heads
-    return dict(
+    head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
+    rotary = None if partial == 1.0 else int(head * partial)  # as transformers' rope init computes it
+    return dict(rotary_dim=rotary,
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=n_heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
-        head_dim=getattr(hf, "head_dim", None), num_experts_per_tok=hf.num_experts_per_tok,
+        head_dim=getattr(hf, "head_dim", None), num_experts_per_tok=getattr(hf, "num_experts_per_tok", None),
         rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(theta), rope_scaling=scaling,
         max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=bool(hf.tie_word_embeddings),
         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
@@ -106,6 +131,15 @@ def _check_full_attention(hf: Any, path: Path) -> None:
         raise _unsupported(path, "use_sliding_window")
 
 
+def _layer_plan(plan: list[str], hf: Any, path: Path, what: str) -> dict[str, Any]:
+    """The config keys of a layer plan: none when every layer is MoE (a v1 bundle)."""
+    if all(k == "moe" for k in plan):
+        return {}
+    if "moe" not in plan:
+        raise _unsupported(path, f"{what} (no MoE layer left)")
+    return dict(layer_ffns=plan, dense_intermediate_size=hf.intermediate_size)
+
+
 def _sparse_step_plan(hf: Any, path: Path) -> dict[str, Any]:
     """The layer plan of Qwen2/3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``, exactly as
     transformers' modeling_qwen3_moe.py builds its layers: layer i is MoE iff
@@ -115,11 +149,7 @@ def _sparse_step_plan(hf: Any, path: Path) -> dict[str, Any]:
     step = getattr(hf, "decoder_sparse_step", 1) or 1
     plan = ["moe" if i not in only and hf.num_experts > 0 and (i + 1) % step == 0 else "dense"
             for i in range(hf.num_hidden_layers)]
-    if all(k == "moe" for k in plan):
-        return {}
-    if "moe" not in plan:
-        raise _unsupported(path, f"mlp_only_layers {sorted(only)} with decoder_sparse_step {step} (no MoE layer left)")
-    return dict(layer_ffns=plan, dense_intermediate_size=hf.intermediate_size)
+    return _layer_plan(plan, hf, path, f"mlp_only_layers {sorted(only)} with decoder_sparse_step {step}")
 
 
 @register("MixtralForCausalLM")
@@ -159,6 +189,97 @@ class Olmoe(Adapter):
         return dict(num_experts=hf.num_experts, intermediate_size=hf.intermediate_size,
                     norm_topk_prob=bool(hf.norm_topk_prob), qk_norm="full", clip_qkv=hf.clip_qkv,
                     attention_bias=bias, attention_out_bias=bias)
+
+
+def _uniform(hf: Any, name: str, path: Path) -> int:
+    """A per-layer list that must hold one value (HunYuan's num_experts, moe_topk)."""
+    v = getattr(hf, name)
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise _unsupported(path, f"{name} varying by layer ({v})")
+        v = v[0]
+    return int(v)
+
+
+@register("GraniteMoeForCausalLM")
+class GraniteMoe(Adapter):
+    """Granite's multipliers; its router's softmax over the top-k logits is the renormalised top-k
+    of the softmax over all (modeling_granitemoe.py GraniteMoeTopKRouter)."""
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+                    attention_bias=bias, attention_out_bias=bias, **self.shared(hf),
+                    embedding_multiplier=float(hf.embedding_multiplier),
+                    residual_multiplier=float(hf.residual_multiplier),
+                    attention_multiplier=float(hf.attention_multiplier), logits_scaling=float(hf.logits_scaling))
+
+    def shared(self, hf: Any) -> dict[str, Any]:
+        return {}
+
+
+@register("GraniteMoeSharedForCausalLM")
+class GraniteMoeShared(GraniteMoe):
+    def shared(self, hf: Any) -> dict[str, Any]:
+        # An ungated shared MLP beside the routed experts (0: none, as transformers builds it).
+        return dict(shared_expert_intermediate_size=int(hf.shared_intermediate_size or 0), shared_expert_gate=False)
+
+
+@register("HunYuanMoEV1ForCausalLM")
+class HunYuanMoE(Adapter):
+    """q/k RMSNorm per head after RoPE; a shared MLP as wide as an expert, ungated; softmax top-k
+    renormalised (modeling_hunyuan_v1_moe.py HunYuanMoEV1Gate)."""
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(num_experts=_uniform(hf, "num_experts", path), num_experts_per_tok=_uniform(hf, "moe_topk", path),
+                    intermediate_size=hf.intermediate_size, norm_topk_prob=True, qk_norm="head_after_rope",
+                    attention_bias=bias, attention_out_bias=bias,
+                    shared_expert_intermediate_size=hf.intermediate_size, shared_expert_gate=False)
+
+
+@register("Ernie4_5_MoeForCausalLM")
+class Ernie45Moe(Adapter):
+    """Interleaved RoPE (permuted to halves at import), dense layers outside moe_layer_start_index ..
+    moe_layer_end_index every moe_layer_interval, ungated shared experts, and the softmax router's
+    selection-only correction bias (modeling_ernie4_5_moe.py)."""
+
+    interleaved_rope = True
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        if getattr(hf, "use_bias", False):
+            raise _unsupported(path, "use_bias (biases on every linear, experts included)")
+        start, end, step = hf.moe_layer_start_index, hf.moe_layer_end_index, hf.moe_layer_interval
+        plan = ["moe" if (i + 1) % step == 0 and start <= i <= end else "dense" for i in range(hf.num_hidden_layers)]
+        shared = hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0)
+        return dict(num_experts=hf.moe_num_experts, num_experts_per_tok=hf.moe_k,
+                    intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, score_bias=True,
+                    shared_expert_intermediate_size=shared, shared_expert_gate=False,
+                    **_layer_plan(plan, hf, path, f"moe_layer_start_index {start} .. end {end} every {step}"))
+
+
+@register("Glm4MoeForCausalLM")
+class Glm4Moe(Adapter):
+    """Partial RoPE (permuted at import), optional q/k norm per head, dense first layers, ungated
+    shared experts, the sigmoid router with a correction bias, group-limited top-k and a routed
+    scaling factor (modeling_glm4_moe.py Glm4MoeTopkRouter)."""
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        k = hf.first_k_dense_replace
+        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
+        return dict(num_experts=hf.n_routed_experts, intermediate_size=hf.moe_intermediate_size,
+                    norm_topk_prob=bool(hf.norm_topk_prob), qk_norm="head" if hf.use_qk_norm else "none",
+                    attention_bias=bool(hf.attention_bias), router="sigmoid", score_bias=True,
+                    n_group=hf.n_group, topk_group=hf.topk_group,
+                    routed_scaling_factor=float(hf.routed_scaling_factor),
+                    shared_expert_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0),
+                    shared_expert_gate=False, **_layer_plan(plan, hf, path, f"first_k_dense_replace {k}"))
+
+    def ignores(self, key: str, config: CosmoeConfig) -> bool:
+        # The multi-token-prediction layers after the last decoder layer (num_mtp_layers), which
+        # transformers does not load either (Glm4MoePreTrainedModel._keys_to_ignore_on_load_unexpected).
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        return m is not None and int(m.group(1)) >= config.num_hidden_layers
 
 
 @register(ARCHITECTURE)

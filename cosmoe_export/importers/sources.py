@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,10 @@ def checkpoint_source(path: Path, *, allow_pickle: bool = False, hash_files: boo
     config = adapter.config(raw, path)
     files = _SafetensorsFiles()
     index = _weight_index(path, files, allow_pickle)  # source name -> (file, shape, dtype, getter)
-    plan = _plan(path, config, index)
+    plan = _plan(path, config, index, adapter)
+    perm = adapter.head_permutation(config)
+    if perm is not None:
+        _permute_heads(plan, config, perm)
     weight_files = sorted({entry[0] for entry in index.values()})
     prov = {"kind": "checkpoint", "architecture": adapter.architecture, "files": [
         {"name": p.name, "bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if hash_files else {})}
@@ -228,7 +232,7 @@ def _float_dtype(file: Path, key: str, st_dtype: str) -> torch.dtype:
     return fmt.st_dtype(st_dtype).torch
 
 
-def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str, PlannedTensor]:
+def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Adapter) -> dict[str, PlannedTensor]:
     """Map every canonical tensor to its source; account for every source tensor."""
     consumed: set[str] = set()
     plan: dict[str, PlannedTensor] = {}
@@ -239,16 +243,16 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str
         return PlannedTensor(name, want, _float_dtype(file, key, st_dtype), lambda: pick(getter()), f"{file}: {key}")
 
     for name, want in tensor_shapes(config).items():
-        found = next((k for k in tensor_names.source_candidates(name) if k in index), None)
+        found = next((p for p in tensor_names.source_candidates(name) if p.template in index), None)
         if name in index and found is None:  # our own checkpoints use canonical names
-            found = name
+            found = tensor_names.Part(name)
         if found is not None:
-            shape = index[found][1]
-            if shape != want:
-                raise CheckpointError(f"{index[found][0]}: {found} has shape {list(shape)}, "
-                                      f"the config implies {list(want)}")
-            consumed.add(found)
-            plan[name] = take(found, want, name, lambda sl: sl[:])
+            key, shape = found.template, index[found.template][1]
+            if shape != found.source_shape(want):
+                raise CheckpointError(f"{index[key][0]}: {key} has shape {list(shape)}, "
+                                      f"the config implies {list(found.source_shape(want))}")
+            consumed.add(key)
+            plan[name] = take(key, want, name, _picker(found, want))
             continue
         fused = _fused(name, config, index, consumed)
         if fused is not None:
@@ -257,11 +261,41 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple]) -> dict[str
         missing.append(name)
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing for this config, e.g. {missing[:3]}")
-    extra = sorted(k for k in index if k not in consumed and not k.endswith(tensor_names.IGNORED_SUFFIXES))
+    extra = sorted(k for k in index if k not in consumed and not k.endswith(tensor_names.IGNORED_SUFFIXES)
+                   and not adapter.ignores(k, config))
     if extra:
         raise CheckpointError(f"{index[extra[0]][0]}: {len(extra)} unexpected tensors, e.g. {extra[:3]}; "
                               "is the config's architecture right for these weights?")
     return plan
+
+
+def _permute_heads(plan: dict[str, PlannedTensor], config: CosmoeConfig, perm: list[int]) -> None:
+    """Reorder each head's dims of q and k (weights, biases, per-head norms) by ``perm``
+    (Adapter.head_permutation) as their tensors load."""
+    heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
+    index = torch.tensor(perm)
+    if config.qk_norm == "full":  # a norm over the whole projection would need its own permutation
+        raise CheckpointError(f"{config.qk_norm!r} q/k norm with a permuted RoPE layout is not supported")
+    for name, t in plan.items():
+        m = re.fullmatch(r"layers\.\d+\.attn\.(q|k)(_norm)?\.(weight|bias)", name)
+        if m is None:
+            continue
+        n_heads = 1 if m.group(2) else heads[m.group(1)]  # a per-head norm is one head's [Dh]
+
+        def load(load=t.load, n_heads=n_heads) -> torch.Tensor:
+            w = load()  # [H*Dh, D] or [H*Dh] or [Dh]
+            return w.reshape(n_heads, len(perm), *w.shape[1:])[:, index].reshape(w.shape).contiguous()
+        t.load = load
+
+
+def _picker(part: tensor_names.Part, want: tuple[int, ...]) -> Callable[[Any], torch.Tensor]:
+    """Read a source slice into the canonical tensor: whole, one block of rows, or squeezed."""
+    if part.squeeze:
+        return lambda sl: sl[:].reshape(want)
+    if part.parts > 1:
+        rows = want[0]
+        return lambda sl: sl[part.index * rows:(part.index + 1) * rows].contiguous()
+    return lambda sl: sl[:]
 
 
 def _fused(name: str, config: CosmoeConfig, index: dict[str, tuple], consumed: set[str]) -> PlannedTensor | None:

@@ -1,14 +1,30 @@
 """The canonical tensor-name table: every source spelling of each canonical tensor.
 
 Keys are canonical templates (the names in our bundles); values are source templates, tried in
-order, with the families that use them. ``{l}`` is the layer, ``{e}`` the expert.
+order, with the families that use them. ``{l}`` is the layer, ``{e}`` the expert. A source is a
+name, or a ``Part`` of one: rows ``index`` of ``parts`` equal blocks (a fused gate/up matrix), or
+the tensor without its leading 1 (ERNIE's [1, E] bias).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 HF_LAYER = "model.layers.{l}"
 
-TENSOR_NAMES: dict[str, list[str]] = {
+
+@dataclass(frozen=True)
+class Part:
+    template: str
+    index: int = 0  # which block of rows
+    parts: int = 1  # the source has this many blocks of the canonical tensor's rows (dim 0)
+    squeeze: bool = False  # the source is [1, *canonical shape]
+
+    def source_shape(self, want: tuple[int, ...]) -> tuple[int, ...]:
+        return (1, *want) if self.squeeze else (want[0] * self.parts, *want[1:])
+
+
+TENSOR_NAMES: dict[str, list[str | Part]] = {
     "embed.weight": ["model.embed_tokens.weight"],  # all HF families
     "norm.weight": ["model.norm.weight"],
     "lm_head.weight": ["lm_head.weight"],
@@ -16,11 +32,21 @@ TENSOR_NAMES: dict[str, list[str]] = {
     "layers.{l}.ffn_norm.weight": [HF_LAYER + ".post_attention_layernorm.weight"],
     **{f"layers.{{l}}.attn.{p}.{kind}": [HF_LAYER + f".self_attn.{p}_proj.{kind}"]
        for p in "qkvo" for kind in ("weight", "bias")},
-    "layers.{l}.attn.q_norm.weight": [HF_LAYER + ".self_attn.q_norm.weight"],  # Qwen3-MoE, OLMoE
-    "layers.{l}.attn.k_norm.weight": [HF_LAYER + ".self_attn.k_norm.weight"],  # Qwen3-MoE, OLMoE
+    "layers.{l}.attn.q_norm.weight": [HF_LAYER + ".self_attn.q_norm.weight",  # Qwen3-MoE, OLMoE, GLM
+                                      HF_LAYER + ".self_attn.query_layernorm.weight"],  # HunYuan
+    "layers.{l}.attn.k_norm.weight": [HF_LAYER + ".self_attn.k_norm.weight",
+                                      HF_LAYER + ".self_attn.key_layernorm.weight"],
     "layers.{l}.moe.router.weight": [
         HF_LAYER + ".block_sparse_moe.gate.weight",  # Mixtral
-        HF_LAYER + ".mlp.gate.weight",  # Qwen2-MoE, Qwen3-MoE, OLMoE
+        HF_LAYER + ".mlp.gate.weight",  # Qwen2-MoE, Qwen3-MoE, OLMoE, ERNIE, GLM
+        HF_LAYER + ".block_sparse_moe.router.layer.weight",  # Granite, as saved
+        HF_LAYER + ".block_sparse_moe.router.weight",  # Granite, as transformers >= 5 holds it
+        HF_LAYER + ".mlp.gate.wg.weight",  # HunYuan
+    ],
+    "layers.{l}.moe.score_bias": [
+        HF_LAYER + ".mlp.gate.e_score_correction_bias",  # GLM
+        Part(HF_LAYER + ".mlp.moe_statics.e_score_correction_bias", squeeze=True),  # ERNIE, [1, E], as saved
+        Part(HF_LAYER + ".mlp.gate.moe_statics.e_score_correction_bias", squeeze=True),  # ERNIE, in memory
     ],
     "layers.{l}.moe.experts.{e}.gate.weight": [
         HF_LAYER + ".block_sparse_moe.experts.{e}.w1.weight",  # Mixtral
@@ -34,12 +60,20 @@ TENSOR_NAMES: dict[str, list[str]] = {
         HF_LAYER + ".block_sparse_moe.experts.{e}.w2.weight",  # Mixtral
         HF_LAYER + ".mlp.experts.{e}.down_proj.weight",
     ],
-    "layers.{l}.moe.shared.gate.weight": [HF_LAYER + ".mlp.shared_expert.gate_proj.weight"],  # Qwen2-MoE
-    "layers.{l}.moe.shared.up.weight": [HF_LAYER + ".mlp.shared_expert.up_proj.weight"],
-    "layers.{l}.moe.shared.down.weight": [HF_LAYER + ".mlp.shared_expert.down_proj.weight"],
+    # Shared experts: Qwen2-MoE shared_expert, ERNIE and GLM shared_experts, HunYuan shared_mlp.
+    # Granite's shared MLP: input_linear [2F, D] is gate then up (GraniteMoeSharedMLP's chunk(2)).
+    "layers.{l}.moe.shared.gate.weight": [
+        *[HF_LAYER + f".mlp.{s}.gate_proj.weight" for s in ("shared_expert", "shared_experts", "shared_mlp")],
+        Part(HF_LAYER + ".shared_mlp.input_linear.weight", 0, 2)],
+    "layers.{l}.moe.shared.up.weight": [
+        *[HF_LAYER + f".mlp.{s}.up_proj.weight" for s in ("shared_expert", "shared_experts", "shared_mlp")],
+        Part(HF_LAYER + ".shared_mlp.input_linear.weight", 1, 2)],
+    "layers.{l}.moe.shared.down.weight": [
+        *[HF_LAYER + f".mlp.{s}.down_proj.weight" for s in ("shared_expert", "shared_experts", "shared_mlp")],
+        HF_LAYER + ".shared_mlp.output_linear.weight"],
     "layers.{l}.moe.shared_gate.weight": [HF_LAYER + ".mlp.shared_expert_gate.weight"],
     # A "dense" layer's MLP (runtime_py.config FFN_KINDS).
-    "layers.{l}.mlp.gate.weight": [HF_LAYER + ".mlp.gate_proj.weight"],  # Qwen3-MoE mlp_only_layers
+    "layers.{l}.mlp.gate.weight": [HF_LAYER + ".mlp.gate_proj.weight"],  # Qwen3-MoE, ERNIE, GLM
     "layers.{l}.mlp.up.weight": [HF_LAYER + ".mlp.up_proj.weight"],
     "layers.{l}.mlp.down.weight": [HF_LAYER + ".mlp.down_proj.weight"],
 }
@@ -49,16 +83,18 @@ TENSOR_NAMES: dict[str, list[str]] = {
 # ``.chunk(2)``); down [E, D, F]. Splitting gate and up in the wrong order is a known trap
 # (MoE-Infinity PR #108): the parity tests cover it.
 FUSED_GATE_UP = [HF_LAYER + ".block_sparse_moe.experts.gate_up_proj",  # Mixtral
-                 HF_LAYER + ".mlp.experts.gate_up_proj"]  # Qwen2-MoE, Qwen3-MoE, OLMoE
+                 HF_LAYER + ".mlp.experts.gate_up_proj",  # Qwen2-MoE, Qwen3-MoE, OLMoE, ERNIE, GLM, HunYuan
+                 HF_LAYER + ".block_sparse_moe.input_linear.weight"]  # Granite (as its checkpoints are saved)
 FUSED_DOWN = [HF_LAYER + ".block_sparse_moe.experts.down_proj",
-              HF_LAYER + ".mlp.experts.down_proj"]
+              HF_LAYER + ".mlp.experts.down_proj",
+              HF_LAYER + ".block_sparse_moe.output_linear.weight"]
 
 # Buffers some older exports carry that hold no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def source_candidates(canonical: str) -> list[str]:
-    """Source names that may hold canonical tensor ``canonical`` (e.g. 'layers.3.attn.q.weight')."""
+def source_candidates(canonical: str) -> list[Part]:
+    """Sources that may hold canonical tensor ``canonical`` (e.g. 'layers.3.attn.q.weight'), in order."""
     parts = canonical.split(".")
     layer = expert = None
     template = []
@@ -68,4 +104,8 @@ def source_candidates(canonical: str) -> list[str]:
         elif i > 0 and parts[i - 1] == "experts":
             expert, part = part, "{e}"
         template.append(part)
-    return [t.format(l=layer, e=expert) for t in TENSOR_NAMES.get(".".join(template), [])]
+    out = []
+    for t in TENSOR_NAMES.get(".".join(template), []):
+        part = t if isinstance(t, Part) else Part(t)
+        out.append(Part(part.template.format(l=layer, e=expert), part.index, part.parts, part.squeeze))
+    return out

@@ -23,7 +23,7 @@ from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
 from runtime_py.errors import FormatError
-from runtime_py.model import Attention, Expert, RMSNorm, apply_rope
+from runtime_py.model import Attention, Expert, RMSNorm, add_residual, scale_embeddings, scale_logits, shared_expert
 from runtime_py.shards import read_shard
 
 
@@ -99,9 +99,10 @@ class EmbedUnit(nn.Module):
     def __init__(self, config: CosmoeConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.config = config
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids)  # [1, T] -> [1, T, D]
+        return scale_embeddings(self.embed(ids), self.config)  # [1, T] -> [1, T, D]
 
 
 class LayerUnit(nn.Module):
@@ -121,29 +122,18 @@ class LayerUnit(nn.Module):
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.residual_multiplier = config.residual_multiplier
         self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
         self.ffn.build(self, config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mask: torch.Tensor,
                 new_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k/v_cache [1, G, S, Dh] ->
-        base [1, T, D] (residual + shared expert; + the MLP in a dense layer), xn [T, D] (expert
+        base [1, T, D] (residual + shared expert, or + the MLP in a dense layer), xn [T, D] (expert
         input), logits [T, E] (zeros in a dense layer), k_new, v_new [1, G, T, Dh]."""
         a = self.attn
         b, t, _ = x.shape
-        h = self.attn_norm(x)
-        q, k, v = a.q(h), a.k(h), a.v(h)
-        if a.qk_norm == "full":
-            q, k = a.q_norm(q), a.k_norm(k)
-        if a.clip_qkv is not None:
-            q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
-        q = q.view(b, t, a.n_heads, a.head_dim)
-        k = k.view(b, t, a.n_kv, a.head_dim)
-        if a.qk_norm == "head":
-            q, k = a.q_norm(q), a.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [1, H, T, Dh]
-        k_new = apply_rope(k.transpose(1, 2), cos, sin)  # [1, G, T, Dh]
-        v_new = v.view(b, t, a.n_kv, a.head_dim).transpose(1, 2)  # [1, G, T, Dh]
+        q, k_new, v_new = a.project(self.attn_norm(x), cos, sin)  # [1, H, T, Dh], [1, G, T, Dh] x2
         keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
         values = torch.cat([v_cache, v_new], dim=2)
         if a.n_kv != a.n_heads:  # repeat kv heads explicitly: not every backend takes SDPA's enable_gqa
@@ -154,8 +144,8 @@ class LayerUnit(nn.Module):
             keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
             values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
         mask = torch.cat([slot_mask.expand(t, -1), new_mask], dim=1)  # [T, S+T]
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, H, T, Dh]
-        x = x + a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))  # [1, T, D]
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
+        x = add_residual(x, a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), self.residual_multiplier)
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
         base, logits = self.ffn.forward(self, x, xn)  # [1, T, D], [T, E]
         return base, xn, logits, k_new, v_new
@@ -177,21 +167,23 @@ def _routed_build(unit: nn.Module, config: CosmoeConfig) -> None:
     unit.router = nn.Linear(d, config.num_experts, bias=False)
     fs = config.shared_expert_intermediate_size
     unit.shared = Expert(d, fs) if fs else None
-    unit.shared_gate = nn.Linear(d, 1, bias=False) if unit.shared is not None else None
+    unit.shared_gate = nn.Linear(d, 1, bias=False) if fs and config.shared_expert_gate else None
 
 
 def _routed_forward(unit: nn.Module, x: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Raw logits out: the runtime routes (runtime_py/routers.py), with the score bias it reads itself.
     logits = unit.router(xn)  # [T, E]
     if unit.shared is None:
         return x, logits
-    return x + (torch.sigmoid(unit.shared_gate(xn)) * unit.shared(xn)).view(x.shape[0], x.shape[1], -1), logits
+    return add_residual(x, shared_expert(unit, xn).view(x.shape[0], x.shape[1], -1), unit.residual_multiplier), logits
 
 
 def _routed_linears(config: CosmoeConfig, pre: str) -> dict[str, str]:
     if not config.shared_expert_intermediate_size:
         return {}
     out = {f"shared.{m}": f"{pre}moe.shared.{m}.weight" for m in ("gate", "up", "down")}
-    out["shared_gate"] = f"{pre}moe.shared_gate.weight"
+    if config.shared_expert_gate:
+        out["shared_gate"] = f"{pre}moe.shared_gate.weight"
     return out
 
 
@@ -204,7 +196,7 @@ def _dense_forward(unit: nn.Module, x: torch.Tensor, xn: torch.Tensor) -> tuple[
     # Zero router logits keep every layer program's five outputs; the runtimes never route a dense
     # layer (the plan says so), so the zeros are never read.
     zeros = xn.new_zeros((xn.shape[0], unit.num_experts))  # [T, E]
-    return x + unit.mlp(xn).view(x.shape[0], x.shape[1], -1), zeros  # [1, T, D], [T, E]
+    return add_residual(x, unit.mlp(xn).view(x.shape[0], x.shape[1], -1), unit.residual_multiplier), zeros
 
 
 def _dense_linears(config: CosmoeConfig, pre: str) -> dict[str, str]:
@@ -223,14 +215,17 @@ class HeadUnit(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))  # [1, T, D] -> [1, T, V]
+        return scale_logits(self.lm_head(self.norm(x)), self.config)  # [1, T, D] -> [1, T, V]
 
 
 def build_layer(config: CosmoeConfig, weights: dict[str, torch.Tensor], layer: int) -> LayerUnit:
     prefix = f"layers.{layer}."
-    sd = {k.removeprefix(prefix).replace("moe.", ""): v for k, v in weights.items() if k.startswith(prefix)}
+    # The score bias is the runtime's (it routes); the program returns raw logits.
+    sd = {k.removeprefix(prefix).replace("moe.", ""): v for k, v in weights.items()
+          if k.startswith(prefix) and not k.endswith(".moe.score_bias")}
     with torch.device("meta"):
         unit = LayerUnit(config, layer)
     unit.load_state_dict(sd, assign=True, strict=True)

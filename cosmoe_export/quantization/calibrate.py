@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from cosmoe_export.reference import TorchRuntime
-from runtime_py.model import Expert, LowRankLinear, rope_cos_sin, route
+from runtime_py.model import Expert, LowRankLinear, rope_cos_sin
+from runtime_py.routers import route
 
 HEAD = "lm_head.weight"
 
@@ -123,12 +124,13 @@ def _run_layer(runtime: TorchRuntime, index: int, hidden: list[torch.Tensor],
     def moe_hook(module, args, output) -> None:
         x = args[0]  # [N, D]
         _, logits = output  # [N, E]
-        weights, idx = route(logits, module.top_k, module.renormalise)  # [N, K] x2
+        weights, idx = route(logits, module.config, module.score_bias)  # [N, K] x2
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)  # [n_e] x2
             parts.setdefault(e, []).append((x[tok], weights[tok, slot]))
 
-    handles = [layer.moe.register_forward_hook(moe_hook)]
+    # A dense layer (the layer plan) routes nothing: only its MLP's inputs are watched.
+    handles = [layer.routed.register_forward_hook(moe_hook)] if layer.routed is not None else []
     for name, module in layer.named_modules():
         full = f"layers.{index}.{name}.weight"
         if isinstance(module, torch.nn.Linear) and full in matrices:

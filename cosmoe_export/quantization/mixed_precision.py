@@ -89,19 +89,20 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def record(*, levels: list[Level], level_bytes: list[int], selections: np.ndarray, error: np.ndarray,
-           choice: np.ndarray, target_bytes: int, bundle_bytes: int) -> dict:
-    """The manifest's ``quantization.mixed_precision``: the decision and everything it was made from."""
-    n_layers, n_experts = selections.shape
+def record(*, layers: tuple[int, ...], levels: list[Level], level_bytes: list[int], selections: np.ndarray,
+           error: np.ndarray, choice: np.ndarray, target_bytes: int, bundle_bytes: int) -> dict:
+    """The manifest's ``quantization.mixed_precision``: the decision and everything it was made from.
+    Rows of ``selections`` and ``error`` are the MoE layers ``layers`` (the config's moe_layers)."""
+    n_experts = selections.shape[1]
     experts = []
-    for layer in range(n_layers):
+    for row, layer in enumerate(layers):
         for e in range(n_experts):
-            i = layer * n_experts + e
+            i = row * n_experts + e
             experts.append({"layer": layer, "expert": e, "level": levels[choice[i]].name,
-                            "selections": int(selections[layer, e]),
+                            "selections": int(selections[row, e]),
                             # share of the layer's selections (sums to 1 over the layer's experts)
-                            "load": _sig(selections[layer, e] / max(1, int(selections[layer].sum()))),
-                            "error": [_sig(v) for v in error[layer, e]]})
+                            "load": _sig(selections[row, e] / max(1, int(selections[row].sum()))),
+                            "error": [_sig(v) for v in error[row, e]]})
     counts = {lv.name: int((choice == q).sum()) for q, lv in enumerate(levels)}
     return {
         "objective": "least total calibration error (sum over experts of error[level]: the squared change "

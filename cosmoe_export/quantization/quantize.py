@@ -66,18 +66,20 @@ ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in
     # The router decides which experts load: a flipped top-2 choice swaps an expert in (a load) and
     # changes the output more than rounding any one weight does, for E x D values (8 KB per layer
     # at hidden 128 in fp32). docs/QUANTIZATION.md has the measurement (bench/quant_roles.py).
-    # Qwen2-MoE's shared-expert gate is a router too: one sigmoid per token scales a whole expert.
-    ("router", r"^layers\.\d+\.moe\.(router|shared_gate)\.weight$"),
+    # Qwen2-MoE's shared-expert gate is a router too: one sigmoid per token scales a whole expert;
+    # and the score bias (ERNIE, GLM) picks experts.
+    ("router", r"^layers\.\d+\.moe\.((router|shared_gate)\.weight|score_bias)$"),
     ("norm", r"(^|\.)\w*norm\.weight$"),  # 1-D, D values each: nothing to save, and scale-sensitive
     ("bias", r"\.bias$"),  # 1-D as well
     ("embedding", r"^embed\.weight$"),  # a lookup: per-row scales dequantize only the rows used
     ("head", r"^lm_head\.weight$"),  # per-output-channel = per-vocabulary-row scales
     ("attention", r"^layers\.\d+\.attn\.[qkvo]\.weight$"),
     ("shared_expert", r"^layers\.\d+\.moe\.shared\.(gate|up|down)\.weight$"),
+    ("dense_mlp", r"^layers\.\d+\.mlp\.(gate|up|down)\.weight$"),  # a "dense" layer of the plan
 ]]
 # Which requested scheme each role takes: "experts", "backbone", or None (keep the float dtype).
 ROLE_SCHEME = {"expert": "experts", "router": None, "norm": None, "bias": None, "embedding": "backbone",
-               "head": "backbone", "attention": "backbone", "shared_expert": "backbone"}
+               "head": "backbone", "attention": "backbone", "shared_expert": "backbone", "dense_mlp": "backbone"}
 
 
 def role_of(name: str) -> str:
@@ -114,7 +116,8 @@ class _Plan:
         return self.src.config
 
     def level_of(self, layer: int, e: int) -> int:
-        return int(self.choice[layer * self.cfg.num_experts + e])
+        # choice is over the experts of the MoE layers only, in (layer, expert) order.
+        return int(self.choice[self.cfg.moe_layers.index(layer) * self.cfg.num_experts + e])
 
     def expert_encodings(self, layer: int, e: int, level: int) -> dict[str, quant.Encoding]:
         return {n: self.levels[level].encoding(s, self.float_name)
@@ -137,7 +140,7 @@ def quantize(*, bundle: Path, out: Path, config: QuantConfig, force: bool = Fals
                config)
     # One thread: GPTQ's and calibration's sums reduce in an order that depends on the thread count,
     # and the bytes written from them must not (every worker runs on one thread too).
-    tasks = src.config.num_hidden_layers * src.config.num_experts
+    tasks = len(src.config.moe_layers) * src.config.num_experts
     with torch.inference_mode(), calibrate.one_thread(), _cleared_worker(), open_executor(executor, tasks=tasks) as ex:
         mixed = None
         if config.experts == AUTO:
@@ -187,7 +190,7 @@ def _plan(src: Bundle, config: QuantConfig) -> _Plan:
     else:
         levels = [mixed_precision.Level(config.experts, config.group_size if config.experts == "int4" else None)]
     return _Plan(src, config, float_name, fmt.dtype(float_name).torch, shapes, backbone, levels,
-                 np.zeros(cfg.num_hidden_layers * cfg.num_experts, dtype=np.int64))
+                 np.zeros(len(cfg.moe_layers) * cfg.num_experts, dtype=np.int64))
 
 
 def _open_calibration(src: Bundle, config: QuantConfig) -> _Calibration | None:
@@ -211,7 +214,7 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
     entries: list[dict] = []
     rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     nearest: list[str] = []
-    bar = tqdm(total=cfg.num_hidden_layers * cfg.num_experts, desc="quantize", unit="expert",
+    bar = tqdm(total=len(cfg.moe_layers) * cfg.num_experts, desc="quantize", unit="expert",
                disable=not progress or None)
 
     def collect(results) -> None:
@@ -225,7 +228,7 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
 
     if plan.config.rounding != "gptq":
         collect(ex.map(_expert_task, ((job, layer, e, plan.level_of(layer, e), None)
-                                      for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts))))
+                                      for layer in cfg.moe_layers for e in range(cfg.num_experts))))
         bar.close()
         return entries, rounded, nearest
     assert calib is not None
@@ -234,7 +237,8 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
         # The layer's tasks go first (each with the tokens routed to its expert), so the workers
         # round experts while this process rounds the layer's backbone matrices.
         results = None
-        if lc.layer < cfg.num_hidden_layers:  # the output head's Hessian comes last, alone
+        # The output head's Hessian comes last, alone; a dense layer has no experts.
+        if lc.layer in cfg.moe_layers:
             results = ex.map(_expert_task, [(job, lc.layer, e, plan.level_of(lc.layer, e), _tokens(lc.routed.get(e)))
                                             for e in range(cfg.num_experts)])
         for name, h in lc.hessians.items():
@@ -454,25 +458,30 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
     # Every expert has the same shapes (the config says so), so one file size per level.
     level_bytes = [file_bytes(_specs({n: lv.encoding(s, plan.float_name) for n, s in shapes0.items()},
                                      shapes0, plan.float_dtype), fmt.SHARD_METADATA) for lv in levels]
-    n_experts = cfg.num_hidden_layers * cfg.num_experts
+    n_experts = len(cfg.moe_layers) * cfg.num_experts
     if target_bytes - fixed_bytes < level_bytes[0] * n_experts:
         raise CosmoeError(f"--target-size {target_bytes:,} bytes is below the smallest bundle possible, "
                           f"{fixed_bytes + level_bytes[0] * n_experts:,} bytes (backbone {plan.config.backbone}, "
                           f"every expert {levels[0].name}); raise the target or quantize the backbone more")
-    selections = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)
-    error = np.zeros((cfg.num_hidden_layers, cfg.num_experts, len(levels)))
+    # Rows: the MoE layers (cfg.moe_layers), in order.
+    selections = np.zeros((len(cfg.moe_layers), cfg.num_experts), dtype=np.int64)
+    error = np.zeros((len(cfg.moe_layers), cfg.num_experts, len(levels)))
     runtime = calib.runtime
     for lc in calibrate.walk(runtime, calib.batches, set()):
-        selections[lc.layer] = lc.selections
+        if lc.layer not in cfg.moe_layers:  # a dense layer, or the head
+            continue
+        row = cfg.moe_layers.index(lc.layer)
+        selections[row] = lc.selections
         scored = sorted(lc.routed)  # experts never selected keep error 0
         for e, errors in zip(scored, ex.map(_error_task, [(job, lc.layer, e, _tokens(lc.routed[e])) for e in scored]),
                              strict=True):
             for q, err in enumerate(errors):
-                error[lc.layer, e, q] = err / max(lc.out_energy, 1e-300)
+                error[row, e, q] = err / max(lc.out_energy, 1e-300)
         for e in range(cfg.num_experts):
             runtime.store.evict(lc.layer, e)
     cost = np.tile(np.array(level_bytes, dtype=np.int64), (n_experts, 1))  # [L*E, Q]
     plan.choice = mixed_precision.allocate(error.reshape(n_experts, -1), cost, target_bytes - fixed_bytes)
-    return mixed_precision.record(levels=levels, level_bytes=level_bytes, selections=selections, error=error,
+    return mixed_precision.record(layers=cfg.moe_layers, levels=levels, level_bytes=level_bytes,
+                                  selections=selections, error=error,
                                   choice=plan.choice, target_bytes=target_bytes,
                                   bundle_bytes=fixed_bytes + int(cost[np.arange(n_experts), plan.choice].sum()))

@@ -554,17 +554,21 @@ def _check_integrity(bundle: Path, json_path: str | None) -> None:
 
 @cli.command(context_settings=CONTEXT)
 def architectures() -> None:
-    """List the supported source architectures and the named presets.
+    """List the supported source architectures, what proves each stage for each (the table of
+    docs/ARCHITECTURES.md), and the named presets.
 
     \b
     Examples:
       cosmoe-export architectures
     """
+    from cosmoe_export.importers import coverage
     from cosmoe_export.importers.adapters import supported_architectures
     from cosmoe_export.importers.presets import PRESETS
 
     click.echo("architectures: " + ", ".join(supported_architectures()))
     click.echo("presets: " + ", ".join(PRESETS))
+    click.echo("")
+    click.echo(coverage.table())
 
 
 @cli.command(context_settings=CONTEXT)

@@ -32,6 +32,8 @@ LAYER_PLAN_KEY = "layer_ffns"  # runtime_py.config.CosmoeConfig.layer_ffns
 V2_MODEL_KEYS = (LAYER_PLAN_KEY, "dense_intermediate_size", "router", "score_bias", "n_group", "topk_group",
                  "routed_scaling_factor", "shared_expert_gate", "rotary_dim", "embedding_multiplier",
                  "residual_multiplier", "attention_multiplier", "logits_scaling")
+# And values of v1 keys that a v1 reader does not know.
+V2_MODEL_VALUES = {"qk_norm": ("head_after_rope",)}
 MANIFEST_NAME = "manifest.json"
 QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"
@@ -111,7 +113,8 @@ def expert_path(layer: int, expert: int) -> str:
 
 def format_version_for(model: dict) -> int:
     """The version a manifest with this model config is written as: the oldest that can say it."""
-    return PLAN_VERSION if any(k in model for k in V2_MODEL_KEYS) else 1
+    newer = any(k in model for k in V2_MODEL_KEYS) or any(model.get(k) in v for k, v in V2_MODEL_VALUES.items())
+    return PLAN_VERSION if newer else 1
 
 
 def manifest_schema() -> dict:

@@ -46,6 +46,8 @@ const std::set<std::string> kConfigKeys = {
     "shared_expert_intermediate_size", "head_dim", "qk_norm", "attention_bias", "attention_out_bias",
     "clip_qkv", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "layer_ffns", "dense_intermediate_size",
+    "router", "score_bias", "n_group", "topk_group", "routed_scaling_factor", "shared_expert_gate", "rotary_dim",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
     "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
@@ -135,6 +137,31 @@ Config read_config(const json& model, const std::string& where) {
     if (!model["norm_topk_prob"].is_boolean()) p.push_back("norm_topk_prob must be true or false");
     else c.norm_topk_prob = model["norm_topk_prob"].get<bool>();
   }
+  // Routing (runtime_py/routers.py) and the other v2 knobs the runner itself applies; the ones the
+  // layer programs apply (shared_expert_gate, the embedding, attention and logit multipliers) are
+  // checked for their type only.
+  if (model.contains("router")) {
+    if (!model["router"].is_string() || !known_router(model["router"].get<std::string>()))
+      p.push_back("router must be one of ['softmax', 'sigmoid'], got " + model["router"].dump());
+    else c.router.kind = model["router"].get<std::string>();
+  }
+  for (const char* k : {"score_bias", "shared_expert_gate"})
+    if (model.contains(k) && !model[k].is_boolean()) p.push_back(std::string(k) + " must be true or false");
+  c.score_bias = model.contains("score_bias") && model["score_bias"].is_boolean() && model["score_bias"].get<bool>();
+  c.router.n_group = get_int(model, "n_group", 1, p, true);
+  c.router.topk_group = get_int(model, "topk_group", 1, p, true);
+  c.rotary_dim = model.contains("rotary_dim") && !model["rotary_dim"].is_null() ? get_int(model, "rotary_dim", 0, p, true) : 0;
+  auto positive = [&](const char* k, double fallback) {
+    if (!model.contains(k) || (model[k].is_null() && std::string(k) == "attention_multiplier")) return fallback;
+    if (!is_number(model[k]) || model[k].get<double>() <= 0) {
+      p.push_back(std::string(k) + " must be a positive number, got " + model[k].dump());
+      return fallback;
+    }
+    return model[k].get<double>();
+  };
+  c.router.routed_scaling_factor = float(positive("routed_scaling_factor", 1.0));
+  c.residual_multiplier = float(positive("residual_multiplier", 1.0));
+  for (const char* k : {"embedding_multiplier", "attention_multiplier", "logits_scaling"}) positive(k, 1.0);
   if (model.contains("rope_theta")) {
     if (!is_number(model["rope_theta"]) || model["rope_theta"].get<double>() <= 0)
       p.push_back("rope_theta must be a positive number, got " + model["rope_theta"].dump());
@@ -191,7 +218,15 @@ Config read_config(const json& model, const std::string& where) {
   }
   for (int l = 0; l < int(c.routed.size()); ++l)
     if (c.routed[size_t(l)]) c.moe_layers.push_back(l);
+  c.router.num_experts = c.num_experts;
+  c.router.top_k = c.num_experts_per_tok;
+  c.router.renormalise = c.norm_topk_prob;
   if (p.empty()) {
+    const RouterParams& r = c.router;
+    if (c.num_experts % r.n_group || r.topk_group > r.n_group)
+      p.push_back("n_group must divide num_experts and be at least topk_group");
+    else if (r.n_group > 1 && (c.num_experts / r.n_group < 2 || r.topk_group * (c.num_experts / r.n_group) < r.top_k))
+      p.push_back("topk_group groups cannot hold num_experts_per_tok experts (a group needs 2 or more)");
     if (c.num_experts_per_tok > c.num_experts)
       p.push_back("num_experts_per_tok (" + std::to_string(c.num_experts_per_tok) + ") exceeds num_experts (" +
                   std::to_string(c.num_experts) + ")");
@@ -201,6 +236,9 @@ Config read_config(const json& model, const std::string& where) {
       p.push_back("num_key_value_heads does not divide num_attention_heads");
     c.head_size = head_dim ? head_dim : c.hidden_size / c.num_attention_heads;
     if (c.head_size % 2) p.push_back("head size " + std::to_string(c.head_size) + " must be even for rotary embeddings");
+    if (c.rotary_dim % 2 || c.rotary_dim > c.head_size)
+      p.push_back("rotary_dim (" + std::to_string(c.rotary_dim) + ") must be even and at most the head size (" +
+                  std::to_string(c.head_size) + ")");
     if (int64_t(c.moe_layers.size()) * c.num_experts > (1 << 16))
       p.push_back("too many expert files (MoE layers x experts exceeds the limit of 65,536); check the sizes");
     double kv = 2.0 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_size * 4;

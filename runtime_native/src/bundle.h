@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "router.h"
+
 namespace cosmoe {
 
 // The fields of runtime_py.config.CosmoeConfig the runner uses.
@@ -19,6 +21,10 @@ struct Config {
   int num_key_value_heads = 0, num_experts = 8, num_experts_per_tok = 2, max_position_embeddings = 2048;
   int head_size = 0;
   bool norm_topk_prob = true;
+  RouterParams router;      // router, score_bias, n_group, topk_group, routed_scaling_factor
+  bool score_bias = false;  // layers.L.moe.score_bias [E] in the backbone
+  int rotary_dim = 0;       // RoPE on the first rotary_dim dims of a head (0: all)
+  float residual_multiplier = 1.0f;  // Granite: the routed sum is scaled as the layer's other branches
   double rope_theta = 500000.0;
   // Llama 3.1 rope scaling ("llama3"); factor 0: none.
   double rope_factor = 0, rope_low = 0, rope_high = 0, rope_old_ctx = 0;

@@ -1,5 +1,7 @@
 #include "runner.h"
 
+#include "router.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,6 +14,7 @@
 
 #include "errors.h"
 #include "memory.h"
+#include "router.h"
 #include "safetensors.h"
 
 namespace cosmoe {
@@ -49,9 +52,11 @@ void copy_out(const EValue& v, float* dst, size_t n, const char* what) {
 }
 
 // runtime_py.model.rope_inv_freq, in fp32 as torch computes it.
+// With partial rotary (rotary_dim R < Dh): the frequencies of an R-dim RoPE, then zeros (pairs that
+// do not rotate).
 std::vector<float> rope_inv_freq(const Config& c) {
-  int dim = c.head_size;
-  std::vector<float> inv(size_t(dim / 2));
+  int dim = c.rotary_dim ? c.rotary_dim : c.head_size;
+  std::vector<float> inv(size_t(c.head_size / 2), 0.0f);
   for (int i = 0; i < dim / 2; ++i)
     inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(dim));
   if (c.rope_factor <= 0) return inv;
@@ -59,7 +64,8 @@ std::vector<float> rope_inv_freq(const Config& c) {
   float factor = float(c.rope_factor), low = float(c.rope_low), high = float(c.rope_high);
   float old_ctx = float(c.rope_old_ctx);
   float low_wavelen = old_ctx / low, high_wavelen = old_ctx / high;
-  for (float& f : inv) {
+  for (int i = 0; i < dim / 2; ++i) {
+    float& f = inv[size_t(i)];
     float wavelen = 2.0f * float(M_PI) / f;
     float scaled = wavelen > low_wavelen ? f / factor : f;
     float smooth = (old_ctx / wavelen - low) / (high - low);
@@ -68,32 +74,6 @@ std::vector<float> rope_inv_freq(const Config& c) {
     f = medium ? smoothed : scaled;
   }
   return inv;
-}
-
-// Softmax over E in fp32 (max subtracted, the sum's reciprocal), as torch.softmax: logits [E] -> probs [E].
-void softmax(const float* logits, int e, float* probs) {
-  float m = *std::max_element(logits, logits + e);
-  float sum = 0;
-  for (int i = 0; i < e; ++i) sum += probs[i] = std::exp(logits[i] - m);
-  float inv = 1.0f / sum;
-  for (int i = 0; i < e; ++i) probs[i] *= inv;
-}
-
-// runtime_py.model.route for one token: probs [E] -> the top-k ids (descending, ties to the lower
-// id) and their weights, renormalised to sum to 1 when the config says so.
-void top_k(const float* probs, int e, int k, bool renormalise, int* idx, float* w) {
-  std::vector<int> order(static_cast<size_t>(e));
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int a, int b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); });
-  float sum = 0;
-  for (int j = 0; j < k; ++j) {
-    idx[j] = order[size_t(j)];
-    w[j] = probs[idx[j]];
-    sum += w[j];
-  }
-  if (renormalise)
-    for (int j = 0; j < k; ++j) w[j] /= sum;
 }
 
 // numpy.percentile's default (linear interpolation between closest ranks).
@@ -149,6 +129,10 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
                                                            {c.num_experts, c.hidden_size})
                                            : std::vector<float>());
     norms_.push_back(st.read_float("layers." + std::to_string(l) + ".ffn_norm.weight", {c.hidden_size}));
+    // The selection-only score bias (runtime_py/routers.py): the runner routes, so it reads it.
+    score_biases_.push_back(c.routed[size_t(l)] && c.score_bias
+                                ? st.read_float("layers." + std::to_string(l) + ".moe.score_bias", {c.num_experts})
+                                : std::vector<float>());
   }
   inv_freq_ = rope_inv_freq(c);
   // Tokens per call: the least max_tokens of any unit (an expert takes at most the chunk's tokens).
@@ -305,7 +289,7 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   auto cos_t = from_blob(cos.data(), {t, dh}), sin_t = from_blob(sin.data(), {t, dh});
   auto slot_t = from_blob(slot_mask.data(), {s}), new_t = from_blob(new_mask.data(), {t, t});
   TensorPtr full_t = prefix_cache_ ? nullptr : from_blob(full_mask.data(), {t, s + t});
-  std::vector<float> k_in(G * S * Dh), v_in(G * S * Dh), probs(static_cast<size_t>(e));
+  std::vector<float> k_in(G * S * Dh), v_in(G * S * Dh), scratch(3 * size_t(e));
   std::vector<float> weights(T * size_t(k));
   std::vector<int> idx(T * size_t(k));
 
@@ -339,12 +323,17 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
       x.swap(base);
       continue;
     }
-    for (size_t i = 0; i < T; ++i) {
-      softmax(&router[i * size_t(e)], e, probs.data());
-      top_k(probs.data(), e, k, c.norm_topk_prob, &idx[i * size_t(k)], &weights[i * size_t(k)]);
-    }
+    const std::vector<float>& bias = score_biases_[size_t(layer)];
+    for (size_t i = 0; i < T; ++i)
+      route(c.router, &router[i * size_t(e)], bias.empty() ? nullptr : bias.data(), scratch.data(),
+            &idx[i * size_t(k)], &weights[i * size_t(k)]);
     dispatch(layer, xn.data(), t, weights, idx, y.data());
-    for (size_t i = 0; i < T * D; ++i) x[i] = base[i] + y[i];  // [1, T, D]
+    // runtime_py.model.add_residual: Granite scales the routed sum as the layer's other branches.
+    const float m = c.residual_multiplier;
+    if (m == 1.0f)
+      for (size_t i = 0; i < T * D; ++i) x[i] = base[i] + y[i];  // [1, T, D]
+    else
+      for (size_t i = 0; i < T * D; ++i) x[i] = base[i] + y[i] * m;
   }
   logits_.resize(size_t(c.vocab_size));
   auto x_t = from_blob(x.data(), {1, t, d});
@@ -390,11 +379,10 @@ void Runner::dispatch(int layer, const float* x, int t, const std::vector<float>
     }
     for (float& p : mean) p /= float(t);
     std::vector<int> top(static_cast<size_t>(k));
-    std::vector<float> top_p(static_cast<size_t>(k));
-    top_k(mean.data(), e, k, false, top.data(), top_p.data());
+    top_k_ids(mean.data(), e, k, top.data());
     std::vector<int> sure;
     for (int j = 0; j < k; ++j)
-      if (top_p[size_t(j)] >= (params_.prefetch_min_prob > 0 ? params_.prefetch_min_prob : kPrefetchMinProb))
+      if (mean[size_t(top[size_t(j)])] >= (params_.prefetch_min_prob > 0 ? params_.prefetch_min_prob : kPrefetchMinProb))
         sure.push_back(top[size_t(j)]);
     if (!sure.empty()) store_->prefetch(layer + 1, sure);
   }

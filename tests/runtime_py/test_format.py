@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from cosmoe_export.lower.targets import TARGETS
@@ -58,3 +60,14 @@ def test_program_paths():
     assert fmt.program_path("executorch", "expert", 3, 12) == "executorch/experts/layer_003/expert_012.pte"
     assert fmt.program_path("onnx", "layer", 7) == "onnx/layer_007.onnx"
     assert fmt.program_path("executorch", "embed") == "executorch/embed.pte"
+
+
+def test_model_enums_and_v2_keys_are_the_codes():
+    from runtime_py import config, routers
+    props = fmt.manifest_schema()["properties"]["model"]["properties"]
+    assert props["layer_ffns"]["items"]["enum"] == list(config.FFN_KINDS)
+    assert props["router"]["enum"] == list(config.ROUTERS) == list(routers.ROUTERS)
+    assert props["qk_norm"]["enum"] == list(config.QK_NORMS)
+    # Every v2 key is a config field and described by the schema.
+    fields = {f.name for f in dataclasses.fields(config.CosmoeConfig)}
+    assert set(fmt.V2_MODEL_KEYS) <= fields and set(fmt.V2_MODEL_KEYS) <= set(props)

@@ -1,0 +1,65 @@
+"""What each source architecture goes through, and the check that proves each cell.
+
+``cosmoe-export architectures`` prints this table and docs/ARCHITECTURES.md holds the same
+(tests/cosmoe_export/importers/test_coverage.py checks that they agree and that every test named
+here exists). A cell is proven either by a CI test on the family's tiny checkpoint
+(tests/conftest.py FAMILIES) or by bench/families.py, which runs every family through every
+stage and backend and is too slow for CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGES = ("import", "quantize", "executorch", "onnx", "native")
+
+IMPORT = "tests/cosmoe_export/importers/test_importers.py::test_canonical_logits_match_transformers"
+QUANTIZE = "tests/test_families.py::test_quantize_every_family"
+ONNX = "tests/test_families.py::test_onnx_runs_every_family_as_pytorch"
+EXECUTORCH = "tests/test_families.py::test_executorch_and_native_run_as_pytorch"
+DENSE_LOWER = "tests/cosmoe_export/lower/test_lower.py::test_dense_layers_over_lowered_units_match_pytorch_runtime"
+DENSE_NATIVE = "tests/runtime_native/test_native.py::test_dense_layers_run_natively_as_the_executorch_runner"
+BENCH = "bench/families.py"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as docs/MODELS.md names it
+    architecture: str  # the HF architectures entry (importers/adapters.py ADAPTERS)
+    fixture: str  # tests/conftest.py FAMILIES key
+    executorch: str = BENCH  # what proves the ExecuTorch and native cells
+    native: str = BENCH
+
+    def proof(self, stage: str) -> str:
+        return {"import": IMPORT, "quantize": QUANTIZE, "onnx": ONNX, "executorch": self.executorch,
+                "native": self.native}[stage]
+
+
+FAMILIES = [
+    Family("Mixtral", "MixtralForCausalLM", "mixtral"),
+    Family("Qwen2-MoE", "Qwen2MoeForCausalLM", "qwen2_moe"),
+    Family("Qwen3-MoE (with dense layers)", "Qwen3MoeForCausalLM", "qwen3_moe_dense", DENSE_LOWER, DENSE_NATIVE),
+    Family("OLMoE", "OlmoeForCausalLM", "olmoe"),
+    Family("Granite MoE", "GraniteMoeForCausalLM", "granitemoe"),
+    Family("Granite MoE (shared)", "GraniteMoeSharedForCausalLM", "granitemoeshared", EXECUTORCH, EXECUTORCH),
+    Family("HunYuan MoE", "HunYuanMoEV1ForCausalLM", "hunyuan_moe"),
+    Family("ERNIE 4.5 MoE", "Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
+    Family("GLM-4 MoE", "Glm4MoeForCausalLM", "glm4_moe", EXECUTORCH, EXECUTORCH),
+]
+
+
+def table() -> str:
+    """The support table as Markdown: one row per family, each cell the check that proves it."""
+    rows = ["| family | architecture | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for f in FAMILIES:
+        cells = [_cell(f.proof(s), f.fixture) for s in STAGES]
+        rows.append(f"| {f.name} | `{f.architecture}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _cell(proof: str, fixture: str) -> str:
+    if proof == BENCH:
+        return f"`{BENCH}`"
+    test = proof.split("::")[1]
+    # The family-parametrized tests run once per fixture; the dense ones on their own fixture.
+    return f"`{test}` ({fixture})" if proof in (IMPORT, QUANTIZE, ONNX, EXECUTORCH) else f"`{test}`"

@@ -83,7 +83,9 @@ def test_executorch_and_native_run_as_pytorch(executorch_family):
     family, out = executorch_family
     bundle = Bundle.open(out)
     _same_as_pytorch(bundle, "executorch")
-    for policy, per_layer in (("resident", None), ("lru+prefetch", 2)):
+    # lru+prefetch at 3 per layer, as the dense test: a guess still loading cannot be evicted (both
+    # stores), so with room for only the K chosen the traffic depends on when that load finishes.
+    for policy, per_layer in (("resident", None), ("lru", 2), ("lru+prefetch", 3)):
         with Runner(bundle, backend="executorch", policy=policy, experts_per_layer=per_layer) as python, \
                 NativeRunner(bundle, policy=policy, experts_per_layer=per_layer) as native:
             want, got = python.generate(PROMPT, 16), native.generate(PROMPT, 16)

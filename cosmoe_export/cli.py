@@ -555,7 +555,7 @@ def _check_integrity(bundle: Path, json_path: str | None) -> None:
 @cli.command(context_settings=CONTEXT)
 def architectures() -> None:
     """List the supported source architectures, what proves each stage for each (the table of
-    docs/ARCHITECTURES.md), and the named presets.
+    docs/FAMILIES.md), and the named presets.
 
     \b
     Examples:

@@ -5,7 +5,7 @@ layer, one kind of FFN_KINDS: a Mixture-of-Experts ("moe", the default in every 
 SwiGLU MLP ("dense": Qwen3-MoE's ``mlp_only_layers``, ERNIE's and GLM's first layers). The
 per-family differences (q/k norm, attention biases, shared expert and its gate, the router and its
 score bias, partial RoPE, Granite's multipliers) are fields here, so one model implementation runs
-them all (docs/ARCHITECTURES.md says which family sets which).
+them all (docs/FAMILIES.md says which family sets which).
 
 Canonical tensor names (the names in every bundle file) and their shapes come from
 ``tensor_shapes(config)``: the single place that says what a complete model contains.

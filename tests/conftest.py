@@ -50,7 +50,7 @@ FAMILIES = {
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
         intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, use_qk_norm=True, head_dim=16,
-        routed_scaling_factor=1.8, num_hidden_layers=3)),
+        routed_scaling_factor=1.8)),
 }
 
 
@@ -138,13 +138,14 @@ def tiny_bles_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lowered_dense(tmp_path_factory) -> Path:
-    """Qwen3-MoE with a dense first layer, split and lowered to every target, once per session."""
+    """GLM-4-MoE with a dense first layer (and its sigmoid router, score bias, groups, partial RoPE),
+    split and lowered to every target, once per session."""
     from click.testing import CliRunner
 
     from cosmoe_export.cli import cli
 
     root = tmp_path_factory.mktemp("lowered-dense")
-    ckpt = make_hf_checkpoint("qwen3_moe_dense", root / "ckpt")
+    ckpt = make_hf_checkpoint("glm4_moe", root / "ckpt")
     out = root / "bundle"
     runner = CliRunner()
     r = runner.invoke(cli, ["-q", "split", str(ckpt), "-o", str(out)])

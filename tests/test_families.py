@@ -5,7 +5,7 @@ family's tiny checkpoint (tests/conftest.py FAMILIES) is split, quantized, lower
 by onnxruntime under a budget; two families that between them switch on every knob the C++ runner
 applies itself (GLM: sigmoid router, groups, score bias, routed scaling, partial RoPE, a dense
 layer; Granite: the multipliers, a tied head) are lowered to ExecuTorch as well and run on
-runtime_py's ExecuTorch backend and on the native runner. docs/ARCHITECTURES.md maps each cell of
+runtime_py's ExecuTorch backend and on the native runner. docs/FAMILIES.md maps each cell of
 the support table to these tests.
 """
 
@@ -43,8 +43,11 @@ def _split(family: str, root) -> object:
     return out
 
 
+# GLM is conftest's lowered_dense (every target), shared with the dense-layer tests.
 @pytest.fixture(scope="session", params=FAMILIES)
 def onnx_family(request, tmp_path_factory):
+    if request.param == "glm4_moe":
+        return request.param, request.getfixturevalue("lowered_dense")
     out = _split(request.param, tmp_path_factory.mktemp(request.param))
     _cli("lower", out, "--target", "onnx")
     return request.param, out
@@ -52,6 +55,8 @@ def onnx_family(request, tmp_path_factory):
 
 @pytest.fixture(scope="session", params=EXECUTORCH_FAMILIES)
 def executorch_family(request, tmp_path_factory):
+    if request.param == "glm4_moe":
+        return request.param, request.getfixturevalue("lowered_dense")
     out = _split(request.param, tmp_path_factory.mktemp(f"{request.param}-et"))
     _cli("lower", out, "--target", "executorch")
     return request.param, out

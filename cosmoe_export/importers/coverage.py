@@ -1,6 +1,6 @@
 """What each source architecture goes through, and the check that proves each cell.
 
-``cosmoe-export architectures`` prints this table and docs/ARCHITECTURES.md holds the same
+``cosmoe-export architectures`` prints this table and docs/FAMILIES.md holds the same
 (tests/cosmoe_export/importers/test_coverage.py checks that they agree and that every test named
 here exists). A cell is proven either by a CI test on the family's tiny checkpoint
 (tests/conftest.py FAMILIES) or by bench/families.py, which runs every family through every
@@ -17,8 +17,6 @@ IMPORT = "tests/cosmoe_export/importers/test_importers.py::test_canonical_logits
 QUANTIZE = "tests/test_families.py::test_quantize_every_family"
 ONNX = "tests/test_families.py::test_onnx_runs_every_family_as_pytorch"
 EXECUTORCH = "tests/test_families.py::test_executorch_and_native_run_as_pytorch"
-DENSE_LOWER = "tests/cosmoe_export/lower/test_lower.py::test_dense_layers_over_lowered_units_match_pytorch_runtime"
-DENSE_NATIVE = "tests/runtime_native/test_native.py::test_dense_layers_run_natively_as_the_executorch_runner"
 BENCH = "bench/families.py"
 
 
@@ -38,7 +36,7 @@ class Family:
 FAMILIES = [
     Family("Mixtral", "MixtralForCausalLM", "mixtral"),
     Family("Qwen2-MoE", "Qwen2MoeForCausalLM", "qwen2_moe"),
-    Family("Qwen3-MoE (with dense layers)", "Qwen3MoeForCausalLM", "qwen3_moe_dense", DENSE_LOWER, DENSE_NATIVE),
+    Family("Qwen3-MoE (with dense layers)", "Qwen3MoeForCausalLM", "qwen3_moe_dense"),
     Family("OLMoE", "OlmoeForCausalLM", "olmoe"),
     Family("Granite MoE", "GraniteMoeForCausalLM", "granitemoe"),
     Family("Granite MoE (shared)", "GraniteMoeSharedForCausalLM", "granitemoeshared", EXECUTORCH, EXECUTORCH),
@@ -60,6 +58,5 @@ def table() -> str:
 def _cell(proof: str, fixture: str) -> str:
     if proof == BENCH:
         return f"`{BENCH}`"
-    test = proof.split("::")[1]
-    # The family-parametrized tests run once per fixture; the dense ones on their own fixture.
-    return f"`{test}` ({fixture})" if proof in (IMPORT, QUANTIZE, ONNX, EXECUTORCH) else f"`{test}`"
+    test = proof.split("::")[1]  # parametrized by family: one run per fixture
+    return f"`{test}` ({fixture})"

@@ -46,13 +46,19 @@ class Loaded:
 
 def load(path: str) -> Loaded:
     """A bundle directory (manifest.json) through the runtime with lazy experts, else a checkpoint."""
-    loaded = _load(path)
-    if len(loaded.config.moe_layers) != loaded.config.num_hidden_layers:
-        # The metrics and plots are per layer over every layer; a plan with dense layers needs them
-        # indexed by MoE layer first (issue 14).
-        dense = sorted(set(range(loaded.config.num_hidden_layers)) - set(loaded.config.moe_layers))
-        raise CosmoeError(f"{path}: has dense (non-MoE) layers {dense}; analyze reads all-MoE models only so far")
-    return loaded
+    return _load(path)
+
+
+def selection_map_layer(config: CosmoeConfig, requested: int | None, owner: object) -> int:
+    """The layer whose selections the selection map shows: the requested one, which must route
+    (a dense layer of the plan picks no experts), else the middle MoE layer."""
+    moe = config.moe_layers
+    if requested is None:
+        return moe[len(moe) // 2]
+    if requested not in moe:
+        raise CosmoeError(f"{owner}: layer {requested} is not an MoE layer of this model (MoE layers: "
+                          f"{', '.join(map(str, moe))})")
+    return requested
 
 
 def _load(path: str) -> Loaded:
@@ -76,11 +82,11 @@ def _load(path: str) -> Loaded:
 
 @torch.inference_mode()
 def run_routing(model: CosmoeForCausalLM, ids: torch.Tensor) -> tuple[list[np.ndarray], float]:
-    """ids [B, T] -> (selections per layer, each [B, T, K]; mean next-token NLL in nats)."""
-    n_layers = model.config.num_hidden_layers
-    picked: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+    """ids [B, T] -> (selections of each MoE layer by layer id, each [B, T, K]; mean next-token NLL
+    in nats). Dense layers of the layer plan route nothing and have no entry."""
+    picked: dict[int, list[np.ndarray]] = {layer: [] for layer in model.config.moe_layers}
     nll_sum, count = 0.0, 0
-    moes = [layer.moe for layer in model.layers]
+    moes = [layer.routed for layer in model.layers if layer.routed is not None]
     for chunk in ids.split(FORWARD_BATCH):
         b, t = chunk.shape
         for m in moes:  # the observer sees idx [N, K] with N = b*t, window-major
@@ -94,7 +100,7 @@ def run_routing(model: CosmoeForCausalLM, ids: torch.Tensor) -> tuple[list[np.nd
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
             nll_sum += float(nll)
             count += b * (t - 1)
-    return [np.concatenate(p) for p in picked], nll_sum / max(1, count)
+    return {layer: np.concatenate(p) for layer, p in picked.items()}, nll_sum / max(1, count)
 
 
 def eq8_loads_per_token(sel: np.ndarray, num_experts: int) -> float:
@@ -105,13 +111,15 @@ def eq8_loads_per_token(sel: np.ndarray, num_experts: int) -> float:
     return (routing_metrics.replacement_count(sel, num_experts) // 2) / (b * (t - 1)) if t > 1 else 0.0
 
 
-def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """batch [B, T] -> (report, selections per layer [B, T, K]); the numbers only, no provenance."""
+def routing_report(model: CosmoeForCausalLM,
+                   batch: torch.Tensor) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """batch [B, T] -> (report, selections of each MoE layer [B, T, K]); the numbers only, no
+    provenance. ``per_layer`` and the means are over the MoE layers."""
     cfg = model.config
-    sels, nll = run_routing(model, batch)  # L x [B, T, K]
+    sels, nll = run_routing(model, batch)  # MoE layer -> [B, T, K]
     e, k = cfg.num_experts, cfg.num_experts_per_tok
     per_layer = []
-    for layer, sel in enumerate(sels):
+    for layer, sel in sels.items():
         curve = cache_sim.hit_rate_curve(sel, e)
         per_layer.append({
             "layer": layer,
@@ -130,7 +138,7 @@ def routing_report(model: CosmoeForCausalLM, batch: torch.Tensor) -> tuple[dict[
         "num_experts": e,
         "top_k": k,
         "perplexity": math.exp(nll),
-        # Every layer has the same denominator B*K*(T-1), so the mean over layers is the pooled ratio.
+        # Every MoE layer has the same denominator B*K*(T-1), so the mean over layers is the pooled ratio.
         "exrep": float(np.mean([p["exrep"] for p in per_layer])),
         "delta_uniform": float(np.mean([p["delta_uniform"] for p in per_layer])),
         "eq8_loads_per_token": float(sum(p["eq8_loads_per_token"] for p in per_layer)),  # all layers together
@@ -155,6 +163,6 @@ def analyze(*, path: str, text: Path, max_tokens: int | None = None, plots: Path
     report = {"model": str(path), "kind": loaded.kind, "text": str(text), **numbers}
     if plots is not None:
         from cosmoe_export.release import analyze_plots
-        layer = cfg.num_hidden_layers // 2 if plot_layer is None else plot_layer
+        layer = selection_map_layer(cfg, plot_layer, path)
         report["plots"] = [str(p) for p in analyze_plots.write_all(plots, report, sels[layer][0], layer)]
     return report

@@ -218,18 +218,15 @@ class _Build:
         section = {**dataclasses.asdict(a), "text": text_sha, "title": self.recipe.name}
 
         def run(out: Path) -> None:
-            from cosmoe_export.release.analyze import load, routing_report
+            from cosmoe_export.release.analyze import load, routing_report, selection_map_layer
             from cosmoe_export.text import encode_with, windows
             loaded = load(str(bundle))
             cfg = loaded.config
             ids = encode_with(loaded.tokenizer_path, text, vocab_size=cfg.vocab_size, max_tokens=a.max_tokens,
                               purpose="the recipe's analyze text", owner=bundle)
             batch = windows(ids, cfg.max_position_embeddings)  # [B, T]
-            numbers, sels = routing_report(loaded.model, batch)  # sels: L x [B, T, K]
-            layer = cfg.num_hidden_layers // 2 if a.layer is None else a.layer
-            if not 0 <= layer < cfg.num_hidden_layers:
-                raise CosmoeError(f"{self.recipe.path}: analyze.layer {layer} is not a layer of this model "
-                                  f"(0..{cfg.num_hidden_layers - 1})")
+            numbers, sels = routing_report(loaded.model, batch)  # sels: MoE layer -> [B, T, K]
+            layer = selection_map_layer(cfg, a.layer, f"{self.recipe.path}: analyze.layer")
             with atomic_dir(out, force=True) as tmp:
                 report_plots.routing(tmp / PLOTS, numbers, sels[layer][0], layer, self.recipe.name)
                 (tmp / RESULT).write_text(json.dumps({**numbers, "selection_map_layer": layer}, indent=2) + "\n")

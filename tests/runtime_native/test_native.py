@@ -179,7 +179,7 @@ def test_recipes_name_native_only_with_executorch_programs(tmp_path):
 
 @pytest.mark.parametrize("policy", ["resident", "paper", "lru+prefetch"])
 def test_dense_layers_run_natively_as_the_executorch_runner(lowered_dense, policy):
-    """Qwen3-MoE with a dense first layer: the C++ runner reads the plan, skips routing there, and
+    """GLM-4-MoE with a dense first layer: the C++ runner reads the plan, skips routing there, and
     gives the tokens, expert traffic and logits of runtime_py's ExecuTorch runner."""
     bundle = Bundle.open(lowered_dense)
     per_layer = {"resident": None, "paper": 2, "lru+prefetch": 3}[policy]

@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cosmoe_export.cli import cli
+from cosmoe_export.errors import CosmoeError
+from cosmoe_export.release import analyze
 from cosmoe_export.release.analyze import eq8_loads_per_token
 from cosmoe_export.release.cache_sim import belady_hits, hit_rate_curve, lru_hits, next_use
 from runtime_py.routing_metrics import delta_uniform, exrep, replacement_count
@@ -129,12 +131,23 @@ def test_analyze_errors(tmp_path):
     assert r.exit_code == 2 and "error:" in r.output
 
 
-def test_analyze_refuses_a_plan_with_dense_layers(hf_checkpoint, tmp_path):
-    """Until its metrics are indexed by MoE layer, analyze must refuse a dense-layer plan in one line,
-    never report a dense layer's (absent) routing."""
+def test_analyze_reports_the_moe_layers_of_a_plan_with_dense_layers(hf_checkpoint, tmp_path):
+    """Qwen3-MoE with a dense layer 0: the routing metrics are over the MoE layer only, and a
+    selection map of the dense layer is refused in one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     ckpt = hf_checkpoint("qwen3_moe_dense")
     text = tmp_path / "t.txt"
-    text.write_text("hello world " * 50)
-    r = CliRunner().invoke(cli, ["analyze", str(ckpt), "--text", str(text)])
-    assert r.exit_code == 2, r.output
-    assert f"{ckpt}: has dense (non-MoE) layers [0]" in r.output and r.output.count("\n") == 1
+    text.write_text("the router picks two experts for every token of the text\n" * 40)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(text)], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(ckpt / "tokenizer.json"))
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["analyze", str(ckpt), "--text", str(text), "--json", str(out),
+                                 "--plots", str(tmp_path / "plots")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert [p["layer"] for p in report["per_layer"]] == [1]
+    assert report["exrep"] == report["per_layer"][0]["exrep"]
+    with pytest.raises(CosmoeError, match="layer 0 is not an MoE layer of this model"):
+        analyze.analyze(path=str(ckpt), text=text, plots=tmp_path / "p2", plot_layer=0)

@@ -4,7 +4,7 @@ One config describes every architecture we import: a Llama-3 decoder whose FFN i
 layer, one kind of FFN_KINDS: a Mixture-of-Experts ("moe", the default in every layer) or a plain
 SwiGLU MLP ("dense": Qwen3-MoE's ``mlp_only_layers``, ERNIE's and GLM's first layers). The
 per-family differences (q/k norm, attention biases, shared expert and its gate, the router and its
-score bias, partial RoPE, Granite's multipliers) are fields here, so one model implementation runs
+score bias, partial RoPE, Granite's multipliers, Phi-MoE's LayerNorms) are fields here, so one model implementation runs
 them all (docs/FAMILIES.md says which family sets which).
 
 Canonical tensor names (the names in every bundle file) and their shapes come from
@@ -32,7 +32,11 @@ EXPERT_KINDS = ("standard", "wd")
 QK_NORMS = ("none", "head", "full", "head_after_rope")
 # How router logits become expert weights (runtime_py/routers.py ROUTERS has the math): softmax
 # (Mixtral, Qwen, OLMoE, Granite, HunYuan, ERNIE) or sigmoid (GLM-4-MoE, DeepSeek-V3).
-ROUTERS = ("softmax", "sigmoid")
+# sparsemixer: Phi-MoE's top-2 (its inference path, modeling_phimoe.py sparsemixer).
+ROUTERS = ("softmax", "sigmoid", "sparsemixer")
+# The decoder's norms (attention, FFN, final): RMSNorm, or LayerNorm with a bias (Phi-MoE). q/k
+# norms are RMSNorm in every family.
+NORMS = ("rms", "layer")
 ROPE_TYPES = ("default", "llama3")
 # Keys HF writes into every config.json that carry no model information.
 _IGNORED_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
@@ -133,6 +137,7 @@ class CosmoeConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0  # the routed experts' weights are scaled by this (GLM, DeepSeek-V3)
+    sparsemixer_eps: float = 0.01  # sparsemixer's jitter epsilon: scores this close to the best stay in its softmax
     shared_expert_gate: bool = True  # Qwen2-MoE gates its shared expert by a sigmoid; the others add it as is
     # RoPE on the first rotary_dim dims of each head only (GLM partial_rotary_factor); None: all of
     # them. Bundles store q/k in the half-split RoPE layout (rotate_half), so importers permute the
@@ -145,6 +150,8 @@ class CosmoeConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    norm: str = "rms"  # NORMS; "layer" adds a bias [D] to each of the decoder's norms
+    lm_head_bias: bool = False  # a bias [V] on the output head (Phi-MoE lm_head_bias)
 
     def __post_init__(self) -> None:
         plan = self.layer_ffns
@@ -236,7 +243,7 @@ class CosmoeConfig:
         ints_ok &= plan_ok
         ints_ok &= all([positive_int(n, getattr(self, n)) for n in ("n_group", "topk_group")])
         for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings", "score_bias",
-                     "shared_expert_gate"):
+                     "shared_expert_gate", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.expert_kind not in EXPERT_KINDS:
@@ -249,6 +256,14 @@ class CosmoeConfig:
             p.append(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.router not in ROUTERS:
             p.append(f"router must be one of {list(ROUTERS)}, got {self.router!r}")
+        elif self.router == "sparsemixer" and (self.num_experts_per_tok != 2 or self.score_bias or self.n_group > 1):
+            p.append("router 'sparsemixer' picks exactly 2 experts, without score bias or groups")
+        if not _is_number(self.sparsemixer_eps) or self.sparsemixer_eps < 0:
+            p.append(f"sparsemixer_eps must be a number >= 0, got {self.sparsemixer_eps!r}")
+        if self.norm not in NORMS:
+            p.append(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if self.lm_head_bias is True and self.tie_word_embeddings is True:
+            p.append("lm_head_bias needs an untied output head (tie_word_embeddings false)")
         for name in ("routed_scaling_factor", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 p.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -368,6 +383,7 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
     pre = f"layers.{layer}"
     s: dict[str, tuple[int, ...]] = {
         f"{pre}.attn_norm.weight": (d,),
+        **({f"{pre}.attn_norm.bias": (d,)} if config.norm == "layer" else {}),
         f"{pre}.attn.q.weight": (q_out, d),
         f"{pre}.attn.k.weight": (kv_out, d),
         f"{pre}.attn.v.weight": (kv_out, d),
@@ -382,6 +398,8 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
     elif config.qk_norm == "full":
         s.update({f"{pre}.attn.q_norm.weight": (q_out,), f"{pre}.attn.k_norm.weight": (kv_out,)})
     s[f"{pre}.ffn_norm.weight"] = (d,)
+    if config.norm == "layer":
+        s[f"{pre}.ffn_norm.bias"] = (d,)
     s.update(config.ffn_kind(layer).shapes(config, layer))
     return s
 
@@ -394,8 +412,12 @@ def tensor_shapes(config: CosmoeConfig) -> dict[str, tuple[int, ...]]:
         for expert in range(config.num_experts if config.ffn_kind(layer).routed else 0):
             shapes.update(expert_tensor_shapes(config, layer, expert))
     shapes["norm.weight"] = (config.hidden_size,)
+    if config.norm == "layer":
+        shapes["norm.bias"] = (config.hidden_size,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    if config.lm_head_bias:
+        shapes["lm_head.bias"] = (config.vocab_size,)
     return shapes
 
 
@@ -441,7 +463,8 @@ def param_counts(config: CosmoeConfig) -> ParamCounts:
     def numel(shapes: dict[str, tuple[int, ...]]) -> int:
         return sum(math.prod(s) for s in shapes.values())
 
-    ends = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+    ends = (config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+            + config.hidden_size * (2 if config.norm == "layer" else 1) + config.vocab_size * config.lm_head_bias)
     plan = config.layer_ffns or (DEFAULT_FFN,) * config.num_hidden_layers
     first = {kind: plan.index(kind) for kind in set(plan)}  # a layer of each kind stands for all of it
     backbone = ends + sum(numel(backbone_layer_shapes(config, first[kind])) * plan.count(kind) for kind in first)

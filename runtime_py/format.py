@@ -31,7 +31,8 @@ LAYER_PLAN_KEY = "layer_ffns"  # runtime_py.config.CosmoeConfig.layer_ffns
 # with it (docs/FORMAT.md).
 V2_MODEL_KEYS = (LAYER_PLAN_KEY, "dense_intermediate_size", "router", "score_bias", "n_group", "topk_group",
                  "routed_scaling_factor", "shared_expert_gate", "rotary_dim", "embedding_multiplier",
-                 "residual_multiplier", "attention_multiplier", "logits_scaling")
+                 "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps", "norm",
+                 "lm_head_bias")
 # And values of v1 keys that a v1 reader does not know.
 V2_MODEL_VALUES = {"qk_norm": ("head_after_rope",)}
 MANIFEST_NAME = "manifest.json"

@@ -42,6 +42,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def decoder_norm(config: CosmoeConfig) -> nn.Module:
+    """The decoder's attention, FFN and final norm (config.norm): RMSNorm, or LayerNorm with a bias
+    (Phi-MoE; its eps is the config's rms_norm_eps, as transformers passes it)."""
+    if config.norm == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
 def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
     """Inverse RoPE frequencies [Dh/2], with Llama-3.1 scaling when configured. With partial rotary
     (rotary_dim R < Dh) the frequencies are those of an R-dim RoPE, then zeros: pairs (i, i + Dh/2)
@@ -217,17 +225,20 @@ def dispatch_experts(lookup: ExpertLookup, x: torch.Tensor, weights: torch.Tenso
     return y
 
 
-def guess_logits(router: torch.Tensor, norm: torch.Tensor, prev_norm: torch.Tensor,
-                 x_prev: torch.Tensor) -> torch.Tensor:
+def guess_logits(router: torch.Tensor, norm: torch.Tensor, prev_norm: torch.Tensor, x_prev: torch.Tensor,
+                 bias: torch.Tensor | None = None, prev_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Layer l's router logits guessed from layer l-1's MoE input x_prev [N, D] -> [N, E].
 
     mixtral-offloading's speculative guess: the hidden state changes little from one layer to the
     next, so layer l's router applied to layer l-1's hidden state predicts its choice. x_prev is
     RMSNorm_{l-1}(h) = w_{l-1} * h / rms(h), and RMSNorm is scale-invariant, so RMSNorm_l(h) is
-    exactly w_l / w_{l-1} * x_prev: no need for the un-normed h.
+    exactly w_l / w_{l-1} * x_prev: no need for the un-normed h. A LayerNorm (weight w, bias b)
+    normalises the same (h - mean) / std, so LayerNorm_l(h) = w_l / w_{l-1} * (x_prev - b_{l-1}) + b_l.
     """
     ratio = norm.float() / torch.where(prev_norm.abs() < 1e-6, 1e-6, prev_norm.float())  # [D]
-    return (x_prev.float() * ratio) @ router.float().T  # [N, E]
+    x = x_prev.float() if prev_bias is None else x_prev.float() - prev_bias.float()
+    x = x * ratio if bias is None else x * ratio + bias.float()
+    return x @ router.float().T  # [N, E]
 
 
 class MoE(nn.Module):
@@ -296,9 +307,9 @@ FFN_MODULES: dict[str, tuple[str, type[nn.Module]]] = {
 class DecoderLayer(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_norm = decoder_norm(config)
         self.attn = Attention(config)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = decoder_norm(config)
         attr, module = FFN_MODULES[config.ffn_kind(layer).name]
         setattr(self, attr, module(config, layer, experts))
         self.ffn = attr  # the FFN's attribute name ("moe" | "mlp")
@@ -345,9 +356,9 @@ class CosmoeForCausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, None if with_experts else []) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = decoder_norm(config)
         self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias))
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,

@@ -120,15 +120,17 @@ class ProgramEngine:
         return max(grown, max(e.bytes for e in entries))
 
     def _routers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Every MoE layer's (router weight [E, D], FFN norm weight [D]) fp32, and every layer's norm
-        (the guess divides by the previous layer's), for the prefetch guess (routers and norms are
-        never quantized), read from the backbone's tensors. Dense layers: (None, norm)."""
+        """Every MoE layer's (router weight [E, D], FFN norm weight [D], its bias [D] or None) fp32,
+        and every layer's norm (the guess divides by the previous layer's), for the prefetch guess
+        (routers and norms are never quantized), read from the backbone's tensors. Dense layers:
+        (None, norm, bias)."""
         cfg = self.config
-        names = {i: (f"layers.{i}.moe.router.weight" if cfg.ffn_kind(i).routed else None, f"layers.{i}.ffn_norm.weight")
-                 for i in range(cfg.num_hidden_layers)}
+        bias = cfg.norm == "layer"  # a LayerNorm's bias enters the guess too (model.guess_logits)
+        names = {i: (f"layers.{i}.moe.router.weight" if cfg.ffn_kind(i).routed else None, f"layers.{i}.ffn_norm.weight",
+                     f"layers.{i}.ffn_norm.bias" if bias else None) for i in range(cfg.num_hidden_layers)}
         state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
-                           names=[n for pair in names.values() for n in pair if n], check_hash=self.check_hash)
-        return {i: (state.get(router) if router else None, state[norm]) for i, (router, norm) in names.items()}
+                           names=[n for names_i in names.values() for n in names_i if n], check_hash=self.check_hash)
+        return {i: tuple(state[n] if n else None for n in names_i) for i, names_i in names.items()}
 
     def _score_biases(self) -> dict[int, torch.Tensor | None]:
         """Each MoE layer's selection-only score bias [E] fp32 (runtime_py/routers.py), or None."""
@@ -151,8 +153,8 @@ class ProgramEngine:
         pass  # the store drops its reference; the program (and its packed weights) is freed with it
 
     def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
-        (router, norm), (_, prev_norm) = self.routers[layer], self.routers[layer - 1]
-        return guess_logits(router, norm, prev_norm, x_prev)
+        (router, norm, bias), (_, prev_norm, prev_bias) = self.routers[layer], self.routers[layer - 1]
+        return guess_logits(router, norm, prev_norm, x_prev, bias, prev_bias)
 
     # ---- cache and steps
     def cache_bytes(self, max_len: int) -> int:

@@ -61,12 +61,31 @@ def sigmoid_router(logits: torch.Tensor, bias: torch.Tensor | None,
     return _scaled(weights, config), idx
 
 
+def sparsemixer_router(logits: torch.Tensor, bias: torch.Tensor | None,
+                       config: CosmoeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-MoE's sparsemixer at inference (modeling_phimoe.py sparsemixer, training=False), top-2:
+    the best expert, weighted by its softmax among the experts whose score is within
+    2 * eps (relative) of it; then the same over the scores without it."""
+    scores = logits.float()  # [N, E]
+    eps = config.sparsemixer_eps
+    weights, ids = [], []
+    masked = scores
+    for _ in range(2):
+        best, idx = masked.max(dim=-1, keepdim=True)  # [N, 1] x2
+        factor = scores.abs().clamp(min=best)
+        gates = masked.masked_fill((best - scores) / factor > 2 * eps, float("-inf"))  # [N, E]
+        weights.append(torch.softmax(gates, dim=-1).gather(-1, idx))
+        ids.append(idx)
+        masked = torch.scatter(scores, -1, idx, float("-inf"))  # without the first choice
+    return _scaled(torch.cat(weights, dim=-1), config), torch.cat(ids, dim=-1)  # [N, 2] x2
+
+
 def _scaled(weights: torch.Tensor, config: CosmoeConfig) -> torch.Tensor:
     scale = config.routed_scaling_factor
     return weights if scale == 1.0 else weights * scale
 
 
-ROUTERS: dict[str, Router] = {"softmax": softmax_router, "sigmoid": sigmoid_router}
+ROUTERS: dict[str, Router] = {"softmax": softmax_router, "sigmoid": sigmoid_router, "sparsemixer": sparsemixer_router}
 
 
 def route(logits: torch.Tensor, config: CosmoeConfig,

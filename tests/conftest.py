@@ -46,6 +46,11 @@ FAMILIES = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
         intermediate_size=80, moe_intermediate_size=48, moe_num_experts=4, moe_num_shared_experts=1,
         moe_layer_start_index=1, moe_layer_interval=1)),
+    # LayerNorm with biases, q/k/v/o and head biases, sparsemixer routing (eps large enough that
+    # several experts stay in its softmax).
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, attention_bias=True, lm_head_bias=True,
+        router_jitter_noise=0.3)),
     # Partial RoPE, q/k norm, dense layer 0, sigmoid router with groups, scaling and correction bias.
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
         intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,

@@ -282,6 +282,21 @@ class Glm4Moe(Adapter):
         return m is not None and int(m.group(1)) >= config.num_hidden_layers
 
 
+@register("PhimoeForCausalLM")
+class Phimoe(Adapter):
+    """LayerNorm (weight and bias) for the decoder's norms, biases on q/k/v/o and optionally the
+    head, and sparsemixer top-2 routing at inference (modeling_phimoe.py)."""
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        window = getattr(hf, "sliding_window", None)
+        if window is not None and window < hf.max_position_embeddings:
+            raise _unsupported(path, f"sliding_window {window}")
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, router="sparsemixer",
+                    sparsemixer_eps=float(hf.router_jitter_noise), norm="layer",
+                    lm_head_bias=bool(getattr(hf, "lm_head_bias", False)), attention_bias=bias, attention_out_bias=bias)
+
+
 @register(ARCHITECTURE)
 class Cosmoe(Adapter):
     """Our own checkpoints: config.json is a CosmoeConfig, tensor names are already canonical."""

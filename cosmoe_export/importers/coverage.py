@@ -43,6 +43,7 @@ FAMILIES = [
     Family("HunYuan MoE", "HunYuanMoEV1ForCausalLM", "hunyuan_moe"),
     Family("ERNIE 4.5 MoE", "Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
     Family("GLM-4 MoE", "Glm4MoeForCausalLM", "glm4_moe", EXECUTORCH, EXECUTORCH),
+    Family("Phi-MoE", "PhimoeForCausalLM", "phimoe"),
 ]
 
 

@@ -28,8 +28,10 @@ TENSOR_NAMES: dict[str, list[str | Part]] = {
     "embed.weight": ["model.embed_tokens.weight"],  # all HF families
     "norm.weight": ["model.norm.weight"],
     "lm_head.weight": ["lm_head.weight"],
-    "layers.{l}.attn_norm.weight": [HF_LAYER + ".input_layernorm.weight"],
-    "layers.{l}.ffn_norm.weight": [HF_LAYER + ".post_attention_layernorm.weight"],
+    "lm_head.bias": ["lm_head.bias"],  # Phi-MoE lm_head_bias
+    "norm.bias": ["model.norm.bias"],  # LayerNorm biases: Phi-MoE
+    **{f"layers.{{l}}.{n}.{kind}": [HF_LAYER + f".{hf}.{kind}"] for n, hf in (
+        ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")) for kind in ("weight", "bias")},
     **{f"layers.{{l}}.attn.{p}.{kind}": [HF_LAYER + f".self_attn.{p}_proj.{kind}"]
        for p in "qkvo" for kind in ("weight", "bias")},
     "layers.{l}.attn.q_norm.weight": [HF_LAYER + ".self_attn.q_norm.weight",  # Qwen3-MoE, OLMoE, GLM
@@ -42,6 +44,7 @@ TENSOR_NAMES: dict[str, list[str | Part]] = {
         HF_LAYER + ".block_sparse_moe.router.layer.weight",  # Granite, as saved
         HF_LAYER + ".block_sparse_moe.router.weight",  # Granite, as transformers >= 5 holds it
         HF_LAYER + ".mlp.gate.wg.weight",  # HunYuan
+        HF_LAYER + ".mlp.router.weight",  # Phi-MoE, as transformers >= 5 holds it
     ],
     "layers.{l}.moe.score_bias": [
         HF_LAYER + ".mlp.gate.e_score_correction_bias",  # GLM

@@ -23,7 +23,15 @@ from runtime_py import quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
 from runtime_py.errors import FormatError
-from runtime_py.model import Attention, Expert, RMSNorm, add_residual, scale_embeddings, scale_logits, shared_expert
+from runtime_py.model import (
+    Attention,
+    Expert,
+    add_residual,
+    decoder_norm,
+    scale_embeddings,
+    scale_logits,
+    shared_expert,
+)
 from runtime_py.shards import read_shard
 
 
@@ -118,10 +126,9 @@ class LayerUnit(nn.Module):
 
     def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
-        d = config.hidden_size
-        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn_norm = decoder_norm(config)
         self.attn = Attention(config)
-        self.ffn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ffn_norm = decoder_norm(config)
         self.residual_multiplier = config.residual_multiplier
         self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
         self.ffn.build(self, config)
@@ -213,8 +220,8 @@ LAYER_FFNS: dict[str, LayerFfn] = {
 class HeadUnit(nn.Module):
     def __init__(self, config: CosmoeConfig) -> None:
         super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = decoder_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +243,9 @@ def build_head(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> HeadUn
     with torch.device("meta"):
         unit = HeadUnit(config)
     head = weights["embed.weight"] if config.tie_word_embeddings else weights["lm_head.weight"]
-    unit.load_state_dict({"norm.weight": weights["norm.weight"], "lm_head.weight": head}, assign=True, strict=True)
+    sd = {"norm.weight": weights["norm.weight"], "lm_head.weight": head}
+    sd.update({k: weights[k] for k in ("norm.bias", "lm_head.bias") if k in weights})
+    unit.load_state_dict(sd, assign=True, strict=True)
     return unit.eval()
 
 

@@ -47,8 +47,8 @@ const std::set<std::string> kConfigKeys = {
     "clip_qkv", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "layer_ffns", "dense_intermediate_size",
     "router", "score_bias", "n_group", "topk_group", "routed_scaling_factor", "shared_expert_gate", "rotary_dim",
-    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
-    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps",
+    "norm", "lm_head_bias", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
 json parse_unique(const std::string& text, const std::string& where) {
@@ -142,10 +142,20 @@ Config read_config(const json& model, const std::string& where) {
   // checked for their type only.
   if (model.contains("router")) {
     if (!model["router"].is_string() || !known_router(model["router"].get<std::string>()))
-      p.push_back("router must be one of ['softmax', 'sigmoid'], got " + model["router"].dump());
+      p.push_back("router must be one of ['softmax', 'sigmoid', 'sparsemixer'], got " + model["router"].dump());
     else c.router.kind = model["router"].get<std::string>();
   }
-  for (const char* k : {"score_bias", "shared_expert_gate"})
+  if (model.contains("norm")) {
+    if (model["norm"] != "rms" && model["norm"] != "layer")
+      p.push_back("norm must be one of ['rms', 'layer'], got " + model["norm"].dump());
+    else c.layer_norm = model["norm"] == "layer";
+  }
+  if (model.contains("sparsemixer_eps")) {
+    if (!is_number(model["sparsemixer_eps"]) || model["sparsemixer_eps"].get<double>() < 0)
+      p.push_back("sparsemixer_eps must be a number >= 0, got " + model["sparsemixer_eps"].dump());
+    else c.router.sparsemixer_eps = float(model["sparsemixer_eps"].get<double>());
+  }
+  for (const char* k : {"score_bias", "shared_expert_gate", "lm_head_bias"})
     if (model.contains(k) && !model[k].is_boolean()) p.push_back(std::string(k) + " must be true or false");
   c.score_bias = model.contains("score_bias") && model["score_bias"].is_boolean() && model["score_bias"].get<bool>();
   c.router.n_group = get_int(model, "n_group", 1, p, true);

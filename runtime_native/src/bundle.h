@@ -25,6 +25,7 @@ struct Config {
   bool score_bias = false;  // layers.L.moe.score_bias [E] in the backbone
   int rotary_dim = 0;       // RoPE on the first rotary_dim dims of a head (0: all)
   float residual_multiplier = 1.0f;  // Granite: the routed sum is scaled as the layer's other branches
+  bool layer_norm = false;           // norm "layer" (Phi-MoE): the FFN norms' biases enter the prefetch guess
   double rope_theta = 500000.0;
   // Llama 3.1 rope scaling ("llama3"); factor 0: none.
   double rope_factor = 0, rope_low = 0, rope_high = 0, rope_old_ctx = 0;

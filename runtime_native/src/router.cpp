@@ -8,7 +8,7 @@
 
 namespace cosmoe {
 
-bool known_router(const std::string& kind) { return kind == "softmax" || kind == "sigmoid"; }
+bool known_router(const std::string& kind) { return kind == "softmax" || kind == "sigmoid" || kind == "sparsemixer"; }
 
 void softmax(const float* logits, int e, float* probs) {
   float m = *std::max_element(logits, logits + e);
@@ -51,10 +51,40 @@ void choose(const RouterParams& r, const float* scores, const float* bias, float
   top_k_ids(choice, e, r.top_k, idx);
 }
 
+// runtime_py.routers.sparsemixer_router (Phi-MoE at inference), top-2: the best expert, weighted by
+// its softmax among the scores within 2 * eps (relative) of it; then the same without it.
+// `masked` holds E floats.
+void sparsemixer(const RouterParams& r, const float* scores, float* masked, int* idx, float* w) {
+  const int e = r.num_experts;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::copy(scores, scores + e, masked);
+  for (int j = 0; j < 2; ++j) {
+    int best = int(std::max_element(masked, masked + e) - masked);  // the first maximum, as torch.max
+    float top = masked[best], m = ninf, sum = 0;
+    std::vector<float> gates(static_cast<size_t>(e));
+    for (int i = 0; i < e; ++i) {
+      float factor = std::max(std::fabs(scores[i]), top);
+      gates[size_t(i)] = (top - scores[i]) / factor > 2 * r.sparsemixer_eps ? ninf : masked[i];
+      m = std::max(m, gates[size_t(i)]);
+    }
+    for (int i = 0; i < e; ++i) sum += gates[size_t(i)] == ninf ? 0.0f : std::exp(gates[size_t(i)] - m);
+    idx[j] = best;
+    w[j] = std::exp(gates[size_t(best)] - m) / sum;
+    std::copy(scores, scores + e, masked);  // the second pass: the scores without the first choice
+    masked[best] = ninf;
+  }
+}
+
 }  // namespace
 
 void route(const RouterParams& r, const float* logits, const float* bias, float* scratch, int* idx, float* w) {
   const int e = r.num_experts, k = r.top_k;
+  if (r.kind == "sparsemixer") {
+    sparsemixer(r, logits, scratch, idx, w);
+    if (r.routed_scaling_factor != 1.0f)
+      for (int j = 0; j < k; ++j) w[j] *= r.routed_scaling_factor;
+    return;
+  }
   float* scores = scratch;  // [E]
   if (r.kind == "sigmoid")
     for (int i = 0; i < e; ++i) scores[i] = 1.0f / (1.0f + std::exp(-logits[i]));

@@ -8,11 +8,12 @@
 namespace cosmoe {
 
 struct RouterParams {
-  std::string kind = "softmax";  // runtime_py/config.py ROUTERS: "softmax" | "sigmoid"
+  std::string kind = "softmax";  // runtime_py/config.py ROUTERS: "softmax" | "sigmoid" | "sparsemixer"
   int num_experts = 8, top_k = 2;
   bool renormalise = true;             // norm_topk_prob
   int n_group = 1, topk_group = 1;     // group-limited top-k (DeepSeek-V3, GLM)
   float routed_scaling_factor = 1.0f;  // GLM, DeepSeek-V3
+  float sparsemixer_eps = 0.01f;       // Phi-MoE
 };
 
 // Known router kinds (runtime_py/config.py ROUTERS).

@@ -129,6 +129,8 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
                                                            {c.num_experts, c.hidden_size})
                                            : std::vector<float>());
     norms_.push_back(st.read_float("layers." + std::to_string(l) + ".ffn_norm.weight", {c.hidden_size}));
+    norm_biases_.push_back(c.layer_norm ? st.read_float("layers." + std::to_string(l) + ".ffn_norm.bias", {c.hidden_size})
+                                        : std::vector<float>());
     // The selection-only score bias (runtime_py/routers.py): the runner routes, so it reads it.
     score_biases_.push_back(c.routed[size_t(l)] && c.score_bias
                                 ? st.read_float("layers." + std::to_string(l) + ".moe.score_bias", {c.num_experts})
@@ -366,12 +368,20 @@ void Runner::dispatch(int layer, const float* x, int t, const std::vector<float>
     const std::vector<float>& router = routers_[size_t(layer + 1)];
     const std::vector<float>& norm = norms_[size_t(layer + 1)];
     const std::vector<float>& prev = norms_[size_t(layer)];
-    std::vector<float> ratio(D), mean(size_t(e), 0.0f), logits(static_cast<size_t>(e)), probs(static_cast<size_t>(e));
+    // LayerNorms: (x - b_l) * ratio + b_{l+1}, their biases (empty for RMSNorm).
+    const std::vector<float>& bias = norm_biases_[size_t(layer + 1)];
+    const std::vector<float>& prev_bias = norm_biases_[size_t(layer)];
+    std::vector<float> ratio(D), guess(D), mean(size_t(e), 0.0f), logits(static_cast<size_t>(e));
+    std::vector<float> probs(static_cast<size_t>(e));
     for (size_t j = 0; j < D; ++j) ratio[j] = norm[j] / (std::fabs(prev[j]) < 1e-6f ? 1e-6f : prev[j]);
     for (int i = 0; i < t; ++i) {
+      for (size_t j = 0; j < D; ++j) {
+        float v = x[size_t(i) * D + j];
+        guess[j] = bias.empty() ? v * ratio[j] : (v - prev_bias[j]) * ratio[j] + bias[j];
+      }
       for (int x_e = 0; x_e < e; ++x_e) {
         float acc = 0;
-        for (size_t j = 0; j < D; ++j) acc += x[size_t(i) * D + j] * ratio[j] * router[size_t(x_e) * D + j];
+        for (size_t j = 0; j < D; ++j) acc += guess[j] * router[size_t(x_e) * D + j];
         logits[size_t(x_e)] = acc;
       }
       softmax(logits.data(), e, probs.data());

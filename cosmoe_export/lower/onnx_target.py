@@ -31,6 +31,14 @@ OPSET = 18
 MS_DOMAIN = "com.microsoft"
 
 
+# MatMulNBits' accuracy_level per integer scheme: the least precise compute ONNX Runtime may use
+# (1 fp32, 2 fp16, 3 bf16, 4 int8 with the activations quantized per block, as XNNPACK's 8da
+# kernels; absent, it dequantizes and multiplies in fp32). bench/onnx_accuracy.py measured
+# levels 0-4 for speed and parity (docs/LOWERING.md); the choice is in each program's precision
+# label (targets.py).
+ACCURACY_LEVEL = {"int4": 4, "int8": 4}
+
+
 def _matmul_nbits_block(w: QuantWeight) -> int:
     """MatMulNBits and GatherBlockQuantized need a power-of-two block of at least 16. int4 groups
     are 32/64/128 already; per-channel int8 (one scale per row) is expressed with the scale
@@ -49,7 +57,8 @@ def nbits_tensors(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, dict[str,
     packed = _offset_binary(F.pad(w.codes, (0, blocks * block - k)), bits)  # [N, Kb*bits/8], zero-code padding
     packed = packed.reshape(n, blocks, -1).contiguous()  # [N, blocks, blob]
     scales = w.scales if w.encoding.scheme == "int4" else w.scales.expand(n, blocks)  # [N, blocks]
-    return packed, scales.reshape(-1).float().contiguous(), {"K": k, "N": n, "bits": bits, "block_size": block}
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL[w.encoding.scheme]}
+    return packed, scales.reshape(-1).float().contiguous(), attrs
 
 
 def _offset_binary(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -73,13 +82,14 @@ def _unpack_blocks(packed: torch.Tensor, scales: torch.Tensor, rows: int, bits: 
 
 @torch.library.custom_op("cosmoe::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, bits: int,
-                 block: int) -> torch.Tensor:
-    """x [..., K] @ W.T -> [..., N] with W held as MatMulNBits' B and scales."""
+                 block: int, accuracy: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] with W held as MatMulNBits' B and scales (``accuracy``: the node's
+    accuracy_level, which only ONNX Runtime reads)."""
     return F.linear(x, _unpack_blocks(packed, scales, n, bits, block)[:, :k])
 
 
 @matmul_nbits.register_fake
-def _(x, packed, scales, k, n, bits, block):
+def _(x, packed, scales, k, n, bits, block, accuracy):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -109,7 +119,7 @@ def _contrib_schemas() -> None:
     schemas = [
         defs.OpSchema("MatMulNBits", MS_DOMAIN, 1, inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
                       outputs=[param("Y", "T1")], type_constraints=[("T1", floats, ""), ("T2", bytes_, "")],
-                      attributes=[attr(a, int_attr) for a in ("K", "N", "bits", "block_size")]),
+                      attributes=[attr(a, int_attr) for a in ("K", "N", "bits", "block_size", "accuracy_level")]),
         defs.OpSchema("GatherBlockQuantized", MS_DOMAIN, 1,
                       inputs=[param("data", "T1"), param("indices", "Tind"), param("scales", "T2")],
                       outputs=[param("output", "T2")],
@@ -127,8 +137,8 @@ def _translations() -> dict:
     _contrib_schemas()
     ms = onnxscript.values.Opset(MS_DOMAIN, 1)
 
-    def matmul(x, packed, scales, k: int, n: int, bits: int, block: int):
-        return ms.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block)
+    def matmul(x, packed, scales, k: int, n: int, bits: int, block: int, accuracy: int):
+        return ms.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy)
 
     def gather(data, ids, scales, bits: int, block: int):
         return ms.GatherBlockQuantized(data, ids, scales, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
@@ -148,7 +158,8 @@ class NBitsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attrs
-        y = matmul_nbits(x, self.B, self.scales, a["K"], a["N"], a["bits"], a["block_size"])  # [..., N]
+        y = matmul_nbits(x, self.B, self.scales, a["K"], a["N"], a["bits"], a["block_size"],
+                         a["accuracy_level"])  # [..., N]
         return y if self.bias is None else y + self.bias
 
 

@@ -51,8 +51,12 @@ def _et_precision(weights: dict[str, units.Weight]) -> str:
 
 
 def _onnx_precision(weights: dict[str, units.Weight]) -> str:
+    """matmulnbits-SCHEMES-accL: the integer schemes and MatMulNBits' accuracy_level (onnx_target)."""
     label = units.precision_label(weights)
-    return "fp32" if label == "fp32" else "matmulnbits-" + label
+    if label == "fp32":
+        return label
+    levels = sorted({onnx_target.ACCURACY_LEVEL[s] for s in label.split("+")})
+    return f"matmulnbits-{label}-acc" + "+".join(map(str, levels))
 
 
 def _swapped(unit: torch.nn.Module, tensors: dict[str, str], raw: dict[str, units.Weight]) -> dict[str, units.Weight]:

@@ -97,6 +97,18 @@ def make_hf_checkpoint(family: str, out: Path, *, layout: str = "per-expert", ma
     return out
 
 
+def add_tokenizer(ckpt: Path, text: Path, vocab_size: int = 300) -> Path:
+    """Give a tiny checkpoint a byte-level BPE tokenizer.json trained on ``text`` (ids < its vocab),
+    for the stages that read text: calibration, analyze."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(text)], trainers.BpeTrainer(vocab_size=vocab_size,
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(ckpt / "tokenizer.json"))
+    return ckpt
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     def make(family: str, **kw) -> Path:

@@ -26,6 +26,7 @@ from runtime_py.bundle import Bundle
 from runtime_py.config import expert_tensor_shapes, tensor_shapes
 from runtime_py.errors import FormatError
 from runtime_py.shards import read_file
+from tests.conftest import add_tokenizer
 from tests.cosmoe_export.training.test_train import make_tiny_checkpoint, write_corpus
 
 
@@ -375,3 +376,37 @@ def test_golden_manifest_records_and_shard_header(tmp_path):
               f'"{p}.up.weight":{{"dtype":"U8","shape":[128,32],"data_offsets":[8960,13056]}}}}')
     assert data[8:8 + n].decode().rstrip(" ") == header and n % 8 == 0
     assert len(data) == entry["bytes"] == 8 + n + 13056
+
+
+def test_gptq_and_mixed_precision_over_a_plan_with_dense_layers(hf_checkpoint, tmp_path):
+    """GLM-4-MoE with a dense layer 0: GPTQ rounds the dense MLP with the backbone (its Hessians from
+    the calibration walk) and the experts of the MoE layer only; --expert-bits auto decides for the
+    MoE layer's experts and records them by their layer."""
+    text = tmp_path / "calib.txt"
+    text.write_text("the router picks two experts for every token; a dense layer has none\n" * 60)
+    ckpt = add_tokenizer(hf_checkpoint("glm4_moe"), text)
+    out = tmp_path / "bundle"
+    assert run("-q", "split", ckpt, "-o", out).exit_code == 0
+    want = TorchRuntime(Bundle.open(out)).logits(torch.tensor([[5, 17, 99, 3, 250, 42]]))
+    gptq = tmp_path / "gptq"
+    r = run("-q", "quantize", out, "-o", gptq, "--expert-scheme", "int4", "--calibration", text)
+    assert r.exit_code == 0, r.output
+    bundle = Bundle.open(gptq)
+    assert bundle.quantization["rounding"] == "gptq" and set(bundle.experts) == {(1, e) for e in range(8)}
+    assert bundle.backbone.encodings()["layers.0.mlp.down.weight"].scheme == "int8"
+    got = TorchRuntime(bundle).logits(torch.tensor([[5, 17, 99, 3, 250, 42]]))
+    assert float((got - want).abs().max()) <= 0.75 * float(want.abs().max())
+    sizes = [sum(f.bytes for f in Bundle.open(run_quantize(out, tmp_path / s, s)).files) for s in ("int4", "int8")]
+    mp = tmp_path / "mp"
+    r = run("-q", "quantize", out, "-o", mp, "--expert-bits", "auto", "--calibration", text,
+            "--target-size", sum(sizes) // 2)
+    assert r.exit_code == 0, r.output
+    record = Bundle.open(mp).quantization["mixed_precision"]
+    assert {(x["layer"], x["expert"]) for x in record["experts"]} == {(1, e) for e in range(8)}
+    assert record["bundle_bytes"] <= sum(sizes) // 2
+
+
+def run_quantize(bundle: Path, out: Path, scheme: str) -> Path:
+    r = run("-q", "quantize", bundle, "-o", out, "--expert-scheme", scheme)
+    assert r.exit_code == 0, r.output
+    return out

@@ -15,6 +15,7 @@ from cosmoe_export.release import analyze
 from cosmoe_export.release.analyze import eq8_loads_per_token
 from cosmoe_export.release.cache_sim import belady_hits, hit_rate_curve, lru_hits, next_use
 from runtime_py.routing_metrics import delta_uniform, exrep, replacement_count
+from tests.conftest import add_tokenizer
 from tests.cosmoe_export.training.test_train import make_tiny_checkpoint, write_corpus
 
 
@@ -134,14 +135,10 @@ def test_analyze_errors(tmp_path):
 def test_analyze_reports_the_moe_layers_of_a_plan_with_dense_layers(hf_checkpoint, tmp_path):
     """Qwen3-MoE with a dense layer 0: the routing metrics are over the MoE layer only, and a
     selection map of the dense layer is refused in one line."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     ckpt = hf_checkpoint("qwen3_moe_dense")
     text = tmp_path / "t.txt"
     text.write_text("the router picks two experts for every token of the text\n" * 40)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train([str(text)], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(ckpt / "tokenizer.json"))
+    add_tokenizer(ckpt, text)
     out = tmp_path / "r.json"
     r = CliRunner().invoke(cli, ["analyze", str(ckpt), "--text", str(text), "--json", str(out),
                                  "--plots", str(tmp_path / "plots")])

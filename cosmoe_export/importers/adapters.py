@@ -49,7 +49,7 @@ class Adapter:
 
     def head_permutation(self, config: CosmoeConfig) -> list[int] | None:
         """The order of each q/k head's dims that puts the family's RoPE pairs in the bundle's
-        half-split layout (docs/MODELS.md), or None when they already are. Attention scores are
+        half-split layout (docs/FAMILIES.md), or None when they already are. Attention scores are
         dot products of q and k over a head, so permuting both alike changes no output."""
         return rope_permutation(config.head_size, config.rope_dims, self.interleaved_rope)
 
@@ -88,7 +88,7 @@ def rope_permutation(head_size: int, rope_dims: int, interleaved: bool) -> list[
 
 
 def _unsupported(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (docs/MODELS.md lists what each "
+    return CheckpointError(f"{path / 'config.json'}: {what} is not supported (docs/FAMILIES.md lists what each "
                            "family may use)")
 
 
@@ -108,8 +108,8 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
     n_heads = hf.num_attention_heads
     head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     rotary = None if partial == 1.0 else int(head * partial)  # as transformers' rope init computes it
-    return dict(rotary_dim=rotary,
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
+    return dict(
+        rotary_dim=rotary, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=n_heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(hf, "head_dim", None), num_experts_per_tok=getattr(hf, "num_experts_per_tok", None),
         rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(theta), rope_scaling=scaling,
@@ -152,12 +152,17 @@ def _sparse_step_plan(hf: Any, path: Path) -> dict[str, Any]:
     return _layer_plan(plan, hf, path, f"mlp_only_layers {sorted(only)} with decoder_sparse_step {step}")
 
 
+def _check_no_window(hf: Any, path: Path) -> None:
+    """A sliding window shorter than the context would change attention (Mixtral, Phi-MoE)."""
+    window = getattr(hf, "sliding_window", None)
+    if window is not None and window < hf.max_position_embeddings:
+        raise _unsupported(path, f"sliding_window {window}")
+
+
 @register("MixtralForCausalLM")
 class Mixtral(Adapter):
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        window = getattr(hf, "sliding_window", None)
-        if window is not None and window < hf.max_position_embeddings:
-            raise _unsupported(path, f"sliding_window {window}")
+        _check_no_window(hf, path)
         # Mixtral always renormalises its top-2 weights.
         return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, norm_topk_prob=True)
 
@@ -288,9 +293,7 @@ class Phimoe(Adapter):
     head, and sparsemixer top-2 routing at inference (modeling_phimoe.py)."""
 
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        window = getattr(hf, "sliding_window", None)
-        if window is not None and window < hf.max_position_embeddings:
-            raise _unsupported(path, f"sliding_window {window}")
+        _check_no_window(hf, path)
         bias = bool(getattr(hf, "attention_bias", False))
         return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, router="sparsemixer",
                     sparsemixer_eps=float(hf.router_jitter_noise), norm="layer",

@@ -101,13 +101,11 @@ def test_executorch_and_native_run_as_pytorch(executorch_family):
         assert got.metrics["expert_loads"] == want.metrics["expert_loads"], (family, policy)
 
 
-def test_native_softmax_router_with_a_score_bias(executorch_family, tmp_path):
+def test_native_softmax_router_with_a_score_bias(lowered_dense, tmp_path):
     """ERNIE's router (softmax, the bias for the choice only) in the C++ runner: the layer programs
     return raw logits, so the GLM bundle's programs serve with the manifest's router switched."""
     from runtime_py.native import NativeRunner
-    family, out = executorch_family
-    if family != "glm4_moe":
-        pytest.skip("only the GLM bundle has a score bias")
+    out = lowered_dense  # GLM, lowered to every target (tests/conftest.py)
     copy = tmp_path / "softmax"
     shutil.copytree(out, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

@@ -254,8 +254,10 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
 def _manifest(plan: _Plan, calib: _Calibration | None, nearest: list[str], mixed: dict | None) -> ManifestWriter:
     config, src = plan.config, plan.src
     schemes = {"experts": config.experts, "backbone": config.backbone}
+    # dense_mlp is recorded only for plans with dense layers, as the plan itself is (format v2): a
+    # quantized bundle of an all-MoE model keeps the manifest bytes it had before dense layers.
     roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
-             for role, s in ROLE_SCHEME.items()}
+             for role, s in ROLE_SCHEME.items() if role != "dense_mlp" or not plan.cfg.all_moe}
     quantization: dict = {"experts": config.experts, "backbone": config.backbone, "group_size": config.group_size,
                           "rounding": config.rounding, "roles": roles}
     if calib is not None:

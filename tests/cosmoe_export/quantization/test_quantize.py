@@ -394,6 +394,7 @@ def test_gptq_and_mixed_precision_over_a_plan_with_dense_layers(hf_checkpoint, t
     bundle = Bundle.open(gptq)
     assert bundle.quantization["rounding"] == "gptq" and set(bundle.experts) == {(1, e) for e in range(8)}
     assert bundle.backbone.encodings()["layers.0.mlp.down.weight"].scheme == "int8"
+    assert bundle.quantization["roles"]["dense_mlp"] == "int8"
     got = TorchRuntime(bundle).logits(torch.tensor([[5, 17, 99, 3, 250, 42]]))
     assert float((got - want).abs().max()) <= 0.75 * float(want.abs().max())
     sizes = [sum(f.bytes for f in Bundle.open(run_quantize(out, tmp_path / s, s)).files) for s in ("int4", "int8")]

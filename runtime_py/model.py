@@ -281,19 +281,17 @@ def shared_expert(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if moe.shared_gate is None else torch.sigmoid(moe.shared_gate(x)) * out
 
 
-class DenseMLP(nn.Module):
-    """A "dense" layer's FFN (Qwen3-MoE ``mlp_only_layers``): one SwiGLU MLP for every token, no
-    router. Same interface as MoE, with no router logits."""
+class DenseMLP(Expert):
+    """A "dense" layer's FFN (Qwen3-MoE ``mlp_only_layers``, ERNIE's and GLM's first layers): the
+    SwiGLU of an expert, of width dense_intermediate_size, for every token, no router. Same
+    interface as MoE, with no router logits."""
 
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
-        super().__init__()
-        d, f = config.hidden_size, config.dense_intermediate_size
-        self.gate, self.up, self.down = (nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False),
-                                         nn.Linear(f, d, bias=False))
+        super().__init__(config.hidden_size, config.dense_intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """x [N, D] -> (y [N, D], None)."""
-        return self.down(F.silu(self.gate(x)) * self.up(x)), None
+        return super().forward(x), None
 
 
 # FFN kind (runtime_py.config.FFN_KINDS) -> (the DecoderLayer attribute, which is the canonical

@@ -98,8 +98,7 @@ class ProgramEngine:
                           if key[0] != "expert"}
         files = sum(self.units[key].bytes for key in self._backbone)
         self.backbone_bytes = max(rss_bytes() - before, files)
-        self.routers = self._routers()
-        self.score_biases = self._score_biases()
+        self.routers, self.score_biases = self._routing_tensors()
         self.unit_bytes = self._measure_unit_bytes()
 
     # ---- units
@@ -119,28 +118,21 @@ class ProgramEngine:
         del held
         return max(grown, max(e.bytes for e in entries))
 
-    def _routers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Every MoE layer's (router weight [E, D], FFN norm weight [D], its bias [D] or None) fp32,
-        and every layer's norm (the guess divides by the previous layer's), for the prefetch guess
-        (routers and norms are never quantized), read from the backbone's tensors. Dense layers:
-        (None, norm, bias)."""
+    def _routing_tensors(self) -> tuple[dict[int, tuple], dict[int, torch.Tensor | None]]:
+        """From one read of the backbone (routers, norms and score biases are never quantized), fp32:
+        for the prefetch guess, every layer's (router weight [E, D] or None in a dense layer, FFN norm
+        weight [D], its bias [D] or None; the guess divides by the previous layer's norm); for
+        routing, each MoE layer's selection-only score bias [E] or None (runtime_py/routers.py)."""
         cfg = self.config
         bias = cfg.norm == "layer"  # a LayerNorm's bias enters the guess too (model.guess_logits)
         names = {i: (f"layers.{i}.moe.router.weight" if cfg.ffn_kind(i).routed else None, f"layers.{i}.ffn_norm.weight",
                      f"layers.{i}.ffn_norm.bias" if bias else None) for i in range(cfg.num_hidden_layers)}
+        scores = {i: f"layers.{i}.moe.score_bias" if cfg.score_bias else None for i in cfg.moe_layers}
+        wanted = [n for names_i in names.values() for n in names_i if n] + [n for n in scores.values() if n]
         state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
-                           names=[n for names_i in names.values() for n in names_i if n], check_hash=self.check_hash)
-        return {i: tuple(state[n] if n else None for n in names_i) for i, names_i in names.items()}
-
-    def _score_biases(self) -> dict[int, torch.Tensor | None]:
-        """Each MoE layer's selection-only score bias [E] fp32 (runtime_py/routers.py), or None."""
-        cfg = self.config
-        if not cfg.score_bias:
-            return dict.fromkeys(cfg.moe_layers)
-        names = {i: f"layers.{i}.moe.score_bias" for i in cfg.moe_layers}
-        state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
-                           names=list(names.values()), check_hash=self.check_hash)
-        return {i: state[n] for i, n in names.items()}
+                           names=wanted, check_hash=self.check_hash)
+        return ({i: tuple(state[n] if n else None for n in names_i) for i, names_i in names.items()},
+                {i: state[n] if n else None for i, n in scores.items()})
 
     def load_expert(self, layer: int, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
         program = self._open(self.units[("expert", layer, expert)])

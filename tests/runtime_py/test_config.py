@@ -61,11 +61,11 @@ def test_wd_expert_params_eq1():
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
-def test_presets_match_paper_table1_within_3pct(name):
+def test_presets_match_paper_table1_within_1pct(name):
     p = param_counts(PRESETS[name])
     active, total = PAPER_PARAMS[name]
-    assert abs(p.active / active - 1) < 0.03
-    assert abs(p.total / total - 1) < 0.03
+    assert abs(p.active / active - 1) < 0.01
+    assert abs(p.total / total - 1) < 0.01
 
 
 def test_an_all_moe_plan_is_no_plan():

@@ -25,7 +25,7 @@ from cosmoe_export.quantization.quant_config import (
 )
 from cosmoe_export.release import gates
 from runtime_py import format as fmt
-from runtime_py.backends import BACKENDS
+from runtime_py.backends import BACKENDS, TORCH_ACTIVATIONS
 from runtime_py.errors import CosmoeError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -114,6 +114,16 @@ def _budget_options(f: Any) -> Any:
                      help="Budget as backbone + N experts per layer.")(f)
     return click.option("--budget", default=None, metavar="SIZE",
                         help="Memory for backbone, KV cache and experts, e.g. 300MB (default: everything).")(f)
+
+
+def _torch_activations_option(default: str) -> Any:
+    """--torch-activations: run's default is the fast path, verify's the bundle's math (a device never
+    rounds activations to bf16, so verify's gates do not either)."""
+    return click.option("--torch-activations", type=click.Choice(TORCH_ACTIVATIONS), default=default,
+                        show_default=True,
+                        help="The torch backend's int kernels: bf16 (PyTorch's fast int8/int4 kernels round "
+                             "activations to bf16) or fp32 (the bundle's math exactly, integers still resident; "
+                             "slower). The other backends run their programs' kernels.")
 
 
 def _executor_options(f: Any) -> Any:
@@ -393,10 +403,11 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--check-hash", type=_Registry(_hash_checks), default="first", show_default=True,
               help="When to check an expert shard's sha256 against the manifest (its size is checked on every load).")
+@_torch_activations_option("bf16")
 @click.option("--json", "json_path", default=None, help="Write the metrics as JSON to this file ('-' for stdout).")
 def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, max_new_tokens: int,
         backend: str, budget: str | None, experts_per_layer: int | None, policy: str, temperature: float,
-        top_p: float, seed: int, check_hash: str, json_path: str | None) -> None:
+        top_p: float, seed: int, check_hash: str, torch_activations: str, json_path: str | None) -> None:
     """Generate text with BUNDLE the way a device would: the backbone resident and the routed experts
     loaded on demand under a memory budget. Text streams to stdout; the metrics (prefill, decode
     tokens/s, peak RSS, expert loads and load times, hit rate, ExRep, loads per token) print at the
@@ -446,7 +457,7 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
         out.flush()
 
     with open_runner(b, backend=backend, budget_bytes=_parse_budget(budget), experts_per_layer=experts_per_layer,
-                     policy=policy, check_hash=check_hash) as runner:
+                     policy=policy, check_hash=check_hash, torch_activations=torch_activations) as runner:
         runner.check_prompt(ids, max_new_tokens)  # refuse before printing anything
         if prompt is not None:
             click.echo(prompt, nl=False, file=out)
@@ -482,14 +493,18 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt reference checkpoints.")
 @_budget_options
+@_torch_activations_option("fp32")
 def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, new_tokens: int, text: Path | None,
            max_tokens: int | None, gate_specs: tuple[str, ...], json_path: str | None, allow_pickle: bool,
-           budget: str | None, experts_per_layer: int | None, policy: str) -> None:
+           budget: str | None, experts_per_layer: int | None, policy: str, torch_activations: str) -> None:
     """Run BUNDLE through the reference runtime and compare it with the reference model.
 
     A float bundle must match it (logits within 1e-4, same top-1 and greedy tokens). A quantized
-    bundle is measured against its float source on --text: mean KL divergence, perplexity, top-1
-    agreement, gated by default at docs/QUANTIZATION.md's targets for its precision.
+    bundle is measured against its float source on --text: KL divergence, perplexity ratio, top-1
+    agreement (llama.cpp's --kl-divergence statistics), gated by default at docs/QUANTIZATION.md's
+    targets for its precision; the bundle's own math (dequantized weights, fp32 activations) is
+    measured too, and each backend against it, so what the weights lose and what a kernel adds
+    show apart.
     Exit code 0 when every gate passes, 1 when a gate fails, 2 on bad input.
 
     \b
@@ -521,19 +536,30 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
     report = run_verify(bundle_path=bundle, reference=reference, backend=backend, new_tokens=new_tokens,
                         text=text, max_tokens=max_tokens, gates=overrides, allow_pickle=allow_pickle,
                         budget=_parse_budget(budget), experts_per_layer=experts_per_layer, policy=policy,
-                        progress=click.get_current_context().meta["progress"])
+                        torch_activations=torch_activations, progress=click.get_current_context().meta["progress"])
+    err = json_path == "-"
+    if "bundle_math" in report:
+        click.echo(f"bundle math (dequantized weights, fp32 activations): {_quality(report['bundle_math'])}", err=err)
     for r in report["results"]:
         status = "PASS" if r["passed"] else "FAIL"
-        extra = (f" kl_mean={r['kl_mean']:.4f} ppl={r['ppl']:.3f} ppl_ref={r['ppl_ref']:.3f} "
-                 f"({100 * r['ppl_increase']:+.2f} %)" if "kl_mean" in r else "")
+        quality = _quality(r) if "kl_mean" in r else f"top1_agreement={r['top1_agreement']:.3f}"
+        if "vs_bundle" in r:
+            v = r["vs_bundle"]
+            quality += f" | vs bundle math: top1_agreement={v['top1_agreement']:.4f} kl_mean={v['kl_mean']:.2e} |"
         click.echo(f"{r['backend']} {r['dtype']} ({r['precision']}): max_abs_logit_err={r['max_abs_logit_err']:.2e} "
-                   f"top1_agreement={r['top1_agreement']:.3f} greedy_match={r['greedy_match']:.3f}{extra} "
-                   f"expert_loads={r['expert_loads']} hit_rate={r['hit_rate']:.3f} "
-                   f"decode_tok_s={r['decode_tok_s'] or 0:.1f}  {status}", err=json_path == "-")
+                   f"greedy_match={r['greedy_match']:.3f} {quality} expert_loads={r['expert_loads']} "
+                   f"hit_rate={r['hit_rate']:.3f} decode_tok_s={r['decode_tok_s'] or 0:.1f}  {status}", err=err)
     _write_json(json_path, report)
     if not report["passed"]:
         click.echo("error: verify: a gate failed (see above)", err=True)
         sys.exit(1)
+
+
+def _quality(m: dict[str, Any]) -> str:
+    """One line of cosmoe_export/release/quality.py's statistics."""
+    return (f"top1_agreement={m['top1_agreement']:.4f}±{m['top1_agreement_stderr']:.4f} "
+            f"kl_mean={m['kl_mean']:.2e} kl_p99={m['kl_p99']:.2e} ppl={m['ppl']:.3f} ppl_ref={m['ppl_ref']:.3f} "
+            f"({100 * m['ppl_increase']:+.2f}±{100 * m['ppl_ratio_stderr']:.2f} %)")
 
 
 def _check_integrity(bundle: Path, json_path: str | None) -> None:

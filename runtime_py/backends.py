@@ -25,6 +25,9 @@ BACKENDS: dict[str, str | None] = {
     "onnxruntime": "onnx",
     "native": "executorch",
 }
+# The torch backend's int kernels take activations as (runtime_py/qlinear.py): "bf16", PyTorch's fast
+# int8/int4 kernels; "fp32", the bundle's math exactly. The program backends run their own kernels.
+TORCH_ACTIVATIONS = ("bf16", "fp32")
 NATIVE_BINARY = "cosmoe-run"
 NATIVE_ENV = "COSMOE_RUN"  # overrides where the native runner is
 

@@ -73,5 +73,6 @@ class Engine(Protocol):
         ...
 
 
-# Backend name -> engine: (bundle, check_hash (runtime_py.bundle.HASH_CHECKS), dispatch) -> Engine.
-EngineFactory = Callable[["Bundle", str, Dispatch], Engine]
+# Backend name -> engine: (bundle, check_hash (runtime_py.bundle.HASH_CHECKS), dispatch,
+# torch_activations (runtime_py/qlinear.py ACTIVATIONS; the PyTorch engine's only)) -> Engine.
+EngineFactory = Callable[["Bundle", str, Dispatch, str], Engine]

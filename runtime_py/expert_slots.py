@@ -50,8 +50,9 @@ class ExpertSlots:
     ``unit_bytes``: what one resident expert holds."""
 
     def __init__(self, bundle: Bundle, dtype: torch.dtype, check_hash: str = "first",
-                 int_kernels: bool = False) -> None:
+                 int_kernels: bool = False, activations: str = "bf16") -> None:
         self.bundle, self.dtype, self.config, self.check_hash = bundle, dtype, bundle.config, check_hash
+        self.activations = activations
         cfg = self.config
         first = bundle.experts[(cfg.moe_layers[0], 0)]  # layer 0 may be dense (no experts)
         shapes = {k.removeprefix("layers.0.moe.experts.0."): s for k, s in expert_tensor_shapes(cfg, 0, 0).items()}
@@ -63,14 +64,14 @@ class ExpertSlots:
         # (WD experts' low-rank factors, gate.left / gate.right, are parameters, not linears: dequantized.)
         self.kernel_names = {n for n, shape in shapes.items() if n.endswith(".weight") and n.count(".") == 1
                              and encodings
-                             and all(qlinear.kernel_for(shape, enc.get(n)) for enc in encodings)}
+                             and all(qlinear.kernel_for(shape, enc.get(n), activations) for enc in encodings)}
         # Raw slots: the shard's bytes are the parameters (float shard in the runtime's dtype).
         self.raw = not self.kernel_names and first.tensors is None \
             and first.dtype == str(dtype).removeprefix("torch.")
         # One unit size for the store: the largest expert (mixed int4/int8 experts are accounted as the
         # larger, so the budget holds whichever are resident).
         def resident(enc: dict[str, quant.Encoding]) -> int:
-            return sum(qlinear.kernel_for(s, enc[n]).resident_bytes(s, enc[n]) if n in self.kernel_names
+            return sum(qlinear.kernel_for(s, enc[n], activations).resident_bytes(s, enc[n]) if n in self.kernel_names
                        else torch.Size(s).numel() * dtype.itemsize for n, s in shapes.items())
         self.unit_bytes = max(resident(enc) for enc in encodings or [{}])
         self._free: list[ExpertSlot] = []
@@ -155,4 +156,5 @@ class ExpertSlots:
         return slot
 
     def _keep(self, prefix: str, name: str, shape: tuple[int, ...], enc: quant.Encoding):
-        return qlinear.kernel_for(shape, enc).build if name.removeprefix(prefix) in self.kernel_names else None
+        return (qlinear.kernel_for(shape, enc, self.activations).build if name.removeprefix(prefix) in self.kernel_names
+                else None)

@@ -13,6 +13,12 @@ makes the int4/int8 wearable bundle decode at 3.7x transformers (docs/BENCHMARKS
 rounded to bf16 on the way in and y returned in x's dtype: the only difference from the
 dequantized fp32 product is that rounding (relative 2^-9 per input) and the bf16 output (2^-9).
 
+That rounding is the PyTorch backend's alone (a device's kernels round activations their own way:
+XNNPACK's and ONNX Runtime's int8 activations), so it is a choice, ``ACTIVATIONS``: "bf16" is the
+fast path above, "fp32" the bundle's own math exactly, with the integers still resident (each call
+dequantizes its codes, as the exporter's reference does once at load: the same fp32 weights, the
+same product, bit for bit). verify gates the PyTorch backend on "fp32" (docs/QUANTIZATION.md).
+
 int4: the kernel takes offset-binary nibbles u = code + 8 and decodes (u - 8) * scale + zero, so our
 symmetric codes need zero = 0. It needs G in (32, 64, 128, 256) and N divisible by 16 (int8: K
 divisible by 16; tensors no kernel takes are dequantized instead). A short last group (K mod G != 0,
@@ -30,9 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime_py import quant
+from runtime_py.backends import TORCH_ACTIVATIONS
 from runtime_py.quant import Encoding
 
 ACT_DTYPE = torch.bfloat16  # what the int kernels are fast with
+ACTIVATIONS = TORCH_ACTIVATIONS  # "bf16": the int kernels above; "fp32": ExactLinear
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_N_MULTIPLE = 16
 # torch 2.13's _weight_int8pack_mm returns garbage (one token) or crashes (several) when K is not a
@@ -117,6 +125,30 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+class ExactLinear(nn.Module):
+    """y = x @ W.T in fp32 with W dequantized from the resident codes on every call: the bundle's math
+    (runtime_py.quant.dequantize, as the exporter's reference computes it) at the integers' memory."""
+
+    def __init__(self, stored: torch.Tensor, scale: torch.Tensor, enc: Encoding, k: int) -> None:
+        super().__init__()
+        self.stored, self.scale, self.enc = _owned(stored), _owned(scale), enc  # as the shard stores them
+        self.out_features, self.in_features = stored.shape[0], k
+
+    @staticmethod
+    def supports(shape: tuple[int, int], enc: Encoding) -> bool:
+        return True
+
+    @staticmethod
+    def resident_bytes(shape: tuple[int, int], enc: Encoding) -> int:
+        n, k = shape
+        return n * -(-k * enc.bits // 8) + n * -(-k // enc.group_size) * quant.SCALE_DTYPE.itemsize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> y [..., N] in x's dtype."""
+        w = quant.dequantize(self.stored, self.scale, self.enc, self.in_features)  # [N, K] fp32
+        return F.linear(x.float(), w).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Kernel:
     fits: Callable[[tuple[int, int], Encoding], bool]  # can a tensor of this shape run on it
@@ -130,9 +162,17 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def kernel_for(shape: tuple[int, ...], enc: Encoding | None) -> Kernel | None:
-    """The integer kernel for a 2-D tensor of ``shape`` under ``enc``, or None (dequantize instead)."""
-    if enc is None or not enc.quantized or len(shape) != 2 or enc.scheme not in KERNELS:
+EXACT = Kernel(ExactLinear.supports, ExactLinear, ExactLinear.resident_bytes)
+
+
+def kernel_for(shape: tuple[int, ...], enc: Encoding | None, activations: str = "bf16") -> Kernel | None:
+    """The integer kernel for a 2-D tensor of ``shape`` under ``enc`` with ``activations`` (ACTIVATIONS),
+    or None (dequantize instead)."""
+    if enc is None or not enc.quantized or len(shape) != 2:
+        return None
+    if activations == "fp32":
+        return EXACT
+    if enc.scheme not in KERNELS:
         return None
     kernel = KERNELS[enc.scheme]
     return kernel if kernel.fits(tuple(shape), enc) else None

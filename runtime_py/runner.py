@@ -45,20 +45,22 @@ PREFETCH_MIN_PROB = 0.3
 __all__ = ["BACKENDS", "ENGINES", "POLICIES", "Generation", "Runner", "check_prompt", "open_runner", "parse_size"]
 
 
-def _torch_engine(bundle: Bundle, check_hash: str, dispatch: Dispatch) -> Engine:
+def _torch_engine(bundle: Bundle, check_hash: str, dispatch: Dispatch, torch_activations: str) -> Engine:
     from runtime_py.torch_engine import TorchEngine
     # Integers stay integers, as on a device: resident bytes and speed are the quantized ones.
-    return TorchEngine(bundle, dispatch=dispatch, check_hash=check_hash, int_kernels=True)
+    return TorchEngine(bundle, dispatch=dispatch, check_hash=check_hash, int_kernels=True,
+                       activations=torch_activations)
 
 
 def _program_engine(backend: str) -> EngineFactory:
-    def make(bundle: Bundle, check_hash: str, dispatch: Dispatch) -> Engine:
+    def make(bundle: Bundle, check_hash: str, dispatch: Dispatch, torch_activations: str) -> Engine:
         from runtime_py.program_backend import ProgramEngine
+        # torch_activations is the PyTorch engine's: a program runs its own kernels.
         return ProgramEngine(bundle, backend, dispatch=dispatch, check_hash=check_hash)
     return make
 
 
-# Backend name -> engine factory (bundle, check_hash, dispatch), for the backends that run in this
+# Backend name -> engine factory (bundle, check_hash, dispatch, torch_activations), for the backends that run in this
 # process (every name of runtime_py.backends.BACKENDS but native; open_runner takes them all). Program
 # backends need `cosmoe-export lower`.
 ENGINES: dict[str, EngineFactory] = {
@@ -78,7 +80,7 @@ class Generation:
 class Runner:
     def __init__(self, bundle: Bundle, *, backend: str = "torch", budget_bytes: int | None = None,
                  experts_per_layer: int | None = None, policy: str = "lru", check_hash: str = "first",
-                 prefetch_min_prob: float = PREFETCH_MIN_PROB) -> None:
+                 prefetch_min_prob: float = PREFETCH_MIN_PROB, torch_activations: str = "bf16") -> None:
         if backend not in ENGINES:
             raise ConfigError(f"unknown backend {backend!r}; choose from {list(ENGINES)}")
         if policy not in POLICIES:
@@ -89,7 +91,7 @@ class Runner:
         self.bundle, self.config, self.backend, self.policy = bundle, bundle.config, backend, policy
         cfg = self.config
         # The dispatch runs through self.store, made below once the engine has measured its units.
-        self.engine: Engine = ENGINES[backend](bundle, check_hash, self._dispatch)
+        self.engine: Engine = ENGINES[backend](bundle, check_hash, self._dispatch, torch_activations)
         self.kv_bytes = self.engine.cache_bytes(cfg.max_position_embeddings)
         self.backbone_bytes = self.engine.backbone_bytes + self.kv_bytes
         self.expert_unit_bytes = self.engine.unit_bytes
@@ -261,9 +263,12 @@ def check_prompt(bundle: Bundle, prompt_ids: Sequence[int], max_new_tokens: int)
 def open_runner(bundle: Bundle, *, backend: str = "torch", **options: Any) -> Runner | NativeRunner:
     """A runner of ``bundle`` on any backend of runtime_py.backends.BACKENDS: Runner for the engines
     of this process, NativeRunner (runtime_py/native.py, the same interface) for the C++ runner.
-    ``options``: Runner's keywords (budget_bytes, experts_per_layer, policy, check_hash, prefetch_min_prob)."""
+    ``options``: Runner's keywords (budget_bytes, experts_per_layer, policy, check_hash, prefetch_min_prob,
+    torch_activations: the PyTorch engine's, runtime_py/qlinear.py ACTIVATIONS; the other backends run
+    their programs' kernels)."""
     if backend == "native":
         from runtime_py.native import NativeRunner
+        options.pop("torch_activations", None)
         return NativeRunner(bundle, **options)
     if backend not in ENGINES:
         raise ConfigError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")

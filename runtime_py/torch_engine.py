@@ -3,7 +3,8 @@ routed experts, the routed experts read on demand into slots (runtime_py/expert_
 
 The backbone is read once (runtime_py/shards.py), its sha256 checked unless ``check_hash`` is
 "never" (a tampered backbone must not run). With ``int_kernels`` its quantized linears and embedding
-keep their integers and run on PyTorch's int kernels (runtime_py/qlinear.py), as on a device;
+keep their integers and run on PyTorch's int kernels (runtime_py/qlinear.py), as on a device, with
+``activations`` (qlinear.ACTIVATIONS: the fast bf16 kernels, or the bundle's math exactly);
 otherwise they are dequantized to ``dtype`` when they load (the exact reference the exporter needs).
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from runtime_py import qlinear, quant
 from runtime_py.bundle import Bundle
 from runtime_py.config import backbone_shapes, kv_cache_bytes
+from runtime_py.errors import ConfigError
 from runtime_py.expert_slots import ExpertSlot, ExpertSlots
 from runtime_py.model import CosmoeForCausalLM, Dispatch, KVCache, guess_logits, rope_inv_freq
 from runtime_py.shards import read_shard
@@ -30,25 +32,27 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, bundle: Bundle, *, dispatch: Dispatch, dtype: torch.dtype = torch.float32,
-                 check_hash: str = "first", int_kernels: bool = False) -> None:
+                 check_hash: str = "first", int_kernels: bool = False, activations: str = "bf16") -> None:
+        if activations not in qlinear.ACTIVATIONS:
+            raise ConfigError(f"unknown activations {activations!r}; choose from {list(qlinear.ACTIVATIONS)}")
         self.bundle, self.config, self.dtype = bundle, bundle.config, dtype
         cfg = self.config
         with torch.device("meta"):
             model = CosmoeForCausalLM(cfg, with_experts=False)
-        keep = partial(_backbone_kernel, model, dtype) if int_kernels else None
+        keep = partial(_backbone_kernel, model, dtype, activations) if int_kernels else None
         # The backbone is read once per run, so "first" checks its sha256 here.
         state = read_shard(bundle, bundle.backbone, backbone_shapes(cfg), dtype=dtype, keep=keep, check_hash=check_hash)
         modules = {n: m for n, m in state.items() if isinstance(m, nn.Module)}
         for name, module in modules.items():
             qlinear.install(model, name, module)
         if isinstance(model.embed, qlinear.QuantEmbedding) and model.lm_head is None:
-            model.lm_head = _tied_head(model.embed)  # the tied head multiplies by the same integers
+            model.lm_head = _tied_head(model.embed, activations)  # the tied head multiplies by the same integers
         model.load_state_dict({n: t for n, t in state.items() if n not in modules}, assign=True, strict=True)
         model.inv_freq = rope_inv_freq(cfg)  # a buffer computed from the config, not stored
         self.model = model.eval()
         self.dispatch = dispatch
         self.backbone_bytes = _tensor_bytes(model)
-        self.experts = ExpertSlots(bundle, dtype, check_hash, int_kernels)
+        self.experts = ExpertSlots(bundle, dtype, check_hash, int_kernels, activations)
         self.unit_bytes = self.experts.unit_bytes
 
     @property
@@ -97,13 +101,13 @@ class TorchEngine:
         pass
 
 
-def _backbone_kernel(model: nn.Module, dtype: torch.dtype, name: str, shape: tuple[int, ...],
+def _backbone_kernel(model: nn.Module, dtype: torch.dtype, activations: str, name: str, shape: tuple[int, ...],
                      enc: quant.Encoding) -> Callable[..., nn.Module] | None:
     """The module that keeps backbone tensor ``name``'s integers, or None to dequantize it."""
     if name == "embed.weight":
         return partial(_quant_embedding, dtype=dtype)
     target = model.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
-    kernel = qlinear.kernel_for(shape, enc)
+    kernel = qlinear.kernel_for(shape, enc, activations)
     # A biased linear (Qwen2's q/k/v) stays float: the kernels have no bias input.
     if kernel is None or not isinstance(target, nn.Linear) or target.bias is not None:
         return None
@@ -115,10 +119,10 @@ def _quant_embedding(stored: torch.Tensor, scale: torch.Tensor, enc: quant.Encod
     return qlinear.QuantEmbedding(stored, scale, enc, k, dtype)
 
 
-def _tied_head(embed: qlinear.QuantEmbedding) -> nn.Module:
+def _tied_head(embed: qlinear.QuantEmbedding, activations: str) -> nn.Module:
     """The output projection on the embedding's own integers; dequantized if no kernel takes them."""
     shape = (embed.stored.shape[0], embed.dim)
-    kernel = qlinear.kernel_for(shape, embed.enc)
+    kernel = qlinear.kernel_for(shape, embed.enc, activations)
     if kernel is not None:
         return kernel.build(embed.stored, embed.scale, embed.enc, embed.dim)
     head = nn.Linear(embed.dim, shape[0], bias=False, device="meta")

@@ -198,10 +198,11 @@ class _Build:
         section.pop("gates")  # the build gates the stored measurements (run)
 
         def run(out: Path) -> None:
+            # One measure call: the reference runs once for all backends.
             result = measure(bundle_path=bundle, reference=reference, backend=list(v.backends),
                              new_tokens=v.new_tokens, text=text, max_tokens=v.max_tokens, budget=v.budget_bytes,
                              experts_per_layer=v.experts_per_layer, policy=v.policy,
-                             allow_pickle=self.recipe.source.allow_pickle)  # the reference runs once for all
+                             torch_activations=v.torch_activations, allow_pickle=self.recipe.source.allow_pickle)
             if text is not None:
                 result["text"] = {**result["text"], "file": "verify.txt", "sha256": text_sha}
             result["bundle"] = bundle.name

@@ -34,7 +34,7 @@ from cosmoe_export.executors import EXECUTORS, ExecutorConfig
 from cosmoe_export.importers.presets import get_preset
 from cosmoe_export.quantization.quant_config import Calibration, QuantConfig, QuantConfigError, Spelling
 from cosmoe_export.release import gates as gating
-from runtime_py.backends import BACKENDS
+from runtime_py.backends import BACKENDS, TORCH_ACTIVATIONS
 from runtime_py.format import DTYPE_ALIASES, PROGRAM_TARGETS
 from runtime_py.memory import parse_size
 from runtime_py.store import POLICIES
@@ -100,6 +100,9 @@ class VerifySection:
     budget: str | None = None
     experts_per_layer: int | None = None
     policy: str = "lru"
+    # The torch backend's int kernels (runtime_py.backends.TORCH_ACTIVATIONS): "fp32" gates the bundle's
+    # math, as no device rounds activations to bf16; "bf16" measures PyTorch's fast path instead.
+    torch_activations: str = "fp32"
     # Gate name -> threshold, or None ("off" in TOML): cosmoe_export/release/gates.py. Quality gates override
     # the defaults for the bundle's precision; runtime gates apply to every backend.
     gates: Mapping[str, float | None] = field(default_factory=dict)
@@ -177,7 +180,7 @@ def _schema() -> dict[str, Any]:
     s = json.loads(resources.files("cosmoe_export.release").joinpath("recipe.schema.json").read_text(encoding="utf-8"))
     defs = s["$defs"]
     for name, registry in (("dtype", DTYPE_ALIASES), ("target", PROGRAM_TARGETS), ("backend", BACKENDS),
-                           ("policy", POLICIES), ("executor", EXECUTORS)):
+                           ("policy", POLICIES), ("executor", EXECUTORS), ("activations", TORCH_ACTIVATIONS)):
         defs[name]["enum"] = list(registry)
     defs["threshold"]["anyOf"][1]["const"] = gating.OFF
     defs["gates"]["properties"] = {name: {"$ref": "#/$defs/threshold"} for name in gating.OPS}

@@ -18,7 +18,10 @@ from typing import Any
 REPORT_VERSION = 1
 # Which section of a backend's row each measured key belongs to (the rest stays out of the report).
 SECTIONS = {
-    "parity": ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "ppl", "ppl_ref", "ppl_increase"),
+    "parity": ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "ppl", "ppl_ref", "ppl_increase",
+               # cosmoe_export/release/quality.py's statistics, and what the kernels add to the bundle's math
+               "top1_agreement_stderr", "near_tie_share", "top1_agreement_decided", "kl_mean_stderr", "kl_median",
+               "kl_p99", "kl_max", "ppl_ratio", "ppl_ratio_stderr", "delta_p", "vs_bundle"),
     "runtime": ("prefill_ms", "decode_tok_s", "peak_rss_mb", "budget_bytes", "backbone_bytes", "expert_unit_bytes",
                 "resident_expert_bytes_max", "expert_load_ms_p50", "expert_load_ms_p95", "policy"),
     "offloading": ("exrep", "hit_rate", "loads_per_token", "expert_loads", "expert_bytes_loaded"),
@@ -50,7 +53,8 @@ def make_report(*, recipe: dict[str, Any], bundle: dict[str, Any], integrity: li
         "recipe": recipe,
         "bundle": {**bundle, "integrity": {"problems": integrity, "gate": integrity_gate}},
         "verify": {k: verify[k] for k in ("reference", "reference_kind", "prompts", "new_tokens", "text",
-                                          "budget", "experts_per_layer", "policy") if k in verify},
+                                          "budget", "experts_per_layer", "policy", "torch_activations",
+                                          "bundle_math") if k in verify},
         "thresholds": limits,
         "backends": rows,
         "routing": routing,
@@ -114,6 +118,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_get(p, 'max_abs_logit_err', '.2e')} | {_get(p, 'top1_agreement', '.4f')} | "
                      f"{_get(p, 'greedy_match', '.3f')} | {_get(p, 'kl_mean', '.5f')} | {_get(p, 'ppl', '.2f')} | "
                      f"{_get(p, 'ppl_ref', '.2f')} | {dppl} |")
+    lines += _quality_table(r)
     lines += ["", f"## Speed, memory and offloading (policy {r['verify'].get('policy', '—')}, "
               f"budget: {_budget(r['verify'])})", "",
               "| backend | budget MB | prefill ms | decode tok/s | peak RSS MB | expert MB max | load ms p50 / p95 | "
@@ -154,6 +159,30 @@ def markdown(report: dict[str, Any]) -> str:
     for name, s in r["stages"].items():
         lines.append(f"| {name} | {s['status']} | {s['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _quality_table(r: dict[str, Any]) -> list[str]:
+    """The text's statistics (cosmoe_export/release/quality.py), the bundle's math first: what the
+    weights lose, then each backend's kernels, and what those add to that math."""
+    rows = [("bundle math", r["verify"]["bundle_math"], None)] if "bundle_math" in r["verify"] else []
+    rows += [(row["backend"], row["parity"], row["parity"].get("vs_bundle")) for row in r["backends"]
+             if "kl_median" in row["parity"]]
+    if not rows:
+        return []
+    lines = ["", f"## Quality on the text (torch backend: {r['verify'].get('torch_activations', '—')} activations)", "",
+             "| run | top-1 | top-1 decided | near-ties | KL mean | KL median | KL p99 | KL max | PPL ratio | Δp mean "
+             "| Δp rms | Δp p1 / p99 | kernels vs bundle math: top-1 | KL mean |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for name, q, vs in rows:
+        dp = q["delta_p"]
+        lines.append(f"| {name} | {q['top1_agreement']:.4f} ± {q['top1_agreement_stderr']:.4f} | "
+                     f"{q['top1_agreement_decided']:.4f} | {100 * q['near_tie_share']:.1f} % | "
+                     f"{q['kl_mean']:.2e} ± {q['kl_mean_stderr']:.1e} | {q['kl_median']:.2e} | {q['kl_p99']:.2e} | "
+                     f"{q['kl_max']:.2e} | {q['ppl_ratio']:.4f} ± {q['ppl_ratio_stderr']:.4f} | "
+                     f"{100 * dp['mean']:+.3f} % | {100 * dp['rms']:.3f} % | "
+                     f"{100 * dp['p1']:+.2f} / {100 * dp['p99']:+.2f} % | "
+                     + (f"{vs['top1_agreement']:.4f} | {vs['kl_mean']:.2e} |" if vs else "— | — |"))
+    return lines
 
 
 def _get(d: dict[str, Any], key: str, fmt: str) -> str:

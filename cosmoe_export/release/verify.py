@@ -6,10 +6,18 @@ reference's weights are rounded to that precision first, so the gate measures th
 runtime, not the rounding the user asked for.
 
 A quantized bundle cannot match its float reference to 1e-4, by design; what matters is how much
-of the model's behaviour survives. With ``text`` verify also measures, over the text's windows,
-the mean KL divergence of the next-token distributions from the reference's (``kl_mean``, nats),
-both perplexities (``ppl``, ``ppl_ref``) and top-1 agreement; a quantized bundle is gated on those
-(cosmoe_export/release/gates.py: defaults by the bundle's precision, overridable gate by gate) and needs a text.
+of the model's behaviour survives. With ``text`` verify also measures, over the text's windows, the
+statistics of cosmoe_export/release/quality.py (KL divergence from the reference's next-token
+distributions, perplexities and their ratio, top-1 agreement, the top token's probability change);
+a quantized bundle is gated on those (cosmoe_export/release/gates.py: defaults by the bundle's
+precision, overridable gate by gate) and needs a text.
+
+Two sources of error are told apart for a quantized bundle. ``bundle_math`` is the bundle's own
+math (cosmoe_export/reference.TorchRuntime: dequantized weights, fp32 activations) against the
+reference: what the weights lose. Each backend's ``vs_bundle`` is its kernels against that math:
+what a kernel adds. The PyTorch backend runs the bundle's math exactly unless ``torch_activations``
+is "bf16" (its fast int kernels round activations to bf16, which no device does; the program
+backends' kernels are the device's and are measured as they are).
 
 ``measure`` runs the backends and the reference; ``verify`` measures and gates. ``build`` stores
 ``measure``'s numbers and gates them itself, so that a threshold change measures nothing again.
@@ -17,7 +25,6 @@ both perplexities (``ppl``, ``ppl_ref``) and top-1 agreement; a quantized bundle
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from tqdm import tqdm
 
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.importers.sources import Source, open_source
+from cosmoe_export.reference import TorchRuntime
 from cosmoe_export.release import gates as gating
+from cosmoe_export.release.quality import TextQuality
 from cosmoe_export.text import batches, encode_file, windows
 from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS as RUNTIME_BACKENDS
@@ -70,11 +79,12 @@ def verify(*, bundle_path: Path, reference: str, gates: dict[str, float | None] 
 def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] = "all", new_tokens: int = 32,
             text: Path | None = None, max_tokens: int | None = None, allow_pickle: bool = False,
             budget: int | None = None, experts_per_layer: int | None = None, policy: str = "lru",
-            progress: bool = False) -> dict[str, Any]:
+            torch_activations: str = "fp32", progress: bool = False) -> dict[str, Any]:
     """Parity and quality of every requested backend (a name, a list of them, or "all") against the
     reference, each run through the runtime under ``budget`` (or ``experts_per_layer``) with
     ``policy``; the runtime's metrics (speed, memory, expert loads, ExRep) of the last prompt's
-    generation go into each result. The reference runs once for all of them. No gates."""
+    generation go into each result. The reference runs once for all of them. No gates.
+    A quantized bundle's report also holds ``bundle_math`` and each result its ``vs_bundle``."""
     for name in [backend] if isinstance(backend, str) else backend:
         if name not in BACKENDS:
             raise CosmoeError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
@@ -96,14 +106,19 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
     results = []
     names = _backends(bundle, backend)
     windows_n = 0 if text_ids is None else len(batches(text_ids, bundle.config.vocab_size))
-    bar = tqdm(total=len(names) * (len(prompts) + windows_n), desc="verify", unit="step",
-               disable=not progress or None)  # None: off when stderr is not a terminal
+    math_model = TorchRuntime(bundle).logits if precision != "float" else None  # quantized bundles need a text
+    bar = tqdm(total=(len(names) + (math_model is not None)) * (len(prompts) + windows_n), desc="verify",
+               unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
+    bundle_math = None
+    if math_model is not None:
+        bar.set_postfix_str("bundle math")
+        bundle_math = _text_metrics(ref, math_model, text_ids, bundle.config.vocab_size, step=bar.update)[0]
     for name in names:
         bar.set_postfix_str(name)
         with open_runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
-                         policy=policy) as runner:
+                         policy=policy, torch_activations=torch_activations) as runner:
             results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision,
-                                    bar.update))
+                                    math_model, bar.update))
     bar.close()
     report = {
         "bundle": str(bundle_path),
@@ -115,6 +130,9 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
     }
     if text is not None:
         report["text"] = {"file": str(text), "tokens": int(text_ids.numel()), "windows": int(text_ids.shape[0])}
+    report["torch_activations"] = torch_activations
+    if bundle_math is not None:
+        report["bundle_math"] = bundle_math
     report["results"] = results
     return report
 
@@ -132,8 +150,10 @@ def _backends(bundle: Bundle, backend: str | Sequence[str]) -> list[str]:
 
 def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: torch.nn.Module,
              prompts: list[list[int]], new_tokens: int, text_ids: torch.Tensor | None, precision: str,
+             math_model: Callable[[torch.Tensor], torch.Tensor] | None,
              step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
-    """One backend's row of the report: parity on the prompts (and the text), its loads."""
+    """One backend's row of the report: parity on the prompts (and the text, also against the bundle's
+    math ``math_model`` when given), its loads."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
         for ids in prompts:
@@ -158,37 +178,37 @@ def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: 
     }
     if text_ids is not None:
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
-        result.update(_text_metrics(ref, runtime, text_ids, bundle.config.vocab_size, step))
+        quality, vs_bundle = _text_metrics(ref, runtime.logits, text_ids, bundle.config.vocab_size, math_model, step)
+        result.update(quality)
+        if vs_bundle is not None:
+            result["vs_bundle"] = {k: vs_bundle[k] for k in VS_BUNDLE}
     result.update({k: v for k, v in generation.metrics.items() if k != "backend"})
     return result
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model: Callable[[torch.Tensor], Any], ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def _text_metrics(ref: torch.nn.Module, runtime: Any, ids: torch.Tensor, vocab: int,
-                  step: Callable[[], Any] = lambda: None) -> dict[str, float]:
-    """ids [B, T] windows -> KL(ref || bundle) per position (mean, nats), top-1 agreement, perplexities."""
-    kl_sum, agree, positions, nll_ref, nll_got, predicted = 0.0, 0, 0, 0.0, 0.0, 0
+# What a backend's kernels add to the bundle's math, in its result's ``vs_bundle``.
+VS_BUNDLE = ("top1_agreement", "kl_mean", "kl_p99", "kl_max", "ppl_increase")
+
+
+def _text_metrics(ref: Callable[[torch.Tensor], Any], model: Callable[[torch.Tensor], Any], ids: torch.Tensor,
+                  vocab: int, math_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  step: Callable[[], Any] = lambda: None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """ids [B, T] windows -> (``model`` against ``ref``, ``model`` against ``math_model`` or None):
+    cosmoe_export/release/quality.py's statistics."""
+    quality, vs_math = TextQuality(), TextQuality() if math_model is not None else None
     with torch.inference_mode():
         for chunk in batches(ids, vocab):
             step()
-            b, t = chunk.shape
-            lp_ref = F.log_softmax(_logits(ref, chunk), -1)  # [b, T, V]
-            lp_got = F.log_softmax(runtime.logits(chunk), -1)  # [b, T, V]
-            kl_sum += float((lp_ref.exp() * (lp_ref - lp_got)).sum(-1).double().sum())
-            agree += int((lp_ref.argmax(-1) == lp_got.argmax(-1)).sum())
-            positions += b * t
-            if t > 1:
-                target = chunk[:, 1:, None]  # [b, T-1, 1]
-                nll_ref -= float(lp_ref[:, :-1].gather(-1, target).double().sum())
-                nll_got -= float(lp_got[:, :-1].gather(-1, target).double().sum())
-                predicted += b * (t - 1)
-    ppl, ppl_ref = math.exp(nll_got / max(1, predicted)), math.exp(nll_ref / max(1, predicted))
-    return {"top1_agreement": agree / positions, "kl_mean": kl_sum / positions, "ppl": ppl, "ppl_ref": ppl_ref,
-            "ppl_increase": ppl / ppl_ref - 1.0}
+            lp = F.log_softmax(_logits(model, chunk), -1)  # [b, T, V]
+            quality.add(F.log_softmax(_logits(ref, chunk), -1), lp, chunk)
+            if vs_math is not None:
+                vs_math.add(F.log_softmax(_logits(math_model, chunk), -1), lp, chunk)
+    return quality.summary(), None if vs_math is None else vs_math.summary()
 
 
 def _reference_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:

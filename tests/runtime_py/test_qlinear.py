@@ -15,7 +15,8 @@ from cosmoe_export.cli import cli
 from cosmoe_export.reference import TorchRuntime
 from runtime_py import quant
 from runtime_py.bundle import Bundle
-from runtime_py.qlinear import Int4Linear, Int8Linear, QuantEmbedding, kernel_for
+from runtime_py.errors import ConfigError
+from runtime_py.qlinear import ExactLinear, Int4Linear, Int8Linear, QuantEmbedding, kernel_for
 from runtime_py.runner import Runner
 from runtime_py.torch_engine import TorchEngine
 
@@ -109,6 +110,27 @@ def test_runner_keeps_integers_and_matches_the_dequantized_model(quantized_bundl
     floats = TorchEngine(bundle, dispatch=r._dispatch)  # measured, never run
     assert r.expert_unit_bytes * 3 < floats.unit_bytes
     assert r.engine.backbone_bytes * 2 < floats.backbone_bytes
+
+
+@pytest.mark.parametrize("which", ["q4", "q4-backbone"])
+def test_fp32_activations_run_the_bundle_math_bit_for_bit(quantized_bundles, which):
+    """torch_activations="fp32": the integers stay resident and every product is the exporter's
+    reference's (same dequantized weights, same fp32 product), so the logits are equal, not close."""
+    bundle = Bundle.open(quantized_bundles[which])
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 7, 61, 2, 300, 12]])
+    want = TorchRuntime(bundle).logits(ids)
+    with Runner(bundle, experts_per_layer=4, torch_activations="fp32") as r:
+        assert isinstance(r.engine.model.layers[0].attn.q, ExactLinear)
+        assert isinstance(r.engine.model.lm_head, ExactLinear)
+        assert torch.equal(r.logits(ids), want)
+        r.generate(ids[0].tolist(), 4)
+        slot = r.store.get(1, 3)
+        assert all(isinstance(getattr(slot.module, m), ExactLinear) for m in ("gate", "up", "down"))
+        assert sum(_tensor_bytes(getattr(slot.module, m)) for m in ("gate", "up", "down")) == r.expert_unit_bytes
+    floats = TorchEngine(bundle, dispatch=r._dispatch)  # measured, never run
+    assert r.expert_unit_bytes * 3 < floats.unit_bytes  # integers resident, as with the fast kernels
+    with pytest.raises(ConfigError, match="unknown activations 'fp16'"):
+        Runner(bundle, torch_activations="fp16")
 
 
 @pytest.mark.parametrize("offset", [0, 1, 8, 16])

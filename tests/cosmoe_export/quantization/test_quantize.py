@@ -88,6 +88,28 @@ def test_quantize_then_verify_each_scheme(tiny):
     assert kl["int8"] < kl["int4"]
 
 
+def test_verify_tells_the_bundle_math_from_the_kernels(tiny):
+    """bundle_math: dequantized weights in fp32 against the reference (what the weights lose); each
+    backend's vs_bundle: its kernels against that math (what they add). The torch backend runs the
+    bundle's math exactly by default, its bf16 fast path adds rounding."""
+    out = quantize(tiny, "q-math", "--expert-scheme", "int4", "--backbone-scheme", "int8")
+    gates = ("--gate", "top1_agreement=off", "--gate", "ppl_increase=off")
+    code, exact = verify(tiny, out, *gates)
+    assert code == 0 and exact["torch_activations"] == "fp32"
+    math_, r = exact["bundle_math"], exact["results"][0]
+    for key in ("top1_agreement", "top1_agreement_stderr", "near_tie_share", "top1_agreement_decided", "kl_mean",
+                "kl_mean_stderr", "kl_median", "kl_p99", "kl_max", "ppl", "ppl_ref", "ppl_ratio", "ppl_ratio_stderr",
+                "ppl_increase", "delta_p"):
+        assert key in math_ and key in r, key
+    assert 0 < math_["kl_mean"] == r["kl_mean"] and math_["kl_median"] <= math_["kl_p99"] <= math_["kl_max"]
+    assert r["vs_bundle"] == {"top1_agreement": 1.0, "kl_mean": 0.0, "kl_p99": 0.0, "kl_max": 0.0,
+                              "ppl_increase": 0.0}
+    code, fast = verify(tiny, out, *gates, "--torch-activations", "bf16")
+    f = fast["results"][0]
+    assert code == 0 and fast["torch_activations"] == "bf16" and fast["bundle_math"] == math_
+    assert f["vs_bundle"]["kl_mean"] > 0 and f["kl_mean"] != math_["kl_mean"]
+
+
 def test_scheme_none_is_a_float_bundle_and_passes_parity(tiny):
     out = quantize(tiny, "q-none", "--expert-scheme", "none", "--backbone-scheme", "none")
     code, report = verify(tiny, out)
@@ -95,6 +117,7 @@ def test_scheme_none_is_a_float_bundle_and_passes_parity(tiny):
     assert code == 0 and r["precision"] == "float" and r["max_abs_logit_err"] <= 1e-4
     assert set(r["gates"]) == {"max_abs_logit_err", "top1_agreement", "greedy_match"}
     assert r["kl_mean"] < 1e-6 and abs(r["ppl_increase"]) < 1e-6
+    assert "bundle_math" not in report and "vs_bundle" not in r  # a float bundle's math is the reference's
 
 
 def test_quality_gates_fail_with_exit_1_and_need_text(tiny):

@@ -41,3 +41,26 @@ def bles_loss(router_logits: torch.Tensor, top_k: int, tau: float = 1.0) -> torc
     l_sum = (w[:, 1:] - w[:, :-1]).abs().sum()  # Eq. 6: L = sum |W[t+1] - W[t]|
     l_norm = l_sum / (b * t)  # Eq. 6 normalised
     return h_norm * l_norm  # Eq. 7: the count scales the smooth, differentiable distance
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2.
+
+    ST-MoE adds it for numerical stability; here it is a lever because it keeps router logits
+    small, and large logits saturate the router softmax, through which the load-balancing and
+    BlES gradients reach the router. It names no expert: it sees a token's logits only through
+    their logsumexp.
+
+    router_logits [B, T, E] -> scalar
+    """
+    z = torch.logsumexp(router_logits.float(), dim=-1)  # [B, T]
+    return (z ** 2).mean()
+
+
+def linear_ramp(step: int, start: float, end: float, steps: int) -> float:
+    """Linear schedule: ``start`` at step 0, ``end`` from step ``steps`` on; ``steps <= 0`` means
+    ``end`` from the first step (no ramp). Returns ``end`` exactly once the ramp is over, so a
+    weight at the end of its ramp multiplies the loss by the very same float as a constant one."""
+    if steps <= 0 or step >= steps:
+        return end
+    return start + (end - start) * (step / steps)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cosmoe_export.training.losses import bles_loss, load_balancing_loss
+from cosmoe_export.training.losses import bles_loss, linear_ramp, load_balancing_loss, router_z_loss
 from runtime_py import format as fmt
 from runtime_py.config import CosmoeConfig
 from runtime_py.model import CosmoeForCausalLM, LowRankLinear
@@ -105,13 +105,26 @@ class TrainConfig:
     grad_clip: float = 1.0
     lb_weight: float = 0.01  # sequence-level load balancing, all variants
     bles_weight: float = 0.0  # BlES (CoSMoEs Eq. 7); only the bles variant may set it
-    bles_tau: float = 1.0
+    bles_tau: float = 1.0  # Eq. 2's softmax temperature, W = softmax(tau R), in the BlES loss only
+    # Levers added after the fixtures were trained. Their defaults leave the loss, and so the
+    # weights, bit-for-bit as before, and train_config_dict leaves them out of recipe.json.
+    z_weight: float = 0.0  # router z-loss (ST-MoE), all variants
+    bles_warmup: int = 0  # BlES weight ramps linearly from 0 to bles_weight over this many steps
+    lb_weight_end: float | None = None  # None: constant lb_weight; else linear lb_weight -> this over the run
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
         if self.bles_weight and self.variant != "bles":
             raise ValueError(f"--bles-weight applies to the bles variant only, not {self.variant!r}")
+        if self.bles_warmup and not self.bles_weight:
+            raise ValueError("--bles-warmup needs a BlES weight (bles variant)")
+        if self.bles_tau <= 0 or self.z_weight < 0 or self.bles_warmup < 0 or (self.lb_weight_end or 0) < 0:
+            raise ValueError("bles_tau must be > 0; z_weight, bles_warmup, lb_weight_end >= 0")
+
+
+# The later levers and the defaults under which they change nothing (see TrainConfig).
+LATER_LEVERS = {"z_weight": 0.0, "bles_warmup": 0, "lb_weight_end": None}
 
 
 @dataclass
@@ -157,18 +170,39 @@ def batches(ids: torch.Tensor, *, batch_size: int, context: int, seed: int):
         yield torch.stack([ids[s:s + context + 1] for s in starts.tolist()])  # [B, T+1]
 
 
-def losses(model: CosmoeForCausalLM, window: torch.Tensor, tc: TrainConfig) -> dict[str, torch.Tensor]:
-    """window [B, T+1] -> loss terms; the router terms are means over layers."""
+def lb_weight_at(step: int, tc: TrainConfig) -> float:
+    """The load-balancing weight at ``step``: constant, or linear from lb_weight at step 0 to
+    lb_weight_end at the last step (e.g. strong balance while the routers form, or balance that
+    grows while BlES pushes the routers towards the same experts)."""
+    if tc.lb_weight_end is None:
+        return tc.lb_weight  # the recipe's constant, untouched
+    return linear_ramp(step, tc.lb_weight, tc.lb_weight_end, tc.steps - 1)
+
+
+def bles_weight_at(step: int, tc: TrainConfig) -> float:
+    """The BlES weight at ``step``: 0 -> bles_weight linearly over bles_warmup steps, so the routers
+    first learn which experts suit which tokens before being asked to keep them; with no warm-up
+    the ramp is exactly 1.0 and the weight is bles_weight itself."""
+    return tc.bles_weight * linear_ramp(step, 0.0, 1.0, tc.bles_warmup)
+
+
+def losses(model: CosmoeForCausalLM, window: torch.Tensor, tc: TrainConfig,
+           step: int = 0) -> dict[str, torch.Tensor]:
+    """window [B, T+1] -> loss terms at training step ``step``; the router terms are means over layers."""
     top_k = model.config.num_experts_per_tok
     logits, router = model(window[:, :-1], return_router_logits=True)  # [B, T, V], L x [B, T, E]
     ce = F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
     lb = torch.stack([load_balancing_loss(r, top_k) for r in router]).mean()
     out = {"ce": ce, "lb": lb}
-    total = ce + tc.lb_weight * lb
+    total = ce + lb_weight_at(step, tc) * lb
     if tc.bles_weight:
         bl = torch.stack([bles_loss(r, top_k, tc.bles_tau) for r in router]).mean()
         out["bles"] = bl
-        total = total + tc.bles_weight * bl
+        total = total + bles_weight_at(step, tc) * bl
+    if tc.z_weight:  # skipped at 0: no extra graph, and no "z" key in the fixtures' logs
+        z = torch.stack([router_z_loss(r) for r in router]).mean()
+        out["z"] = z
+        total = total + tc.z_weight * z
     out["total"] = total
     return out
 
@@ -197,7 +231,7 @@ def train(config: CosmoeConfig, ids: torch.Tensor, tc: TrainConfig, *, log_every
     for step in range(tc.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
-        terms = losses(model, next(data), tc)
+        terms = losses(model, next(data), tc, step)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -233,4 +267,7 @@ def save_checkpoint(out: Path, model: CosmoeForCausalLM, tok, *, recipe: dict | 
 
 
 def train_config_dict(tc: TrainConfig) -> dict:
-    return dataclasses.asdict(tc)
+    """The config for recipe.json; the later levers only where set, so a rebuild of a committed
+    fixture writes the same recipe.json as before they existed."""
+    d = dataclasses.asdict(tc)
+    return {k: v for k, v in d.items() if k not in LATER_LEVERS or v != LATER_LEVERS[k]}

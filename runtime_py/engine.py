@@ -74,5 +74,5 @@ class Engine(Protocol):
 
 
 # Backend name -> engine: (bundle, check_hash (runtime_py.bundle.HASH_CHECKS), dispatch,
-# torch_activations (runtime_py/qlinear.py ACTIVATIONS; the PyTorch engine's only)) -> Engine.
+# torch_activations (runtime_py.backends.TORCH_ACTIVATIONS; the PyTorch engine's only)) -> Engine.
 EngineFactory = Callable[["Bundle", str, Dispatch, str], Engine]

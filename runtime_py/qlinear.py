@@ -14,7 +14,7 @@ rounded to bf16 on the way in and y returned in x's dtype: the only difference f
 dequantized fp32 product is that rounding (relative 2^-9 per input) and the bf16 output (2^-9).
 
 That rounding is the PyTorch backend's alone (a device's kernels round activations their own way:
-XNNPACK's and ONNX Runtime's int8 activations), so it is a choice, ``ACTIVATIONS``: "bf16" is the
+XNNPACK's and ONNX Runtime's int8 activations), so it is a choice, runtime_py.backends.TORCH_ACTIVATIONS: "bf16" is the
 fast path above, "fp32" the bundle's own math exactly, with the integers still resident (each call
 dequantizes its codes, as the exporter's reference does once at load: the same fp32 weights, the
 same product, bit for bit). verify gates the PyTorch backend on "fp32" (docs/QUANTIZATION.md).
@@ -36,11 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime_py import quant
-from runtime_py.backends import TORCH_ACTIVATIONS
 from runtime_py.quant import Encoding
 
 ACT_DTYPE = torch.bfloat16  # what the int kernels are fast with
-ACTIVATIONS = TORCH_ACTIVATIONS  # "bf16": the int kernels above; "fp32": ExactLinear
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_N_MULTIPLE = 16
 # torch 2.13's _weight_int8pack_mm returns garbage (one token) or crashes (several) when K is not a
@@ -166,7 +164,7 @@ EXACT = Kernel(ExactLinear.supports, ExactLinear, ExactLinear.resident_bytes)
 
 
 def kernel_for(shape: tuple[int, ...], enc: Encoding | None, activations: str = "bf16") -> Kernel | None:
-    """The integer kernel for a 2-D tensor of ``shape`` under ``enc`` with ``activations`` (ACTIVATIONS),
+    """The integer kernel for a 2-D tensor of ``shape`` under ``enc`` with ``activations`` (TORCH_ACTIVATIONS),
     or None (dequantize instead)."""
     if enc is None or not enc.quantized or len(shape) != 2:
         return None

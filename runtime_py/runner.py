@@ -264,7 +264,7 @@ def open_runner(bundle: Bundle, *, backend: str = "torch", **options: Any) -> Ru
     """A runner of ``bundle`` on any backend of runtime_py.backends.BACKENDS: Runner for the engines
     of this process, NativeRunner (runtime_py/native.py, the same interface) for the C++ runner.
     ``options``: Runner's keywords (budget_bytes, experts_per_layer, policy, check_hash, prefetch_min_prob,
-    torch_activations: the PyTorch engine's, runtime_py/qlinear.py ACTIVATIONS; the other backends run
+    torch_activations: the PyTorch engine's, runtime_py.backends.TORCH_ACTIVATIONS; the other backends run
     their programs' kernels)."""
     if backend == "native":
         from runtime_py.native import NativeRunner

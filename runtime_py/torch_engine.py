@@ -4,7 +4,7 @@ routed experts, the routed experts read on demand into slots (runtime_py/expert_
 The backbone is read once (runtime_py/shards.py), its sha256 checked unless ``check_hash`` is
 "never" (a tampered backbone must not run). With ``int_kernels`` its quantized linears and embedding
 keep their integers and run on PyTorch's int kernels (runtime_py/qlinear.py), as on a device, with
-``activations`` (qlinear.ACTIVATIONS: the fast bf16 kernels, or the bundle's math exactly);
+``activations`` (runtime_py.backends.TORCH_ACTIVATIONS: the fast bf16 kernels, or the bundle's math exactly);
 otherwise they are dequantized to ``dtype`` when they load (the exact reference the exporter needs).
 """
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from runtime_py import qlinear, quant
+from runtime_py.backends import TORCH_ACTIVATIONS
 from runtime_py.bundle import Bundle
 from runtime_py.config import backbone_shapes, kv_cache_bytes
 from runtime_py.errors import ConfigError
@@ -33,8 +34,8 @@ class TorchEngine:
 
     def __init__(self, bundle: Bundle, *, dispatch: Dispatch, dtype: torch.dtype = torch.float32,
                  check_hash: str = "first", int_kernels: bool = False, activations: str = "bf16") -> None:
-        if activations not in qlinear.ACTIVATIONS:
-            raise ConfigError(f"unknown activations {activations!r}; choose from {list(qlinear.ACTIVATIONS)}")
+        if activations not in TORCH_ACTIVATIONS:
+            raise ConfigError(f"unknown activations {activations!r}; choose from {list(TORCH_ACTIVATIONS)}")
         self.bundle, self.config, self.dtype = bundle, bundle.config, dtype
         cfg = self.config
         with torch.device("meta"):

@@ -37,7 +37,14 @@ ROUTERS = ("softmax", "sigmoid", "sparsemixer")
 # The decoder's norms (attention, FFN, final): RMSNorm, or LayerNorm with a bias (Phi-MoE). q/k
 # norms are RMSNorm in every family.
 NORMS = ("rms", "layer")
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "yarn")
+# How an expert's gate and up projections combine (runtime_py/model.py EXPERT_ACTS has the math):
+# SwiGLU, or gpt-oss's clamped SwiGLU (gate clamped above, up both ways at swiglu_limit;
+# (up + 1) * gate * sigmoid(swiglu_alpha * gate)).
+EXPERT_ACTS = ("silu", "clamped_swiglu")
+# Per-layer token mixers by the name the manifest's ``layer_mixers`` uses: full causal attention, or
+# causal attention over the last ``sliding_window`` positions (gpt-oss's sliding_attention layers).
+MIXER_KINDS = ("full", "sliding")
 # Keys HF writes into every config.json that carry no model information.
 _IGNORED_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
 # A model past this many parameters would not fit any machine this tool targets; refusing it early
@@ -66,6 +73,8 @@ def _moe_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     config has one (with its sigmoid gate [1, D] in Qwen2-MoE)."""
     d, pre = config.hidden_size, f"layers.{layer}.moe"
     s: dict[str, tuple[int, ...]] = {f"{pre}.router.weight": (config.num_experts, d)}
+    if config.router_bias:
+        s[f"{pre}.router.bias"] = (config.num_experts,)
     if config.score_bias:
         s[f"{pre}.score_bias"] = (config.num_experts,)
     if config.shared_expert_intermediate_size:
@@ -90,6 +99,7 @@ FFN_KINDS: dict[str, FfnKind] = {k.name: k for k in (
     FfnKind("dense", routed=False, shapes=_dense_shapes),
 )}
 DEFAULT_FFN = "moe"
+DEFAULT_MIXER = "full"
 # Fields a v1 manifest never has: written only when not at their default, so a bundle of the four
 # v1 families keeps its v1 bytes (runtime_py/format.py format_version_for): the layer plan and the
 # knobs of the families added with it.
@@ -152,16 +162,37 @@ class CosmoeConfig:
     logits_scaling: float = 1.0
     norm: str = "rms"  # NORMS; "layer" adds a bias [D] to each of the decoder's norms
     lm_head_bias: bool = False  # a bias [V] on the output head (Phi-MoE lm_head_bias)
+    # gpt-oss. The token-mixer plan: one MIXER_KINDS name per layer, None meaning "full" everywhere
+    # (stored as None when all are full, like layer_ffns); "sliding" layers attend to the last
+    # sliding_window positions (the query's own included).
+    layer_mixers: tuple[str, ...] | None = None
+    sliding_window: int = 0
+    # A learned logit per query head [H] that joins every softmax over the keys and is dropped after
+    # it (tensor layers.L.attn.sinks): attention may put weight on "nothing".
+    attention_sinks: bool = False
+    router_bias: bool = False  # a bias [E] on the router's logits (layers.L.moe.router.bias)
+    expert_bias: bool = False  # biases on each routed expert's gate [F], up [F] and down [D]
+    expert_act: str = "silu"  # EXPERT_ACTS
+    swiglu_alpha: float = 1.702  # clamped_swiglu only
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
-        plan = self.layer_ffns
-        if isinstance(plan, (list, tuple)):
-            plan = None if plan and all(k == DEFAULT_FFN for k in plan) else tuple(plan)
-            object.__setattr__(self, "layer_ffns", plan)
+        for name, default in (("layer_ffns", DEFAULT_FFN), ("layer_mixers", DEFAULT_MIXER)):
+            plan = getattr(self, name)
+            if isinstance(plan, (list, tuple)):
+                plan = None if plan and all(k == default for k in plan) else tuple(plan)
+                object.__setattr__(self, name, plan)
 
     # ---- the layer plan ------------------------------------------------------------------------
     def ffn_kind(self, layer: int) -> FfnKind:
         return FFN_KINDS[self.layer_ffns[layer] if self.layer_ffns is not None else DEFAULT_FFN]
+
+    def mixer(self, layer: int) -> str:
+        return self.layer_mixers[layer] if self.layer_mixers is not None else DEFAULT_MIXER
+
+    def window(self, layer: int) -> int | None:
+        """How many positions (the query's own included) layer ``layer`` attends to; None: all."""
+        return self.sliding_window if self.mixer(layer) == "sliding" else None
 
     @functools.cached_property  # the runner asks at every layer of every token
     def moe_layers(self) -> tuple[int, ...]:
@@ -190,8 +221,9 @@ class CosmoeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in V2_FIELDS or getattr(self, f.name) != f.default}
-        if "layer_ffns" in d:
-            d["layer_ffns"] = list(d["layer_ffns"])
+        for name in ("layer_ffns", "layer_mixers"):
+            if name in d:
+                d[name] = list(d[name])
         return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **d}
 
     @classmethod
@@ -243,7 +275,7 @@ class CosmoeConfig:
         ints_ok &= plan_ok
         ints_ok &= all([positive_int(n, getattr(self, n)) for n in ("n_group", "topk_group")])
         for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings", "score_bias",
-                     "shared_expert_gate", "lm_head_bias"):
+                     "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.expert_kind not in EXPERT_KINDS:
@@ -260,6 +292,16 @@ class CosmoeConfig:
             p.append("router 'sparsemixer' picks exactly 2 experts, without score bias or groups")
         if not _is_number(self.sparsemixer_eps) or self.sparsemixer_eps < 0:
             p.append(f"sparsemixer_eps must be a number >= 0, got {self.sparsemixer_eps!r}")
+        if self.expert_act not in EXPERT_ACTS:
+            p.append(f"expert_act must be one of {list(EXPERT_ACTS)}, got {self.expert_act!r}")
+        if self.expert_act != "silu" and self.expert_kind != "standard":
+            p.append(f"expert_act {self.expert_act!r} needs standard experts")
+        if self.expert_bias is True and self.expert_kind != "standard":
+            p.append("expert_bias needs standard experts")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                p.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        p.extend(self._mixer_problems())
         if self.norm not in NORMS:
             p.append(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.lm_head_bias is True and self.tie_word_embeddings is True:
@@ -309,6 +351,24 @@ class CosmoeConfig:
         if p:
             raise ConfigError(f"{source}: " + "; ".join(p))
 
+    def _mixer_problems(self) -> list[str]:
+        plan, n, w = self.layer_mixers, self.num_hidden_layers, self.sliding_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            return [f"sliding_window must be an integer >= 0, got {w!r}"]
+        if plan is None:
+            return []
+        if not isinstance(plan, tuple) or not all(isinstance(k, str) for k in plan):
+            return [f"layer_mixers must be a list of token mixers, got {plan!r}"]
+        p = []
+        if isinstance(n, int) and len(plan) != n:
+            p.append(f"layer_mixers lists {len(plan)} layers, num_hidden_layers is {n}")
+        unknown = sorted(set(plan) - set(MIXER_KINDS))
+        if unknown:
+            p.append(f"layer_mixers has unknown kinds {unknown}; known: {list(MIXER_KINDS)}")
+        if "sliding" in plan and not w:
+            p.append("layer_mixers has 'sliding' layers but sliding_window is 0")
+        return p
+
     def _plan_problems(self, p: list[str]) -> bool:
         """Append the layer plan's problems to ``p``; True when the plan can be used."""
         plan = self.layer_ffns
@@ -354,6 +414,11 @@ def _rope_problems(rope: Any) -> list[str]:
             return [f"rope_scaling (llama3) needs positive numbers for {bad}"]
         if rope["high_freq_factor"] <= rope["low_freq_factor"]:
             return ["rope_scaling: high_freq_factor must exceed low_freq_factor"]
+    if kind == "yarn":
+        keys = ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings", "attention_factor")
+        bad = [k for k in keys if not _is_number(rope.get(k)) or not rope.get(k) > 0]
+        if bad or not isinstance(rope.get("truncate"), bool):
+            return [f"rope_scaling (yarn) needs positive numbers for {bad or list(keys)} and truncate true or false"]
     return []
 
 
@@ -368,7 +433,10 @@ def expert_tensor_shapes(config: CosmoeConfig, layer: int, expert: int) -> dict[
     prefix = f"layers.{layer}.moe.experts.{expert}"
     mats = {"gate": (f, d), "up": (f, d), "down": (d, f)}
     if config.expert_kind == "standard":
-        return {f"{prefix}.{m}.weight": shape for m, shape in mats.items()}
+        out = {f"{prefix}.{m}.weight": shape for m, shape in mats.items()}
+        if config.expert_bias:  # gpt-oss: after the matrices, in the order of their names
+            out.update({f"{prefix}.{m}.bias": (shape[0],) for m, shape in mats.items()})
+        return out
     out = {}
     for m, (n, k) in mats.items():
         out[f"{prefix}.{m}.left"] = (n, r)
@@ -393,6 +461,8 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
         s.update({f"{pre}.attn.q.bias": (q_out,), f"{pre}.attn.k.bias": (kv_out,), f"{pre}.attn.v.bias": (kv_out,)})
     if config.attention_out_bias:
         s[f"{pre}.attn.o.bias"] = (d,)
+    if config.attention_sinks:
+        s[f"{pre}.attn.sinks"] = (config.num_attention_heads,)
     if config.qk_norm in ("head", "head_after_rope"):
         s.update({f"{pre}.attn.q_norm.weight": (hd,), f"{pre}.attn.k_norm.weight": (hd,)})
     elif config.qk_norm == "full":

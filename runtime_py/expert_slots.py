@@ -28,7 +28,7 @@ from runtime_py import qlinear, quant
 from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import expert_tensor_shapes
 from runtime_py.errors import IntegrityError
-from runtime_py.model import Expert
+from runtime_py.model import Expert, routed_expert
 from runtime_py.safetensors_header import Header, header_length, parse_header
 from runtime_py.shards import check_tensors, decode, tensor_views
 
@@ -62,8 +62,9 @@ class ExpertSlots:
                       for k, e in (entry.encodings() or {}).items()}
                      for entry in bundle.experts.values()] if int_kernels else []
         # (WD experts' low-rank factors, gate.left / gate.right, are parameters, not linears: dequantized.)
+        # A biased linear (gpt-oss's experts) stays float: the kernels have no bias input.
         self.kernel_names = {n for n, shape in shapes.items() if n.endswith(".weight") and n.count(".") == 1
-                             and encodings
+                             and n.replace(".weight", ".bias") not in shapes and encodings
                              and all(qlinear.kernel_for(shape, enc.get(n), activations) for enc in encodings)}
         # Raw slots: the shard's bytes are the parameters (float shard in the runtime's dtype).
         self.raw = not self.kernel_names and first.tensors is None \
@@ -83,7 +84,7 @@ class ExpertSlots:
         cfg = self.config
         prefix = f"layers.{layer}.moe.experts.{expert}."
         with torch.device("meta"):
-            module = Expert(cfg.hidden_size, cfg.intermediate_size, cfg.expert_kind, cfg.rank)
+            module = routed_expert(cfg)
         if self.raw:
             buf = torch.empty(header.file_size - header.data_offset, dtype=torch.uint8)
             params = {k.removeprefix(prefix): v for k, v in tensor_views(buf, header, where).items()}

@@ -32,9 +32,10 @@ LAYER_PLAN_KEY = "layer_ffns"  # runtime_py.config.CosmoeConfig.layer_ffns
 V2_MODEL_KEYS = (LAYER_PLAN_KEY, "dense_intermediate_size", "router", "score_bias", "n_group", "topk_group",
                  "routed_scaling_factor", "shared_expert_gate", "rotary_dim", "embedding_multiplier",
                  "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps", "norm",
-                 "lm_head_bias")
+                 "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
+                 "expert_act", "swiglu_alpha", "swiglu_limit")
 # And values of v1 keys that a v1 reader does not know.
-V2_MODEL_VALUES = {"qk_norm": ("head_after_rope",)}
+V2_MODEL_VALUES = {"qk_norm": ("head_after_rope",)}  # (rope_scaling "yarn" only comes with gpt-oss's v2 keys)
 MANIFEST_NAME = "manifest.json"
 QUANTIZATION_KEY = "quantization"  # present only in quantized bundles
 BACKBONE_PATH = "backbone.safetensors"

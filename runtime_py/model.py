@@ -61,7 +61,10 @@ def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
 def _scaled_inv_freq(config: CosmoeConfig, dim: int) -> torch.Tensor:
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rope = config.rope_scaling
-    if not rope or rope.get("rope_type", "default") == "default":
+    kind = (rope or {}).get("rope_type", "default")
+    if kind == "yarn":
+        return _yarn_inv_freq(config, dim)
+    if kind == "default":
         return inv_freq
     # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
     factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
@@ -75,11 +78,66 @@ def _scaled_inv_freq(config: CosmoeConfig, dim: int) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _yarn_inv_freq(config: CosmoeConfig, dim: int) -> torch.Tensor:
+    """YaRN (Peng et al., 2023; gpt-oss): frequencies interpolated by `factor` below the correction
+    range, kept above it, a linear ramp between; as transformers' _compute_yarn_parameters."""
+    rope, base = config.rope_scaling, config.rope_theta
+    factor, old_ctx = rope["factor"], rope["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength turns `rotations` times in old_ctx
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope["beta_fast"]), correction_dim(rope["beta_slow"])
+    if rope["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+
+
+def rope_attention_factor(config: CosmoeConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention factor (stored in rope_scaling at
+    import, as transformers derives it), else 1."""
+    rope = config.rope_scaling or {}
+    return float(rope["attention_factor"]) if rope.get("rope_type") == "yarn" else 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, Dh] for positions [T], times ``scale`` (rope_attention_factor)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
+
+
+def window_mask(t: int, s: int, window: int | None, offset: int = 0) -> torch.Tensor:
+    """Which of S keys each of T queries may see, bool [T, S]: query i is at position offset + i and
+    key j at position j; causal, and within the last ``window`` positions when one is given."""
+    q = torch.arange(t)[:, None] + offset  # [T, 1]
+    k = torch.arange(s)[None, :]  # [1, S]
+    seen = k <= q
+    return seen if window is None else seen & (q - k < window)
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """Attention whose softmax has one more logit per head, dropped after it (gpt-oss's sinks, as
+    transformers' eager_attention_forward): q [B, H, T, Dh], k and v [B, H, S, Dh] (kv heads
+    repeated), additive mask [T, S], sinks [H] -> [B, H, T, Dh]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = q @ k.transpose(-1, -2) * scale + mask  # [B, H, T, S]
+    sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(logits.dtype)  # [B, H, T, 1]
+    combined = torch.cat([logits, sink], dim=-1)  # [B, H, T, S+1]
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(combined, dim=-1)[..., :-1]  # [B, H, T, S]
+    return probs.to(v.dtype) @ v
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +170,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: CosmoeConfig) -> None:
+    def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
+        self.window = config.window(layer)  # None: full attention
         d, hd = config.hidden_size, config.head_size
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.q = nn.Linear(d, self.n_heads * hd, bias=config.attention_bias)
@@ -128,6 +187,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.n_kv * hd, config.rms_norm_eps)
         self.clip_qkv = config.clip_qkv
         self.scale = config.attention_multiplier  # None: SDPA's 1 / sqrt(Dh)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if config.attention_sinks else None
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,10 +220,16 @@ class Attention(nn.Module):
             cache.v[:, :, pos:pos + t] = v
             k, v = cache.k[:, :, :pos + t], cache.v[:, :, :pos + t]  # [B, G, S, Dh]
         s = k.shape[2]
-        # Query i sits at absolute position pos+i and sees keys 0..pos+i.
-        mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)  # [T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
-                                             scale=self.scale)
+        # Query i sits at absolute position s-t+i and sees keys 0..s-t+i (the last `window` of them).
+        mask = window_mask(t, s, self.window, offset=s - t)  # [T, S]
+        if self.sinks is not None:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, Dh]
+            additive = torch.zeros(t, s, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            out = sink_attention(q, k, v, additive, self.scale, self.sinks)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                                 scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B, T, D]
 
 
@@ -181,20 +247,53 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.right), self.left)
 
 
-class Expert(nn.Module):
-    """SwiGLU FFN: down(silu(gate(x)) * up(x)); standard or weight-decomposed matrices."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
-    def __init__(self, dim: int, ffn: int, kind: str = "standard", rank: int = 0) -> None:
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's activation (modeling_gpt_oss.py GptOssExperts._apply_gate): gate clamped above and
+    up both ways at ``limit``, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+# config.expert_act -> (config -> act(gate [N, F], up [N, F]) -> [N, F]).
+EXPERT_ACTS: dict[str, Callable[[CosmoeConfig], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "silu": lambda config: swiglu,
+    "clamped_swiglu": lambda config: ClampedSwiGLU(config.swiglu_alpha, config.swiglu_limit),
+}
+
+
+class Expert(nn.Module):
+    """Gated FFN: down(act(gate(x), up(x))), SwiGLU by default; standard or weight-decomposed
+    matrices; biases on all three where the family has them (gpt-oss)."""
+
+    def __init__(self, dim: int, ffn: int, kind: str = "standard", rank: int = 0, bias: bool = False,
+                 act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu) -> None:
         super().__init__()
         if kind == "wd":
             self.gate, self.up, self.down = (LowRankLinear(dim, ffn, rank), LowRankLinear(dim, ffn, rank),
                                              LowRankLinear(ffn, dim, rank))
         else:
-            self.gate, self.up, self.down = (nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False),
-                                             nn.Linear(ffn, dim, bias=False))
+            self.gate, self.up, self.down = (nn.Linear(dim, ffn, bias=bias), nn.Linear(dim, ffn, bias=bias),
+                                             nn.Linear(ffn, dim, bias=bias))
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.gate(x), self.up(x)))
+
+
+def routed_expert(config: CosmoeConfig) -> Expert:
+    """One routed expert as the config describes it (kind, rank, biases, activation)."""
+    return Expert(config.hidden_size, config.intermediate_size, config.expert_kind, config.rank,
+                  bias=config.expert_bias, act=EXPERT_ACTS[config.expert_act](config))
 
 
 # Something that returns the module of expert e: an nn.ModuleList, or the runtime's lazy store.
@@ -226,7 +325,8 @@ def dispatch_experts(lookup: ExpertLookup, x: torch.Tensor, weights: torch.Tenso
 
 
 def guess_logits(router: torch.Tensor, norm: torch.Tensor, prev_norm: torch.Tensor, x_prev: torch.Tensor,
-                 bias: torch.Tensor | None = None, prev_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, prev_bias: torch.Tensor | None = None,
+                 router_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Layer l's router logits guessed from layer l-1's MoE input x_prev [N, D] -> [N, E].
 
     mixtral-offloading's speculative guess: the hidden state changes little from one layer to the
@@ -238,7 +338,8 @@ def guess_logits(router: torch.Tensor, norm: torch.Tensor, prev_norm: torch.Tens
     ratio = norm.float() / torch.where(prev_norm.abs() < 1e-6, 1e-6, prev_norm.float())  # [D]
     x = x_prev.float() if prev_bias is None else x_prev.float() - prev_bias.float()
     x = x * ratio if bias is None else x * ratio + bias.float()
-    return x @ router.float().T  # [N, E]
+    logits = x @ router.float().T  # [N, E]
+    return logits if router_bias is None else logits + router_bias.float()
 
 
 class MoE(nn.Module):
@@ -246,12 +347,11 @@ class MoE(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.layer, self.config = layer, config
-        self.router = nn.Linear(d, config.num_experts, bias=False)
+        self.router = nn.Linear(d, config.num_experts, bias=config.router_bias)
         # The selection-only bias (runtime_py/routers.py), canonical name layers.L.moe.score_bias.
         self.score_bias = nn.Parameter(torch.zeros(config.num_experts)) if config.score_bias else None
         if experts is None:
-            experts = [Expert(d, config.intermediate_size, config.expert_kind, config.rank)
-                       for _ in range(config.num_experts)]
+            experts = [routed_expert(config) for _ in range(config.num_experts)]
         self.experts = nn.ModuleList(experts)
         self.expert_lookup: ExpertLookup = self.experts.__getitem__
         fs = config.shared_expert_intermediate_size
@@ -306,7 +406,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.ffn_norm = decoder_norm(config)
         attr, module = FFN_MODULES[config.ffn_kind(layer).name]
         setattr(self, attr, module(config, layer, experts))
@@ -367,7 +467,8 @@ class CosmoeForCausalLM(nn.Module):
         if cache is not None and pos + t > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + t} requested")
         x = scale_embeddings(self.embed(ids), self.config)  # [B, T, D]
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), x.dtype)  # [T, Dh] x2
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), x.dtype,
+                                rope_attention_factor(self.config))  # [T, Dh] x2
         router_logits = []
         for i, layer in enumerate(self.layers):
             x, logits = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)

@@ -19,7 +19,7 @@ from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import backbone_shapes, kv_cache_bytes
 from runtime_py.errors import FormatError
 from runtime_py.memory import rss_bytes
-from runtime_py.model import Dispatch, add_residual, guess_logits, rope_cos_sin, rope_inv_freq
+from runtime_py.model import Dispatch, add_residual, guess_logits, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from runtime_py.routers import route
 from runtime_py.shards import read_shard
 
@@ -122,11 +122,14 @@ class ProgramEngine:
         """From one read of the backbone (routers, norms and score biases are never quantized), fp32:
         for the prefetch guess, every layer's (router weight [E, D] or None in a dense layer, FFN norm
         weight [D], its bias [D] or None; the guess divides by the previous layer's norm); for
-        routing, each MoE layer's selection-only score bias [E] or None (runtime_py/routers.py)."""
+        routing, each MoE layer's selection-only score bias [E] or None (runtime_py/routers.py). The
+        router's own bias [E] (gpt-oss), where it has one, comes last in the guess's tuple."""
         cfg = self.config
         bias = cfg.norm == "layer"  # a LayerNorm's bias enters the guess too (model.guess_logits)
         names = {i: (f"layers.{i}.moe.router.weight" if cfg.ffn_kind(i).routed else None, f"layers.{i}.ffn_norm.weight",
-                     f"layers.{i}.ffn_norm.bias" if bias else None) for i in range(cfg.num_hidden_layers)}
+                     f"layers.{i}.ffn_norm.bias" if bias else None,
+                     f"layers.{i}.moe.router.bias" if cfg.router_bias and cfg.ffn_kind(i).routed else None)
+                 for i in range(cfg.num_hidden_layers)}
         scores = {i: f"layers.{i}.moe.score_bias" if cfg.score_bias else None for i in cfg.moe_layers}
         wanted = [n for names_i in names.values() for n in names_i if n] + [n for n in scores.values() if n]
         state = read_shard(self.bundle, self.bundle.backbone, backbone_shapes(cfg), dtype=torch.float32,
@@ -145,8 +148,8 @@ class ProgramEngine:
         pass  # the store drops its reference; the program (and its packed weights) is freed with it
 
     def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
-        (router, norm, bias), (_, prev_norm, prev_bias) = self.routers[layer], self.routers[layer - 1]
-        return guess_logits(router, norm, prev_norm, x_prev, bias, prev_bias)
+        (router, norm, bias, router_bias), (_, prev_norm, prev_bias, _) = self.routers[layer], self.routers[layer - 1]
+        return guess_logits(router, norm, prev_norm, x_prev, bias, prev_bias, router_bias)
 
     # ---- cache and steps
     def cache_bytes(self, max_len: int) -> int:
@@ -172,7 +175,8 @@ class ProgramEngine:
         s = max(pos, 1) if self.prefix_cache else c
         k_cache, v_cache = cache
         x = self._backbone[("embed", None, None)]([torch.tensor([ids])])[0]  # [1, T, D]
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), torch.float32)  # [T, Dh] x2
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(pos, pos + t), torch.float32,
+                                rope_attention_factor(cfg))  # [T, Dh] x2
         slot_mask, new_mask = layer_masks(pos, t, s)  # [S], [T, T]
         # Programs with a static cache take one mask over the whole context and the new keys.
         masks = [slot_mask, new_mask] if self.prefix_cache else [torch.cat([slot_mask.expand(t, -1), new_mask], 1)]

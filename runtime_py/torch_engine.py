@@ -85,7 +85,8 @@ class TorchEngine:
     def guess_logits(self, layer: int, x_prev: torch.Tensor) -> torch.Tensor:
         cur, prev = self.model.layers[layer], self.model.layers[layer - 1]
         return guess_logits(cur.routed.router.weight, cur.ffn_norm.weight, prev.ffn_norm.weight, x_prev,
-                            getattr(cur.ffn_norm, "bias", None), getattr(prev.ffn_norm, "bias", None))
+                            getattr(cur.ffn_norm, "bias", None), getattr(prev.ffn_norm, "bias", None),
+                            cur.routed.router.bias)
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], cache: KVCache, pos: int) -> torch.Tensor:

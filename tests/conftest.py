@@ -56,6 +56,10 @@ FAMILIES = {
         intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, use_qk_norm=True, head_dim=16,
         routed_scaling_factor=1.8)),
+    # Sliding (window 5) and full layers, sinks, biases everywhere, clamped SwiGLU (a limit low
+    # enough that the clamp acts), YaRN; its fused experts are transposed and interleaved.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, head_dim=16, sliding_window=5, swiglu_limit=1.5)),
 }
 
 

@@ -6,6 +6,7 @@ one table in ``tensor_names``. Adding a family = one small class with ``@registe
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,9 @@ class Adapter:
     uses_transformers = True  # the reference for verify is transformers' own model
     # RoPE rotates interleaved pairs (2i, 2i+1) (ERNIE) rather than halves (i, i + Dh/2).
     interleaved_rope = False
+    # Fused experts stored transposed with gate and up interleaved, biases beside them, optionally
+    # as MXFP4 blocks (gpt-oss: sources._gpt_oss_expert).
+    gpt_oss_experts = False
 
     def head_permutation(self, config: CosmoeConfig) -> list[int] | None:
         """The order of each q/k head's dims that puts the family's RoPE pairs in the bundle's
@@ -98,13 +102,15 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
     kind = rope.get("rope_type", "default")
-    if kind not in ("default", "llama3"):
+    if kind not in ("default", "llama3", "yarn"):
         raise _unsupported(path, f"rope_type {kind!r}")
     partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)) or 1.0
     scaling = None
     if kind == "llama3":
         scaling = {k: rope[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
                                          "original_max_position_embeddings") if k in rope}
+    if kind == "yarn":
+        scaling = _yarn(rope, hf)
     n_heads = hf.num_attention_heads
     head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     rotary = None if partial == 1.0 else int(head * partial)  # as transformers' rope init computes it
@@ -116,6 +122,24 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
         max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=bool(hf.tie_word_embeddings),
         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
     )
+
+
+def _yarn(rope: dict[str, Any], hf: Any) -> dict[str, Any]:
+    """The bundle's YaRN parameters, defaults and attention factor resolved as transformers'
+    _compute_yarn_parameters does, so that no runtime derives them again."""
+    old_ctx = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or hf.max_position_embeddings / old_ctx
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return {"rope_type": "yarn", "factor": float(factor), "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1), "original_max_position_embeddings": old_ctx,
+            "truncate": bool(rope.get("truncate", True)), "attention_factor": float(attention)}
 
 
 def _check_every_layer_sparse(hf: Any, path: Path) -> None:
@@ -298,6 +322,30 @@ class Phimoe(Adapter):
         return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, router="sparsemixer",
                     sparsemixer_eps=float(hf.router_jitter_noise), norm="layer",
                     lm_head_bias=bool(getattr(hf, "lm_head_bias", False)), attention_bias=bias, attention_out_bias=bias)
+
+
+@register("GptOssForCausalLM")
+class GptOss(Adapter):
+    """Sliding-window and full attention layers (layer_types), per-head attention sinks, biases on
+    q/k/v/o, the router and the experts, the clamped SwiGLU, and the router's softmax over its top-k
+    logits (the renormalised top-k of the softmax over all); experts fused, transposed, gate and up
+    interleaved, or MXFP4 blocks (modeling_gpt_oss.py, integrations/mxfp4.py)."""
+
+    gpt_oss_experts = True
+    MIXERS = {"sliding_attention": "sliding", "full_attention": "full"}
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        types = list(hf.layer_types)
+        unknown = sorted(set(types) - set(self.MIXERS))
+        if unknown:
+            raise _unsupported(path, f"layer_types {unknown}")
+        mixers = [self.MIXERS[t] for t in types]
+        bias = bool(hf.attention_bias)
+        return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+                    attention_bias=bias, attention_out_bias=bias, attention_sinks=True, router_bias=True,
+                    expert_bias=True, expert_act="clamped_swiglu", swiglu_alpha=float(hf.swiglu_alpha),
+                    swiglu_limit=float(hf.swiglu_limit), layer_mixers=mixers,
+                    sliding_window=int(hf.sliding_window or 0) if "sliding" in mixers else 0)
 
 
 @register(ARCHITECTURE)

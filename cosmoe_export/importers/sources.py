@@ -254,7 +254,7 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Ad
             consumed.add(key)
             plan[name] = take(key, want, name, _picker(found, want))
             continue
-        fused = _fused(name, config, index, consumed)
+        fused = _fused(name, config, index, consumed, adapter)
         if fused is not None:
             plan[name] = fused
             continue
@@ -298,13 +298,16 @@ def _picker(part: tensor_names.Part, want: tuple[int, ...]) -> Callable[[Any], t
     return lambda sl: sl[:]
 
 
-def _fused(name: str, config: CosmoeConfig, index: dict[str, tuple], consumed: set[str]) -> PlannedTensor | None:
+def _fused(name: str, config: CosmoeConfig, index: dict[str, tuple], consumed: set[str],
+           adapter: Adapter) -> PlannedTensor | None:
     """A per-expert tensor cut out of a fused [E, ...] tensor, read one expert slice at a time."""
     loc = expert_of(name)
     if loc is None or config.expert_kind != "standard":
         return None
     layer, e = loc
-    part = name.rsplit(".", 2)[-2]  # gate | up | down
+    part, kind = name.rsplit(".", 2)[-2:]  # gate | up | down, weight | bias
+    if adapter.gpt_oss_experts:
+        return _gpt_oss_expert(name, layer, e, part, kind, config, index, consumed)
     templates = tensor_names.FUSED_DOWN if part == "down" else tensor_names.FUSED_GATE_UP
     key = next((k for k in (t.format(l=layer) for t in templates) if k in index), None)
     if key is None:
@@ -323,3 +326,63 @@ def _fused(name: str, config: CosmoeConfig, index: dict[str, tuple], consumed: s
 
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+# e2m1 (FP4) code -> value, as transformers' integrations/mxfp4.py FP4_VALUES.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [..., R, G, 16] uint8 and scales [..., R, G] uint8 -> fp32 [..., R, G * 32]:
+    value = FP4_VALUES[code] * 2^(scale - 127), codes low nibble first. Exact: every such value is
+    a float32 (and a bfloat16, transformers' dtype) for the scales real checkpoints hold."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).to(torch.int64)  # [..., R, G, 16, 2]
+    values = lut[codes].flatten(-2)  # [..., R, G, 32]
+    out = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None])
+    return out.flatten(-2)  # [..., R, G * 32]
+
+
+def _gpt_oss_expert(name: str, layer: int, e: int, part: str, kind: str, config: CosmoeConfig,
+                    index: dict[str, tuple], consumed: set[str]) -> PlannedTensor | None:
+    """Expert e's gate/up/down weight [out, in] or bias [out] from gpt-oss's fused tensors
+    (tensor_names.GPT_OSS_GATE_UP), float or MXFP4."""
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_experts
+    base = (tensor_names.GPT_OSS_DOWN if part == "down" else tensor_names.GPT_OSS_GATE_UP).format(l=layer)
+    rows = slice(None) if part == "down" else slice(0 if part == "gate" else 1, None, 2)  # of the output features
+    out_features = d if part == "down" else f
+
+    def checked(key: str, want: tuple[int, ...]) -> tuple:
+        file, shape, st_dtype, getter = index[key]
+        if tuple(shape) != want:
+            raise CheckpointError(f"{file}: {key} has shape {list(shape)}, the config implies {list(want)}")
+        consumed.add(key)
+        return file, st_dtype, getter
+
+    if kind == "bias":
+        key = base + "_bias"
+        if key not in index:
+            return None
+        file, st_dtype, getter = checked(key, (n, d if part == "down" else 2 * f))
+        return PlannedTensor(name, (out_features,), _float_dtype(file, key, st_dtype),
+                             lambda: getter()[e:e + 1][0, rows].contiguous(), f"{file}: {key}[{e}]")
+    in_features = f if part == "down" else d
+    if base in index:  # float: x @ W, W [E, in, out]
+        file, st_dtype, getter = checked(base, (n, in_features, 2 * f if part != "down" else d))
+        return PlannedTensor(name, (out_features, in_features), _float_dtype(file, base, st_dtype),
+                             lambda: getter()[e:e + 1][0][:, rows].T.contiguous(), f"{file}: {base}[{e}]")
+    blocks_key, scales_key = (base + s for s in tensor_names.MXFP4_SUFFIXES)
+    if blocks_key not in index or scales_key not in index:
+        return None
+    if in_features % 32:
+        raise CheckpointError(f"{index[blocks_key][0]}: {blocks_key}: MXFP4 needs rows of a multiple of 32 "
+                              f"values, the config implies {in_features}")
+    r = 2 * f if part != "down" else d
+    file, b_dtype, blocks = checked(blocks_key, (n, r, in_features // 32, 16))
+    _, s_dtype, scales = checked(scales_key, (n, r, in_features // 32))
+    if b_dtype != "U8" or s_dtype != "U8":
+        raise CheckpointError(f"{file}: {blocks_key} / {scales_key} must be uint8 (MXFP4), got {b_dtype} / {s_dtype}")
+    # bfloat16: what transformers dequantizes MXFP4 to, and every MXFP4 value fits it exactly.
+    return PlannedTensor(name, (out_features, in_features), torch.bfloat16,
+                         lambda: mxfp4_dequantize(blocks()[e:e + 1][0], scales()[e:e + 1][0])[rows].contiguous(),
+                         f"{file}: {blocks_key}[{e}]")

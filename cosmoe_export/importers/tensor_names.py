@@ -46,6 +46,8 @@ TENSOR_NAMES: dict[str, list[str | Part]] = {
         HF_LAYER + ".mlp.gate.wg.weight",  # HunYuan
         HF_LAYER + ".mlp.router.weight",  # Phi-MoE, as transformers >= 5 holds it
     ],
+    "layers.{l}.attn.sinks": [HF_LAYER + ".self_attn.sinks"],  # gpt-oss
+    "layers.{l}.moe.router.bias": [HF_LAYER + ".mlp.router.bias"],  # gpt-oss
     "layers.{l}.moe.score_bias": [
         HF_LAYER + ".mlp.gate.e_score_correction_bias",  # GLM
         Part(HF_LAYER + ".mlp.moe_statics.e_score_correction_bias", squeeze=True),  # ERNIE, [1, E], as saved
@@ -91,6 +93,15 @@ FUSED_GATE_UP = [HF_LAYER + ".block_sparse_moe.experts.gate_up_proj",  # Mixtral
 FUSED_DOWN = [HF_LAYER + ".block_sparse_moe.experts.down_proj",
               HF_LAYER + ".mlp.experts.down_proj",
               HF_LAYER + ".block_sparse_moe.output_linear.weight"]
+
+# gpt-oss's experts (modeling_gpt_oss.py GptOssExperts): gate_up [E, D, 2F] with gate in the even
+# columns and up in the odd ones, down [E, F, D], x @ W + b; biases gate_up [E, 2F] (interleaved
+# alike) and down [E, D]. Released checkpoints hold the matrices as MXFP4: NAME_blocks [E, R, C/32,
+# 16] uint8 (two e2m1 codes a byte, the low nibble first) and NAME_scales [E, R, C/32] uint8 (a
+# power of two, biased by 127), rows R the output features (integrations/mxfp4.py).
+GPT_OSS_GATE_UP = HF_LAYER + ".mlp.experts.gate_up_proj"
+GPT_OSS_DOWN = HF_LAYER + ".mlp.experts.down_proj"
+MXFP4_SUFFIXES = ("_blocks", "_scales")
 
 # Buffers some older exports carry that hold no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

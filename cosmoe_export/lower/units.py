@@ -28,9 +28,11 @@ from runtime_py.model import (
     Expert,
     add_residual,
     decoder_norm,
+    routed_expert,
     scale_embeddings,
     scale_logits,
     shared_expert,
+    sink_attention,
 )
 from runtime_py.shards import read_shard
 
@@ -127,7 +129,7 @@ class LayerUnit(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.ffn_norm = decoder_norm(config)
         self.residual_multiplier = config.residual_multiplier
         self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
@@ -151,11 +153,26 @@ class LayerUnit(nn.Module):
             keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
             values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
         mask = torch.cat([slot_mask.expand(t, -1), new_mask], dim=1)  # [T, S+T]
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
+        if a.window is not None:
+            mask = mask + window_far(t, k_cache.shape[2], a.window)
+        if a.sinks is not None:
+            att = sink_attention(q, keys, values, mask, a.scale, a.sinks)  # [1, H, T, Dh]
+        else:
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
         x = add_residual(x, a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), self.residual_multiplier)
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
         base, logits = self.ffn.forward(self, x, xn)  # [1, T, D], [T, E]
         return base, xn, logits, k_new, v_new
+
+
+def window_far(t: int, s: int, window: int) -> torch.Tensor:
+    """-inf [T, S+T] where a key is ``window`` or more positions before its query, else 0: a sliding
+    layer's window, from the shapes alone. The S slots passed in are positions 0..S-1 and the new
+    tokens S..S+T-1 (the runtimes pass the filled prefix; at position 0 the one slot is masked
+    anyway), so the program needs no position input."""
+    q = torch.arange(t)[:, None] + s  # [T, 1]
+    k = torch.arange(s + t)[None, :]  # [1, S+T]
+    return torch.zeros(t, s + t).masked_fill(q - k >= window, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -171,7 +188,7 @@ class LayerFfn:
 
 def _routed_build(unit: nn.Module, config: CosmoeConfig) -> None:
     d = config.hidden_size
-    unit.router = nn.Linear(d, config.num_experts, bias=False)
+    unit.router = nn.Linear(d, config.num_experts, bias=config.router_bias)
     fs = config.shared_expert_intermediate_size
     unit.shared = Expert(d, fs) if fs else None
     unit.shared_gate = nn.Linear(d, 1, bias=False) if fs and config.shared_expert_gate else None
@@ -258,7 +275,7 @@ def build_embed(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> Embed
 
 def build_expert(config: CosmoeConfig, weights: dict[str, torch.Tensor]) -> Expert:
     with torch.device("meta"):
-        unit = Expert(config.hidden_size, config.intermediate_size, config.expert_kind, config.rank)
+        unit = routed_expert(config)
     unit.load_state_dict(weights, assign=True, strict=True)
     return unit.eval()
 

@@ -26,8 +26,8 @@ from runtime_py.runner import Runner
 
 # Every HF family fixture but plain Qwen3-MoE, whose plan the dense variant extends.
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe_dense", "olmoe", "granitemoe", "granitemoeshared", "hunyuan_moe",
-            "ernie4_5_moe", "glm4_moe", "phimoe"]
-EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared"]
+            "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss"]
+EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared", "gpt_oss"]
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 7]
 
 
@@ -135,7 +135,7 @@ def test_quantize_every_family(family, tmp_path):
         bundle = Bundle.open(q)
         for f in bundle.files:
             for name, enc in (f.encodings() or {}).items():
-                floats = name.endswith(("norm.weight", "router.weight", "score_bias", "shared_gate.weight", ".bias"))
+                floats = name.endswith(("norm.weight", "router.weight", "score_bias", "shared_gate.weight", ".bias", ".sinks"))
                 assert (enc.scheme == quant.FLOAT) == floats, (family, name, enc.scheme)
         err = float((TorchRuntime(bundle).logits(ids) - want).abs().max()) / float(want.abs().max())
         assert err <= bound, (family, scheme, err)

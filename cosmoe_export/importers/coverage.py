@@ -44,6 +44,7 @@ FAMILIES = [
     Family("ERNIE 4.5 MoE", "Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
     Family("GLM-4 MoE", "Glm4MoeForCausalLM", "glm4_moe", EXECUTORCH, EXECUTORCH),
     Family("Phi-MoE", "PhimoeForCausalLM", "phimoe"),
+    Family("gpt-oss", "GptOssForCausalLM", "gpt_oss", EXECUTORCH, EXECUTORCH),
 ]
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from cosmoe_export.lower.units import QuantWeight, Weight, swap_quantized
 from runtime_py.config import CosmoeConfig
+from runtime_py.model import EXPERT_ACTS
 
 
 def to_pte(module: nn.Module, inputs: tuple, dynamic_shapes=None) -> bytes:
@@ -62,17 +63,20 @@ class QLinear(nn.Module):
         return self.lin(F.pad(x, (0, self.pad)) if self.pad else x)
 
 
-def linear(w: Weight) -> nn.Module:
+def linear(w: Weight, bias: torch.Tensor | None = None) -> nn.Module:
     if isinstance(w, QuantWeight):
-        return QLinear(w)
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        return QLinear(w, bias)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
     with torch.no_grad():
         lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias)
     return lin
 
 
 class ExpertProgram(nn.Module):
-    """SwiGLU expert from per-matrix linear layers; WD matrices (Eq. 1) stay two matmuls, R then L."""
+    """A routed expert from per-matrix linear layers (biases where the config has them) and the
+    config's activation; WD matrices (Eq. 1) stay two matmuls, R then L."""
 
     def __init__(self, config: CosmoeConfig, weights: dict[str, Weight]) -> None:
         super().__init__()
@@ -82,11 +86,12 @@ class ExpertProgram(nn.Module):
             if self.wd:
                 mats[m] = nn.Sequential(linear(weights[f"{m}.right"]), linear(weights[f"{m}.left"]))
             else:
-                mats[m] = linear(weights[f"{m}.weight"])
+                mats[m] = linear(weights[f"{m}.weight"], weights.get(f"{m}.bias"))
         self.gate, self.up, self.down = mats["gate"], mats["up"], mats["down"]
+        self.act = EXPERT_ACTS[config.expert_act](config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # [N, D]
+        return self.down(self.act(self.gate(x), self.up(x)))  # [N, D]
 
 
 def use_bundle_integers(unit: nn.Module, linears: dict[str, str], raw: dict[str, Weight]) -> bool:

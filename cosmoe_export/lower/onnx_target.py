@@ -16,6 +16,8 @@ the bundle's integers, never a dequantized fp32 copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import torch
@@ -194,7 +196,7 @@ def use_bundle_integers(unit: nn.Module, tensors: dict[str, str], raw: dict[str,
     return swap_quantized(unit, tensors, raw, make)
 
 
-def _linear(nodes: list, inits: list, x: str, name: str, w: Weight) -> str:
+def _linear(nodes: list, inits: list, x: str, name: str, w: Weight, bias: torch.Tensor | None = None) -> str:
     out = name + ".out"
     if isinstance(w, QuantWeight):
         packed, scales, attrs = nbits_tensors(w)
@@ -205,11 +207,43 @@ def _linear(nodes: list, inits: list, x: str, name: str, w: Weight) -> str:
     else:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.t().contiguous().numpy()), name + ".wT"))
         nodes.append(helper.make_node("MatMul", [x, name + ".wT"], [out], name=name))
-    return out
+    if bias is None:
+        return out
+    inits.append(numpy_helper.from_array(np.ascontiguousarray(bias.float().numpy()), name + ".b"))
+    nodes.append(helper.make_node("Add", [out, name + ".b"], [name + ".biased"]))
+    return name + ".biased"
+
+
+def _swiglu(nodes: list, inits: list, g: str, u: str, config: CosmoeConfig) -> str:
+    nodes += [helper.make_node("Sigmoid", [g], ["gate.sig"]), helper.make_node("Mul", [g, "gate.sig"], ["gate.silu"]),
+              helper.make_node("Mul", ["gate.silu", u], ["hidden"])]
+    return "hidden"
+
+
+def _clamped_swiglu(nodes: list, inits: list, g: str, u: str, config: CosmoeConfig) -> str:
+    """runtime_py.model.ClampedSwiGLU: (clip(up) + 1) * min(gate, limit) * sigmoid(alpha * min(gate, limit))."""
+    consts = {"act.limit": config.swiglu_limit, "act.neg_limit": -config.swiglu_limit, "act.alpha": config.swiglu_alpha,
+              "act.one": 1.0}
+    inits += [numpy_helper.from_array(np.array(v, dtype=np.float32), k) for k, v in consts.items()]
+    nodes += [helper.make_node("Min", [g, "act.limit"], ["gate.c"]),
+              helper.make_node("Clip", [u, "act.neg_limit", "act.limit"], ["up.c"]),
+              helper.make_node("Mul", ["gate.c", "act.alpha"], ["gate.a"]),
+              helper.make_node("Sigmoid", ["gate.a"], ["gate.sig"]),
+              helper.make_node("Mul", ["gate.c", "gate.sig"], ["glu"]),
+              helper.make_node("Add", ["up.c", "act.one"], ["up.p1"]),
+              helper.make_node("Mul", ["up.p1", "glu"], ["hidden"])]
+    return "hidden"
+
+
+# config.expert_act -> its nodes (runtime_py/model.py EXPERT_ACTS has the math): (nodes, inits, gate,
+# up, config) -> the hidden activation's name.
+ACTS: dict[str, Callable[[list, list, str, str, CosmoeConfig], str]] = {
+    "silu": _swiglu, "clamped_swiglu": _clamped_swiglu}
 
 
 def expert_model(config: CosmoeConfig, weights: dict[str, Weight]) -> onnx.ModelProto:
-    """x [N, D] -> y [N, D]: down(silu(gate(x)) * up(x)); WD matrices (Eq. 1) as R then L."""
+    """x [N, D] -> y [N, D]: down(act(gate(x), up(x))) with the biases where the config has them;
+    WD matrices (Eq. 1) as R then L."""
     nodes: list = []
     inits: list = []
 
@@ -217,12 +251,10 @@ def expert_model(config: CosmoeConfig, weights: dict[str, Weight]) -> onnx.Model
         if config.expert_kind == "wd":
             return _linear(nodes, inits, _linear(nodes, inits, x, f"{m}.right", weights[f"{m}.right"]),
                            f"{m}.left", weights[f"{m}.left"])
-        return _linear(nodes, inits, x, m, weights[f"{m}.weight"])
+        return _linear(nodes, inits, x, m, weights[f"{m}.weight"], weights.get(f"{m}.bias"))
 
     g, u = proj("x", "gate"), proj("x", "up")
-    nodes += [helper.make_node("Sigmoid", [g], ["gate.sig"]), helper.make_node("Mul", [g, "gate.sig"], ["gate.silu"]),
-              helper.make_node("Mul", ["gate.silu", u], ["hidden"])]
-    y = proj("hidden", "down")
+    y = proj(ACTS[config.expert_act](nodes, inits, g, u, config), "down")
     nodes.append(helper.make_node("Identity", [y], ["y"]))
     d = config.hidden_size
     graph = helper.make_graph(nodes, "expert", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],

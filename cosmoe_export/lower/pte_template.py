@@ -60,7 +60,11 @@ _TEMPLATES: dict[tuple, Template] = {}  # per process; a template holds only its
 
 
 def expert_pte(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
-    """The expert's program, byte for byte what export_expert writes, from the cached template."""
+    """The expert's program, byte for byte what export_expert writes, from the cached template.
+    Experts with biases or another activation than SwiGLU (gpt-oss) are exported directly: their
+    biases are constants this writer does not locate yet."""
+    if config.expert_bias or config.expert_act != "silu":
+        return export_expert(config, weights)
     # Everything export_expert's graph depends on: the config fields it reads and the weights' layout.
     key = (config.expert_kind, config.hidden_size, units.max_tokens(config), layout(weights))
     if key not in _TEMPLATES:

@@ -71,6 +71,7 @@ ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in
     ("router", r"^layers\.\d+\.moe\.((router|shared_gate)\.weight|score_bias)$"),
     ("norm", r"(^|\.)\w*norm\.weight$"),  # 1-D, D values each: nothing to save, and scale-sensitive
     ("bias", r"\.bias$"),  # 1-D as well
+    ("sinks", r"^layers\.\d+\.attn\.sinks$"),  # gpt-oss: one logit per head [H], like a bias
     ("embedding", r"^embed\.weight$"),  # a lookup: per-row scales dequantize only the rows used
     ("head", r"^lm_head\.weight$"),  # per-output-channel = per-vocabulary-row scales
     ("attention", r"^layers\.\d+\.attn\.[qkvo]\.weight$"),
@@ -78,7 +79,7 @@ ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in
     ("dense_mlp", r"^layers\.\d+\.mlp\.(gate|up|down)\.weight$"),  # a "dense" layer of the plan
 ]]
 # Which requested scheme each role takes: "experts", "backbone", or None (keep the float dtype).
-ROLE_SCHEME = {"expert": "experts", "router": None, "norm": None, "bias": None, "embedding": "backbone",
+ROLE_SCHEME = {"expert": "experts", "router": None, "norm": None, "bias": None, "sinks": None, "embedding": "backbone",
                "head": "backbone", "attention": "backbone", "shared_expert": "backbone", "dense_mlp": "backbone"}
 
 
@@ -255,9 +256,11 @@ def _manifest(plan: _Plan, calib: _Calibration | None, nearest: list[str], mixed
     config, src = plan.config, plan.src
     schemes = {"experts": config.experts, "backbone": config.backbone}
     # dense_mlp is recorded only for plans with dense layers, as the plan itself is (format v2): a
-    # quantized bundle of an all-MoE model keeps the manifest bytes it had before dense layers.
+    # quantized bundle of an all-MoE model keeps the manifest bytes it had before dense layers; sinks
+    # likewise only for a model that has them.
     roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
-             for role, s in ROLE_SCHEME.items() if role != "dense_mlp" or not plan.cfg.all_moe}
+             for role, s in ROLE_SCHEME.items()
+             if (role != "dense_mlp" or not plan.cfg.all_moe) and (role != "sinks" or plan.cfg.attention_sinks)}
     quantization: dict = {"experts": config.experts, "backbone": config.backbone, "group_size": config.group_size,
                           "rounding": config.rounding, "roles": roles}
     if calib is not None:

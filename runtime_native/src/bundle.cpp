@@ -48,7 +48,8 @@ const std::set<std::string> kConfigKeys = {
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "layer_ffns", "dense_intermediate_size",
     "router", "score_bias", "n_group", "topk_group", "routed_scaling_factor", "shared_expert_gate", "rotary_dim",
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps",
-    "norm", "lm_head_bias", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+    "norm", "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
+    "expert_act", "swiglu_alpha", "swiglu_limit", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
 json parse_unique(const std::string& text, const std::string& where) {
@@ -155,8 +156,20 @@ Config read_config(const json& model, const std::string& where) {
       p.push_back("sparsemixer_eps must be a number >= 0, got " + model["sparsemixer_eps"].dump());
     else c.router.sparsemixer_eps = float(model["sparsemixer_eps"].get<double>());
   }
-  for (const char* k : {"score_bias", "shared_expert_gate", "lm_head_bias"})
+  for (const char* k : {"score_bias", "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias"})
     if (model.contains(k) && !model[k].is_boolean()) p.push_back(std::string(k) + " must be true or false");
+  c.router_bias = model.contains("router_bias") && model["router_bias"].is_boolean() && model["router_bias"].get<bool>();
+  // Sliding windows, sinks, expert biases and activations live inside the programs; the runner
+  // only checks that the manifest names kinds it knows (runtime_py/config.py MIXER_KINDS, EXPERT_ACTS).
+  if (model.contains("layer_mixers") && !model["layer_mixers"].is_null()) {
+    const json& plan = model["layer_mixers"];
+    bool ok = plan.is_array() && int64_t(plan.size()) == c.num_hidden_layers;
+    for (const json& k : ok ? plan : json::array()) ok &= k.is_string() && (k == "full" || k == "sliding");
+    if (!ok) p.push_back("layer_mixers must list 'full' or 'sliding' for each of the num_hidden_layers layers, got " +
+                         plan.dump().substr(0, 80));
+  }
+  if (model.contains("expert_act") && !(model["expert_act"] == "silu" || model["expert_act"] == "clamped_swiglu"))
+    p.push_back("expert_act must be one of ['silu', 'clamped_swiglu'], got " + model["expert_act"].dump());
   c.score_bias = model.contains("score_bias") && model["score_bias"].is_boolean() && model["score_bias"].get<bool>();
   c.router.n_group = get_int(model, "n_group", 1, p, true);
   c.router.topk_group = get_int(model, "topk_group", 1, p, true);
@@ -193,8 +206,24 @@ Config read_config(const json& model, const std::string& where) {
       c.rope_low = num("low_freq_factor");
       c.rope_high = num("high_freq_factor");
       c.rope_old_ctx = num("original_max_position_embeddings");
+    } else if (kind == "yarn") {
+      auto num = [&](const char* k) {
+        if (!r.contains(k) || !is_number(r[k]) || r[k].get<double>() <= 0) {
+          p.push_back(std::string("rope_scaling (yarn) needs positive numbers for ") + k);
+          return 1.0;
+        }
+        return r[k].get<double>();
+      };
+      c.yarn = true;
+      c.yarn_factor = num("factor");
+      c.yarn_beta_fast = num("beta_fast");
+      c.yarn_beta_slow = num("beta_slow");
+      c.yarn_old_ctx = num("original_max_position_embeddings");
+      c.attention_factor = num("attention_factor");
+      if (!r.contains("truncate") || !r["truncate"].is_boolean()) p.push_back("rope_scaling (yarn) needs truncate true or false");
+      else c.yarn_truncate = r["truncate"].get<bool>();
     } else if (kind != "default") {
-      p.push_back("rope_scaling.rope_type must be one of ['default', 'llama3'], got " +
+      p.push_back("rope_scaling.rope_type must be one of ['default', 'llama3', 'yarn'], got " +
                   (r.is_object() && r.contains("rope_type") ? r["rope_type"].dump() : std::string("None")));
     }
   }

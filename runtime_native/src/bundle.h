@@ -29,6 +29,10 @@ struct Config {
   double rope_theta = 500000.0;
   // Llama 3.1 rope scaling ("llama3"); factor 0: none.
   double rope_factor = 0, rope_low = 0, rope_high = 0, rope_old_ctx = 0;
+  // YaRN ("yarn", gpt-oss): as runtime_py.model._yarn_inv_freq; cos and sin times attention_factor.
+  bool yarn = false, yarn_truncate = true;
+  double yarn_factor = 1, yarn_beta_fast = 32, yarn_beta_slow = 1, yarn_old_ctx = 0, attention_factor = 1;
+  bool router_bias = false;  // layers.L.moe.router.bias [E] (gpt-oss): inside the layer program; the guess adds it
   // The layer plan (format v2 model.layer_ffns; v1: "moe" everywhere): whether each layer has
   // routed experts, and those layers in order (runtime_py CosmoeConfig.moe_layers).
   std::vector<bool> routed;

@@ -59,6 +59,24 @@ std::vector<float> rope_inv_freq(const Config& c) {
   std::vector<float> inv(size_t(c.head_size / 2), 0.0f);
   for (int i = 0; i < dim / 2; ++i)
     inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(dim));
+  if (c.yarn) {
+    // YaRN: interpolated (divided by factor) below the correction range, kept above, a ramp between.
+    double base = c.rope_theta, old_ctx = c.yarn_old_ctx;
+    auto correction_dim = [&](double rotations) {
+      return double(dim) * std::log(old_ctx / (rotations * 2 * M_PI)) / (2 * std::log(base));
+    };
+    double low = correction_dim(c.yarn_beta_fast), high = correction_dim(c.yarn_beta_slow);
+    if (c.yarn_truncate) low = std::floor(low), high = std::ceil(high);
+    low = std::max(low, 0.0), high = std::min(high, double(dim - 1));
+    if (low == high) high += 0.001;
+    for (int i = 0; i < dim / 2; ++i) {
+      float pos_freq = std::pow(float(base), float(2 * i) / float(dim));
+      float ramp = std::clamp(float((double(i) - low) / (high - low)), 0.0f, 1.0f);
+      float extrapolation = 1 - ramp;
+      inv[size_t(i)] = 1.0f / (float(c.yarn_factor) * pos_freq) * (1 - extrapolation) + 1.0f / pos_freq * extrapolation;
+    }
+    return inv;
+  }
   if (c.rope_factor <= 0) return inv;
   // Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
   float factor = float(c.rope_factor), low = float(c.rope_low), high = float(c.rope_high);
@@ -128,6 +146,9 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
     routers_.push_back(c.routed[size_t(l)] ? st.read_float("layers." + std::to_string(l) + ".moe.router.weight",
                                                            {c.num_experts, c.hidden_size})
                                            : std::vector<float>());
+    router_biases_.push_back(c.routed[size_t(l)] && c.router_bias
+                                 ? st.read_float("layers." + std::to_string(l) + ".moe.router.bias", {c.num_experts})
+                                 : std::vector<float>());
     norms_.push_back(st.read_float("layers." + std::to_string(l) + ".ffn_norm.weight", {c.hidden_size}));
     norm_biases_.push_back(c.layer_norm ? st.read_float("layers." + std::to_string(l) + ".ffn_norm.bias", {c.hidden_size})
                                         : std::vector<float>());
@@ -266,12 +287,13 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
     copy_out(embed_->run({*in})[0], x.data(), T * D, "x");  // [1, T, D]
   }
   // RoPE rows pos..pos+T-1: [T, Dh] each (runtime_py.model.rope_cos_sin).
+  const float rope_scale = float(c.attention_factor);
   std::vector<float> cos(T * Dh), sin(T * Dh);
   for (size_t i = 0; i < T; ++i)
     for (size_t j = 0; j < Dh; ++j) {
       float f = float(pos + int(i)) * inv_freq_[j % (Dh / 2)];
-      cos[i * Dh + j] = std::cos(f);
-      sin[i * Dh + j] = std::sin(f);
+      cos[i * Dh + j] = std::cos(f) * rope_scale;  // YaRN's attention factor (1 otherwise)
+      sin[i * Dh + j] = std::sin(f) * rope_scale;
     }
   // Additive masks (runtime_py.program_backend.layer_masks): slot_mask [S], new_mask [T, T]; or,
   // for a static cache, one [T, C + T].
@@ -379,10 +401,11 @@ void Runner::dispatch(int layer, const float* x, int t, const std::vector<float>
         float v = x[size_t(i) * D + j];
         guess[j] = bias.empty() ? v * ratio[j] : (v - prev_bias[j]) * ratio[j] + bias[j];
       }
+      const std::vector<float>& router_bias = router_biases_[size_t(layer + 1)];
       for (int x_e = 0; x_e < e; ++x_e) {
         float acc = 0;
         for (size_t j = 0; j < D; ++j) acc += guess[j] * router[size_t(x_e) * D + j];
-        logits[size_t(x_e)] = acc;
+        logits[size_t(x_e)] = router_bias.empty() ? acc : acc + router_bias[size_t(x_e)];
       }
       softmax(logits.data(), e, probs.data());
       for (int x_e = 0; x_e < e; ++x_e) mean[size_t(x_e)] += probs[size_t(x_e)];

@@ -65,6 +65,7 @@ class Runner {
   std::vector<std::unique_ptr<Program>> layers_;
   std::vector<std::vector<float>> routers_, norms_;  // [E*D], [D] per layer: the prefetch guess
   std::vector<std::vector<float>> norm_biases_;      // [D] per layer when the norms are LayerNorms, else empty
+  std::vector<std::vector<float>> router_biases_;    // [E] per MoE layer when the router has a bias (gpt-oss), else empty
   std::vector<std::vector<float>> score_biases_;     // [E] per MoE layer with a score bias, else empty
   std::vector<float> inv_freq_;                        // [Dh/2]
   int chunk_ = 1;

@@ -367,6 +367,8 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
         click.echo(json.dumps(r, indent=2))
         return
     click.echo(f"{path} ({r['kind']}, {r['architecture']}, {r['dtype']})")
+    if "source_precision" in r:
+        click.echo(f"  source precision: {r['source_precision']} (dequantized exactly at import)")
     if "quantization" in r:
         q = r["quantization"]
         click.echo(f"  quantized: experts {q['experts']}, backbone {q['backbone']}, int4 group {q['group_size']}, "

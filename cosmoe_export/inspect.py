@@ -30,6 +30,8 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
         report["backbone_bytes"] = bundle.backbone.bytes
         report["bytes_per_expert"] = max(experts)
         report["dtype"] = bundle.backbone.dtype  # of the tensors kept in float
+        if "source_precision" in bundle.manifest["provenance"]["source"]:
+            report["source_precision"] = bundle.manifest["provenance"]["source"]["source_precision"]
         if bundle.quantization is not None:  # quantized bundles: what the bytes above hold
             report["quantization"] = {k: bundle.quantization[k]
                                       for k in ("experts", "backbone", "group_size", "rounding")}
@@ -41,6 +43,8 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     dtype = str(next(iter(source.plan.values())).dtype).removeprefix("torch.")
     counts = param_counts(source.config)
     report["dtype"] = dtype
+    if "source_precision" in source.provenance:
+        report["source_precision"] = source.provenance["source_precision"]
     report["backbone_bytes"] = counts.backbone * DTYPE_BYTES[dtype]
     report["bytes_per_expert"] = counts.per_expert * DTYPE_BYTES[dtype]
     if path in PAPER_PARAMS:

@@ -155,6 +155,9 @@ def checkpoint_source(path: Path, *, allow_pickle: bool = False, hash_files: boo
     prov = {"kind": "checkpoint", "architecture": adapter.architecture, "files": [
         {"name": p.name, "bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if hash_files else {})}
         for p in [path / "config.json", *weight_files]]}
+    if any(k.endswith(tensor_names.MXFP4_SUFFIXES) for k in index):
+        # What the weights were before import (gpt-oss releases its experts as MXFP4): `inspect` says so.
+        prov["source_precision"] = "mxfp4 experts"
     tok = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
     return Source(config, plan, prov, tok, path, adapter, files.release)
 

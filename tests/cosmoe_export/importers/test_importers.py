@@ -165,3 +165,51 @@ def test_qwen3_layer_plan_is_transformers_own(tmp_path, only, step):
     model.save_pretrained(tmp_path)
     cfg = open_source(str(tmp_path), hash_files=False).config
     assert list(cfg.layer_ffns or ["moe"] * 4) == want
+
+
+def test_mxfp4_dequantize_matches_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from cosmoe_export.importers.sources import mxfp4_dequantize
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=g, dtype=torch.uint8)  # [E, R, C/32, 16]
+    scales = torch.randint(118, 134, (3, 10, 4), generator=g, dtype=torch.uint8)  # [E, R, C/32]
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, C, R]
+    assert torch.equal(mxfp4_dequantize(blocks, scales), theirs.transpose(1, 2))
+
+
+def test_gpt_oss_mxfp4_checkpoint_imports_exactly(tmp_path):
+    """A gpt-oss checkpoint whose experts are MXFP4 blocks (as released) imports to the same logits
+    as transformers' model holding the dequantized weights, and inspect names the source precision."""
+    import transformers
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from tests.conftest import COMMON, _reinit
+    _, _, extra = FAMILIES["gpt_oss"]
+    config = transformers.GptOssConfig(**{**COMMON, **extra, "intermediate_size": 64})  # MXFP4 rows: 32s
+    model = transformers.GptOssForCausalLM(config).eval()
+    _reinit(model, 0)
+    model.save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for layer, block in enumerate(model.model.layers):
+        pre = f"model.layers.{layer}.mlp.experts."
+        for name in ("gate_up_proj", "down_proj"):
+            e, cols, rows = sd.pop(pre + name).shape  # x @ W: W [E, in, out]; MXFP4 rows are the outputs
+            blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(122, 128, (e, rows, cols // 32), generator=g, dtype=torch.uint8)
+            sd[pre + name + "_blocks"], sd[pre + name + "_scales"] = blocks, scales
+            with torch.no_grad():
+                getattr(block.mlp.experts, name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    src = open_source(str(tmp_path))
+    assert src.provenance["source_precision"] == "mxfp4 experts"
+    ids = torch.randint(0, src.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (model(ids).logits - canonical_model(src)(ids)).abs().max()
+    assert err <= 1e-4
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert r.exit_code == 0 and "source precision: mxfp4 experts" in r.output, r.output

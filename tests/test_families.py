@@ -135,7 +135,8 @@ def test_quantize_every_family(family, tmp_path):
         bundle = Bundle.open(q)
         for f in bundle.files:
             for name, enc in (f.encodings() or {}).items():
-                floats = name.endswith(("norm.weight", "router.weight", "score_bias", "shared_gate.weight", ".bias", ".sinks"))
+                floats = name.endswith(("norm.weight", "router.weight", "score_bias", "shared_gate.weight", ".bias",
+                                        ".sinks"))
                 assert (enc.scheme == quant.FLOAT) == floats, (family, name, enc.scheme)
         err = float((TorchRuntime(bundle).logits(ids) - want).abs().max()) / float(want.abs().max())
         assert err <= bound, (family, scheme, err)

@@ -33,6 +33,7 @@ from runtime_py.model import (
     scale_logits,
     shared_expert,
     sink_attention,
+    window_mask,
 )
 from runtime_py.shards import read_shard
 
@@ -166,13 +167,11 @@ class LayerUnit(nn.Module):
 
 
 def window_far(t: int, s: int, window: int) -> torch.Tensor:
-    """-inf [T, S+T] where a key is ``window`` or more positions before its query, else 0: a sliding
-    layer's window, from the shapes alone. The S slots passed in are positions 0..S-1 and the new
-    tokens S..S+T-1 (the runtimes pass the filled prefix; at position 0 the one slot is masked
-    anyway), so the program needs no position input."""
-    q = torch.arange(t)[:, None] + s  # [T, 1]
-    k = torch.arange(s + t)[None, :]  # [1, S+T]
-    return torch.zeros(t, s + t).masked_fill(q - k >= window, float("-inf"))
+    """-inf [T, S+T] where a key is outside a sliding layer's window (model.window_mask), else 0:
+    from the shapes alone. The S slots passed in are positions 0..S-1 and the new tokens S..S+T-1
+    (the runtimes pass the filled prefix; at position 0 the one slot is masked anyway), so the
+    program needs no position input."""
+    return torch.zeros(t, s + t).masked_fill(~window_mask(t, s + t, window, offset=s), float("-inf"))
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,14 @@ ROPE_TYPES = ("default", "llama3", "yarn")
 # SwiGLU, or gpt-oss's clamped SwiGLU (gate clamped above, up both ways at swiglu_limit;
 # (up + 1) * gate * sigmoid(swiglu_alpha * gate)).
 EXPERT_ACTS = ("silu", "clamped_swiglu")
-# Per-layer token mixers by the name the manifest's ``layer_mixers`` uses: full causal attention, or
-# causal attention over the last ``sliding_window`` positions (gpt-oss's sliding_attention layers).
-MIXER_KINDS = ("full", "sliding")
+# Per-layer token mixers by the name the manifest's ``layer_mixers`` uses: full causal attention,
+# causal attention over the last ``sliding_window`` positions (gpt-oss's sliding_attention layers),
+# or multi-head latent attention (DeepSeek-V2/V3: keys and values from a cached latent of
+# kv_lora_rank dims plus one shared RoPE key; runtime_py/model.py LatentAttention).
+MIXER_KINDS = ("full", "sliding", "mla")
+# How group-limited routing scores a group: the sum of its two best experts (DeepSeek-V3, GLM) or
+# its best one (DeepSeek-V2's group_limited_greedy).
+GROUP_SCORES = ("top2_sum", "max")
 # Keys HF writes into every config.json that carry no model information.
 _IGNORED_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
 # A model past this many parameters would not fit any machine this tool targets; refusing it early
@@ -175,6 +180,15 @@ class CosmoeConfig:
     expert_act: str = "silu"  # EXPERT_ACTS
     swiglu_alpha: float = 1.702  # clamped_swiglu only
     swiglu_limit: float = 7.0
+    group_score: str = "top2_sum"  # GROUP_SCORES, with n_group > 1
+    # DeepSeek-V2/V3's latent attention ("mla" layers; head_dim is then qk_nope_head_dim +
+    # qk_rope_head_dim): q from D (q_lora_rank None) or through a q_lora_rank bottleneck with an
+    # RMSNorm; a kv_lora_rank latent (RMSNorm'd) and one qk_rope_head_dim RoPE key per token, which
+    # is what the cache holds; per head, keys [nope | rope] and values of v_head_dim from the latent.
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name, default in (("layer_ffns", DEFAULT_FFN), ("layer_mixers", DEFAULT_MIXER)):
@@ -203,15 +217,37 @@ class CosmoeConfig:
     def all_moe(self) -> bool:
         return self.layer_ffns is None
 
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention (every layer "mla": one RoPE width per model)."""
+        return self.mixer(0) == "mla"
+
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def rope_width(self) -> int:
+        """Width of the cos/sin rows every runtime builds: a head, or MLA's RoPE part of one."""
+        return self.qk_rope_head_dim if self.latent_attention else self.head_size
+
+    @property
     def rope_dims(self) -> int:
         """Dims of each head that RoPE rotates (the first ones, in the half-split layout)."""
-        return self.rotary_dim if self.rotary_dim is not None else self.head_size
+        return self.rotary_dim if self.rotary_dim is not None else self.rope_width
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.head_size - self.qk_rope_head_dim  # MLA only
+
+    def cache_shape(self, layer: int) -> tuple[int, int, int]:
+        """(heads, key width, value width) of layer ``layer``'s cache entry per position: its kv
+        heads' keys and values, or for MLA the latent [1, kv_lora_rank] and the RoPE key
+        [1, qk_rope_head_dim], cached in the runtimes' two cache tensors."""
+        if self.mixer(layer) == "mla":
+            return 1, self.kv_lora_rank, self.qk_rope_head_dim
+        return self.num_key_value_heads, self.head_size, self.head_size
 
     @property
     def rank(self) -> int:
@@ -263,7 +299,7 @@ class CosmoeConfig:
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size", "num_experts", "num_experts_per_tok",
             "max_position_embeddings")])
-        for name in ("head_dim", "wd_rank", "rotary_dim"):
+        for name in ("head_dim", "wd_rank", "rotary_dim", "q_lora_rank"):
             if getattr(self, name) is not None:
                 ints_ok &= positive_int(name, getattr(self, name))
         for name in ("shared_expert_intermediate_size", "dense_intermediate_size"):
@@ -302,6 +338,8 @@ class CosmoeConfig:
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 p.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         p.extend(self._mixer_problems())
+        if self.group_score not in GROUP_SCORES:
+            p.append(f"group_score must be one of {list(GROUP_SCORES)}, got {self.group_score!r}")
         if self.norm not in NORMS:
             p.append(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.lm_head_bias is True and self.tie_word_embeddings is True:
@@ -367,6 +405,27 @@ class CosmoeConfig:
             p.append(f"layer_mixers has unknown kinds {unknown}; known: {list(MIXER_KINDS)}")
         if "sliding" in plan and not w:
             p.append("layer_mixers has 'sliding' layers but sliding_window is 0")
+        if "mla" in plan:
+            p.extend(self._latent_problems(plan))
+        return p
+
+    def _latent_problems(self, plan: tuple[str, ...]) -> list[str]:
+        p = []
+        if set(plan) != {"mla"}:
+            p.append("layer_mixers: 'mla' layers cannot mix with other token mixers (one RoPE width per model)")
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                p.append(f"'mla' layers need a positive integer {name}, got {v!r}")
+        if not p:
+            if self.qk_rope_head_dim % 2 or self.head_dim is None or self.head_dim <= self.qk_rope_head_dim:
+                p.append(f"'mla' layers need an even qk_rope_head_dim ({self.qk_rope_head_dim}) below head_dim "
+                         f"({self.head_dim}, = qk_nope_head_dim + qk_rope_head_dim)")
+            unsupported = [n for n, bad in (("attention_sinks", self.attention_sinks), ("qk_norm", self.qk_norm != "none"),
+                                            ("clip_qkv", self.clip_qkv is not None),
+                                            ("rotary_dim", self.rotary_dim is not None)) if bad]
+            if unsupported:
+                p.append(f"'mla' layers do not take {unsupported}")
         return p
 
     def _plan_problems(self, p: list[str]) -> bool:
@@ -444,14 +503,33 @@ def expert_tensor_shapes(config: CosmoeConfig, layer: int, expert: int) -> dict[
     return out
 
 
-def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Everything in one layer that is not a routed expert."""
+def _latent_attention_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ...]]:
+    """MLA (DeepSeek-V2 Eqs. 9-19): q [H*(nope+rope), D], or q_a [q_lora, D] + q_a_norm + q_b
+    [H*(nope+rope), q_lora]; kv_a [r + rope, D] (the latent, then the shared RoPE key); kv_a_norm [r];
+    kv_b [H*(nope+v), r] (per head: its key's nope part, then its value); o [D, H*v]."""
+    d, h, r = config.hidden_size, config.num_attention_heads, config.kv_lora_rank
+    qk, v, ql = config.head_size, config.v_head_dim, config.q_lora_rank
+    s: dict[str, tuple[int, ...]] = {}
+    if ql is None:
+        s[f"{pre}.attn.q.weight"] = (h * qk, d)
+    else:
+        s.update({f"{pre}.attn.q_a.weight": (ql, d), **({f"{pre}.attn.q_a.bias": (ql,)} if config.attention_bias else {}),
+                  f"{pre}.attn.q_a_norm.weight": (ql,), f"{pre}.attn.q_b.weight": (h * qk, ql)})
+    s[f"{pre}.attn.kv_a.weight"] = (r + config.qk_rope_head_dim, d)
+    if config.attention_bias:
+        s[f"{pre}.attn.kv_a.bias"] = (r + config.qk_rope_head_dim,)
+    s.update({f"{pre}.attn.kv_a_norm.weight": (r,), f"{pre}.attn.kv_b.weight": (h * (config.qk_nope_head_dim + v), r),
+              f"{pre}.attn.o.weight": (d, h * v)})
+    if config.attention_out_bias:
+        s[f"{pre}.attn.o.bias"] = (d,)
+    return s
+
+
+def _attention_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ...]]:
+    """q [H*Dh, D], k and v [G*Dh, D], o [D, H*Dh], and the family's biases, sinks and q/k norms."""
     d, hd = config.hidden_size, config.head_size
     q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    pre = f"layers.{layer}"
     s: dict[str, tuple[int, ...]] = {
-        f"{pre}.attn_norm.weight": (d,),
-        **({f"{pre}.attn_norm.bias": (d,)} if config.norm == "layer" else {}),
         f"{pre}.attn.q.weight": (q_out, d),
         f"{pre}.attn.k.weight": (kv_out, d),
         f"{pre}.attn.v.weight": (kv_out, d),
@@ -467,6 +545,17 @@ def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[i
         s.update({f"{pre}.attn.q_norm.weight": (hd,), f"{pre}.attn.k_norm.weight": (hd,)})
     elif config.qk_norm == "full":
         s.update({f"{pre}.attn.q_norm.weight": (q_out,), f"{pre}.attn.k_norm.weight": (kv_out,)})
+    return s
+
+
+def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Everything in one layer that is not a routed expert."""
+    d, pre = config.hidden_size, f"layers.{layer}"
+    s: dict[str, tuple[int, ...]] = {f"{pre}.attn_norm.weight": (d,)}
+    if config.norm == "layer":
+        s[f"{pre}.attn_norm.bias"] = (d,)
+    mla = config.mixer(layer) == "mla"
+    s.update(_latent_attention_shapes(config, pre) if mla else _attention_shapes(config, pre))
     s[f"{pre}.ffn_norm.weight"] = (d,)
     if config.norm == "layer":
         s[f"{pre}.ffn_norm.bias"] = (d,)
@@ -506,7 +595,8 @@ def kv_cache_bytes(config: CosmoeConfig, positions: int | None = None, itemsize:
     """Bytes of a static KV cache: keys and values of every layer for ``positions`` tokens (default:
     the whole context), ``itemsize`` bytes each (fp32 unless the runtime computes in another dtype)."""
     positions = config.max_position_embeddings if positions is None else positions
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * positions * config.head_size * itemsize
+    per_position = sum(heads * (k + v) for heads, k, v in map(config.cache_shape, range(config.num_hidden_layers)))
+    return per_position * positions * itemsize
 
 
 @dataclass(frozen=True)
@@ -535,8 +625,9 @@ def param_counts(config: CosmoeConfig) -> ParamCounts:
 
     ends = (config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
             + config.hidden_size * (2 if config.norm == "layer" else 1) + config.vocab_size * config.lm_head_bias)
-    plan = config.layer_ffns or (DEFAULT_FFN,) * config.num_hidden_layers
-    first = {kind: plan.index(kind) for kind in set(plan)}  # a layer of each kind stands for all of it
+    # A layer of each (FFN kind, token mixer) stands for all of its kind.
+    plan = [(config.ffn_kind(i).name, config.mixer(i)) for i in range(config.num_hidden_layers)]
+    first = {kind: plan.index(kind) for kind in set(plan)}
     backbone = ends + sum(numel(backbone_layer_shapes(config, first[kind])) * plan.count(kind) for kind in first)
     return ParamCounts(backbone, numel(expert_tensor_shapes(config, 0, 0)), len(config.moe_layers),
                        config.num_experts, config.num_experts_per_tok)

@@ -51,11 +51,12 @@ def decoder_norm(config: CosmoeConfig) -> nn.Module:
 
 
 def rope_inv_freq(config: CosmoeConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies [Dh/2], with Llama-3.1 scaling when configured. With partial rotary
-    (rotary_dim R < Dh) the frequencies are those of an R-dim RoPE, then zeros: pairs (i, i + Dh/2)
-    for i >= R/2 do not rotate (cos 1, sin 0), which is exactly passing them through."""
+    """Inverse RoPE frequencies [Dh/2] (Dh = config.rope_width: a head, or MLA's RoPE part of one),
+    with Llama-3.1 or YaRN scaling when configured. With partial rotary (rotary_dim R < Dh) the
+    frequencies are those of an R-dim RoPE, then zeros: pairs (i, i + Dh/2) for i >= R/2 do not
+    rotate (cos 1, sin 0), which is exactly passing them through."""
     inv_freq = _scaled_inv_freq(config, config.rope_dims)
-    return torch.cat([inv_freq, inv_freq.new_zeros(config.head_size // 2 - inv_freq.shape[0])])
+    return torch.cat([inv_freq, inv_freq.new_zeros(config.rope_width // 2 - inv_freq.shape[0])])
 
 
 def _scaled_inv_freq(config: CosmoeConfig, dim: int) -> torch.Tensor:
@@ -152,7 +153,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class LayerCache:
-    """Preallocated keys and values of one layer: k, v [B, G, S_max, Dh]."""
+    """Preallocated keys and values of one layer: k [B, G, S_max, Wk], v [B, G, S_max, Wv]
+    (config.cache_shape: Dh and Dh, or MLA's latent and RoPE key with G = 1)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -162,9 +164,10 @@ class KVCache:
     """Static KV cache; it never grows past ``max_len`` (the model's context or less)."""
 
     def __init__(self, config: CosmoeConfig, batch: int, max_len: int, dtype: torch.dtype) -> None:
-        shape = (batch, config.num_key_value_heads, max_len, config.head_size)
-        self.layers = [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                       for _ in range(config.num_hidden_layers)]
+        def entry(layer: int) -> LayerCache:
+            g, wk, wv = config.cache_shape(layer)
+            return LayerCache(torch.zeros(batch, g, max_len, wk, dtype=dtype), torch.zeros(batch, g, max_len, wv, dtype=dtype))
+        self.layers = [entry(layer) for layer in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions filled
 
@@ -231,6 +234,94 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
                                                  scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B, T, D]
+
+
+class LatentUpProjection(nn.Module):
+    """MLA's kv_b [H*(N+V), r]: a matrix whose per-head blocks multiply the query and the attended
+    latent, never applied as a linear; not an nn.Linear, so no integer kernel replaces it (the
+    runtimes hold it dequantized)."""
+
+    def __init__(self, rank: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, rank))
+
+
+# DeepSeek's q_a and kv_a norms take RMSNorm's default eps, not the config's (modeling_deepseek_v2.py).
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, Sec. 2.1, Eqs. 9-19), in its absorbed form.
+
+    Each token caches c [r] (the RMSNorm'd latent, kv_lora_rank dims) and one RoPE key k_r [R]
+    shared by all heads. Head h's key is [W_uk[h] c | k_r] and its value W_uv[h] c, with kv_b =
+    [W_uk; W_uv] per head; so q_h . k_h = (q_nope_h W_uk[h]) . c + q_rope_h . k_r, and the value sum
+    is W_uv[h] (sum_s p_s c_s): attention runs over the latent and nothing per head is expanded
+    over the S cached positions (transformers expands; the two agree to rounding).
+    Shapes: B, T, S, H; N = qk_nope_head_dim, R = qk_rope_head_dim, V = v_head_dim, r = kv_lora_rank.
+    """
+
+    def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
+        super().__init__()
+        d, h, r, ql = config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.q_lora_rank
+        self.n_heads, self.r, self.rope = h, r, config.qk_rope_head_dim
+        self.nope, self.v_dim = config.qk_nope_head_dim, config.v_head_dim
+        qk = self.nope + self.rope
+        self.q_lora = ql is not None
+        if ql is None:
+            self.q = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a = nn.Linear(d, ql, bias=config.attention_bias)
+            self.q_a_norm = RMSNorm(ql, LATENT_NORM_EPS)
+            self.q_b = nn.Linear(ql, h * qk, bias=False)
+        self.kv_a = nn.Linear(d, r + self.rope, bias=config.attention_bias)
+        self.kv_a_norm = RMSNorm(r, LATENT_NORM_EPS)
+        self.kv_b = LatentUpProjection(r, h * (self.nope + self.v_dim))
+        self.o = nn.Linear(h * self.v_dim, d, bias=config.attention_out_bias)
+        self.scale = config.attention_multiplier if config.attention_multiplier is not None else qk ** -0.5
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> the absorbed query [B, H, T, r + R], the latent c [B, 1, T, r] and the RoPE
+        key k_r [B, 1, T, R] (the two cached per token); cos, sin [T, R]."""
+        b, t, _ = x.shape
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.q_lora else self.q(x)  # [B, T, H*(N+R)]
+        q = q.view(b, t, self.n_heads, self.nope + self.rope).transpose(1, 2)  # [B, H, T, N+R]
+        kv = self.kv_a(x)  # [B, T, r+R]
+        c = self.kv_a_norm(kv[..., :self.r]).unsqueeze(1)  # [B, 1, T, r]
+        k_rope = apply_rope(kv[..., self.r:].unsqueeze(1), cos, sin)  # [B, 1, T, R]
+        w_uk = self.kv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.r)[:, :self.nope]  # [H, N, r]
+        q_latent = torch.matmul(q[..., :self.nope], w_uk)  # [B, H, T, r]
+        return torch.cat([q_latent, apply_rope(q[..., self.nope:], cos, sin)], dim=-1), c, k_rope
+
+    def attend(self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Absorbed query [B, H, T, r + R] over the S cached latents c [B, 1, S, r] and RoPE keys
+        [B, 1, S, R], additive mask [T, S] -> [B, T, D]."""
+        b, _, t, _ = q.shape
+        keys = torch.cat([c, k_rope], dim=-1)  # [B, 1, S, r+R], one "head" shared by all
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale + mask  # [B, H, T, S]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        latent = torch.matmul(probs, c)  # [B, H, T, r]
+        w_uv = self.kv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.r)[:, self.nope:]  # [H, V, r]
+        out = torch.matmul(latent, w_uv.transpose(1, 2))  # [B, H, T, V]
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))  # [B, T, D]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
+        """As Attention.forward; the cache's k and v hold c and k_r."""
+        t = x.shape[1]
+        q, c, k_rope = self.project(x, cos, sin)
+        if cache is not None:
+            cache.k[:, :, pos:pos + t] = c
+            cache.v[:, :, pos:pos + t] = k_rope
+            c, k_rope = cache.k[:, :, :pos + t], cache.v[:, :, :pos + t]  # [B, 1, S, r], [B, 1, S, R]
+        s = c.shape[2]
+        mask = torch.zeros(t, s, dtype=q.dtype).masked_fill(~window_mask(t, s, None, offset=s - t), float("-inf"))
+        return self.attend(q, c, k_rope, mask)
+
+
+# Token mixer (runtime_py.config.MIXER_KINDS) -> its module; a sliding layer is Attention with a window.
+MIXER_MODULES: dict[str, type[nn.Module]] = {"full": Attention, "sliding": Attention, "mla": LatentAttention}
 
 
 class LowRankLinear(nn.Module):
@@ -406,7 +497,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = MIXER_MODULES[config.mixer(layer)](config, layer)
         self.ffn_norm = decoder_norm(config)
         attr, module = FFN_MODULES[config.ffn_kind(layer).name]
         setattr(self, attr, module(config, layer, experts))

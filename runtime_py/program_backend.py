@@ -157,10 +157,9 @@ class ProgramEngine:
 
     def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # Room for the whole context (budgeted up front); layer calls get the filled prefix of it.
-        cfg = self.config
-        shape = (1, cfg.num_key_value_heads, cfg.max_position_embeddings, cfg.head_size)
-        return ([torch.zeros(shape) for _ in range(cfg.num_hidden_layers)],
-                [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)])
+        cfg, c = self.config, self.config.max_position_embeddings
+        shapes = [cfg.cache_shape(layer) for layer in range(cfg.num_hidden_layers)]  # (G, Wk, Wv)
+        return [torch.zeros(1, g, c, wk) for g, wk, _ in shapes], [torch.zeros(1, g, c, wv) for g, _, wv in shapes]
 
     def _chunk(self, ids: list[int], pos: int, cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         """T <= max_tokens tokens at positions pos..pos+T-1 -> logits [T, V]; writes their keys and
@@ -181,9 +180,9 @@ class ProgramEngine:
         # Programs with a static cache take one mask over the whole context and the new keys.
         masks = [slot_mask, new_mask] if self.prefix_cache else [torch.cat([slot_mask.expand(t, -1), new_mask], 1)]
         for layer in range(cfg.num_hidden_layers):
-            k_in, v_in = k_cache[layer][:, :, :s].contiguous(), v_cache[layer][:, :, :s].contiguous()  # [1,G,S,Dh]
+            k_in, v_in = k_cache[layer][:, :, :s].contiguous(), v_cache[layer][:, :, :s].contiguous()  # [1,G,S,Wk|Wv]
             base, xn, logits, k_new, v_new = self._backbone[("layer", layer, None)](
-                [x, cos, sin, *masks, k_in, v_in])  # [1,T,D] [T,D] [T,E] [1,G,T,Dh] x2
+                [x, cos, sin, *masks, k_in, v_in])  # [1,T,D] [T,D] [T,E] [1,G,T,Wk] [1,G,T,Wv]
             k_cache[layer][:, :, pos:pos + t] = k_new
             v_cache[layer][:, :, pos:pos + t] = v_new
             if not cfg.ffn_kind(layer).routed:  # a dense layer: base already holds its MLP; nothing routed

@@ -21,13 +21,16 @@ Router = Callable[[torch.Tensor, torch.Tensor | None, CosmoeConfig], tuple[torch
 
 def _choose(scores: torch.Tensor, bias: torch.Tensor | None, config: CosmoeConfig) -> torch.Tensor:
     """Expert ids [N, K]: the top-k of scores [N, E] plus the selection-only bias, among the
-    experts of the topk_group best groups (a group's score: the sum of its two best experts, as in
-    DeepSeek-V3 and transformers' Glm4MoeTopkRouter). Without a bias and groups, plain top-k."""
+    experts of the topk_group best groups (a group's score, config.group_score: the sum of its two
+    best experts, as DeepSeek-V3 and transformers' Glm4MoeTopkRouter, or its best one, as
+    DeepSeek-V2's group_limited_greedy). Without a bias and groups, plain top-k."""
     choice = scores if bias is None else scores + bias.float()  # [N, E]
     g = config.n_group
     if g > 1:
         n, e = choice.shape
-        group_scores = choice.view(n, g, e // g).topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        grouped = choice.view(n, g, e // g)  # [N, G, E/G]
+        group_scores = (grouped.amax(dim=-1) if config.group_score == "max"
+                        else grouped.topk(2, dim=-1).values.sum(dim=-1))  # [N, G]
         keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         choice = choice.masked_fill(~keep.bool().repeat_interleave(e // g, dim=1), float("-inf"))  # [N, E]
     return torch.topk(choice, config.num_experts_per_tok, dim=-1).indices

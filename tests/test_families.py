@@ -26,8 +26,8 @@ from runtime_py.runner import Runner
 
 # Every HF family fixture but plain Qwen3-MoE, whose plan the dense variant extends.
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe_dense", "olmoe", "granitemoe", "granitemoeshared", "hunyuan_moe",
-            "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss"]
-EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared", "gpt_oss"]
+            "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3"]
+EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared", "gpt_oss", "deepseek_v2", "deepseek_v3"]
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 7]
 
 

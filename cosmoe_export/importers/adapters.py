@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ class Adapter:
         dot products of q and k over a head, so permuting both alike changes no output."""
         return rope_permutation(config.head_size, config.rope_dims, self.interleaved_rope)
 
+    def row_permutations(self, config: CosmoeConfig) -> list[RowPermutation]:
+        """Which canonical tensors' rows to reorder at import, in blocks (heads) of one permutation:
+        q and k (weights, biases, per-head norms) by head_permutation."""
+        perm = self.head_permutation(config)
+        if perm is None:
+            return []
+        heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
+        return [RowPermutation(rf"layers\.\d+\.attn\.{p}{norm}\.(weight|bias)", 1 if norm else heads[p], perm)
+                for p in "qk" for norm in ("", "_norm")]
+
     def ignores(self, key: str, config: CosmoeConfig) -> bool:
         """Source tensors the family's transformers class does not load either."""
         return False
@@ -78,6 +89,15 @@ class Adapter:
         except Exception as e:  # transformers raises many types for a bad config
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({first})") from None
+
+
+@dataclass(frozen=True)
+class RowPermutation:
+    """Rows of every canonical tensor whose name matches ``pattern`` are ``blocks`` blocks (heads)
+    of len(perm) rows each, reordered within each block: new row i = old row perm[i]."""
+    pattern: str
+    blocks: int
+    perm: list[int]
 
 
 def rope_permutation(head_size: int, rope_dims: int, interleaved: bool) -> list[int] | None:
@@ -305,10 +325,7 @@ class Glm4Moe(Adapter):
                     shared_expert_gate=False, **_layer_plan(plan, hf, path, f"first_k_dense_replace {k}"))
 
     def ignores(self, key: str, config: CosmoeConfig) -> bool:
-        # The multi-token-prediction layers after the last decoder layer (num_mtp_layers), which
-        # transformers does not load either (Glm4MoePreTrainedModel._keys_to_ignore_on_load_unexpected).
-        m = re.match(r"model\.layers\.(\d+)\.", key)
-        return m is not None and int(m.group(1)) >= config.num_hidden_layers
+        return _ignores_mtp_layers(key, config)  # Glm4MoePreTrainedModel._keys_to_ignore_on_load_unexpected
 
 
 @register("PhimoeForCausalLM")
@@ -346,6 +363,88 @@ class GptOss(Adapter):
                     expert_bias=True, expert_act="clamped_swiglu", swiglu_alpha=float(hf.swiglu_alpha),
                     swiglu_limit=float(hf.swiglu_limit), layer_mixers=mixers,
                     sliding_window=int(hf.sliding_window or 0) if "sliding" in mixers else 0)
+
+
+def _ignores_mtp_layers(key: str, config: CosmoeConfig) -> bool:
+    """The multi-token-prediction layers after the last decoder layer (GLM's num_mtp_layers,
+    DeepSeek-V3's num_nextn_predict_layers), which transformers does not load either."""
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return m is not None and int(m.group(1)) >= config.num_hidden_layers
+
+
+@register("DeepseekV2ForCausalLM")
+class DeepseekV2(Adapter):
+    """Multi-head latent attention in every layer (kv_lora_rank latent + a shared RoPE key, q direct
+    or through q_lora_rank; RoPE on interleaved pairs, permuted to halves at import), dense first
+    layers (first_k_dense_replace), ungated shared experts, and the softmax router without
+    renormalisation, greedy or group-limited by each group's best expert, times routed_scaling_factor
+    (modeling_deepseek_v2.py DeepseekV2TopkRouter). YaRN's mscale_all_dim scales the softmax by
+    mscale^2 (yarn_apply_mscale)."""
+
+    interleaved_rope = True
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        if getattr(hf, "mlp_bias", False):
+            raise _unsupported(path, "mlp_bias")
+        return {**self.latent(hf, path), **self.routing(hf, path)}
+
+    def routing(self, hf: Any, path: Path) -> dict[str, Any]:
+        method = hf.topk_method
+        if method not in ("greedy", "group_limited_greedy"):
+            raise _unsupported(path, f"topk_method {method!r}")
+        groups = method == "group_limited_greedy"
+        # The router never renormalises, whatever norm_topk_prob says (DeepseekV2TopkRouter.forward).
+        return dict(norm_topk_prob=False, n_group=hf.n_group if groups else 1,
+                    topk_group=hf.topk_group if groups else 1, group_score="max")
+
+    def latent(self, hf: Any, path: Path) -> dict[str, Any]:
+        k = hf.first_k_dense_replace
+        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
+        qk = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        scale = qk ** -0.5
+        if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+            m = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0 if rope["factor"] > 1 else 1.0
+            scale = scale * m * m
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(num_experts=hf.n_routed_experts, intermediate_size=hf.moe_intermediate_size,
+                    num_key_value_heads=hf.num_attention_heads, head_dim=qk, layer_mixers=["mla"] * hf.num_hidden_layers,
+                    kv_lora_rank=hf.kv_lora_rank, q_lora_rank=hf.q_lora_rank, qk_rope_head_dim=hf.qk_rope_head_dim,
+                    v_head_dim=hf.v_head_dim, attention_bias=bias, attention_out_bias=bias,
+                    attention_multiplier=None if scale == qk ** -0.5 else scale,
+                    routed_scaling_factor=float(hf.routed_scaling_factor),
+                    shared_expert_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0),
+                    shared_expert_gate=False, **_layer_plan(plan, hf, path, f"first_k_dense_replace {k}"))
+
+    def row_permutations(self, config: CosmoeConfig) -> list[RowPermutation]:
+        """The RoPE rows only: each query head's last qk_rope_head_dim rows (q, or q_b), and the
+        shared RoPE key after the latent in kv_a (weight and bias)."""
+        perm = rope_permutation(config.qk_rope_head_dim, config.qk_rope_head_dim, self.interleaved_rope)
+        if perm is None:
+            return []
+        nope, r = config.qk_nope_head_dim, config.kv_lora_rank
+        return [RowPermutation(r"layers\.\d+\.attn\.(q|q_b)\.weight", config.num_attention_heads,
+                               list(range(nope)) + [nope + i for i in perm]),
+                RowPermutation(r"layers\.\d+\.attn\.kv_a\.(weight|bias)", 1, list(range(r)) + [r + i for i in perm])]
+
+    def ignores(self, key: str, config: CosmoeConfig) -> bool:
+        return _ignores_mtp_layers(key, config)
+
+
+@register("DeepseekV3ForCausalLM")
+class DeepseekV3(DeepseekV2):
+    """DeepSeek-V2's latent attention and layer plan with V3's router: sigmoid scores, the
+    e_score_correction_bias for the choice only, groups scored by their two best experts,
+    renormalised when norm_topk_prob (modeling_deepseek_v3.py DeepseekV3TopkRouter). RoPE pairs are
+    interleaved when rope_interleave, else already halves."""
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        self.interleaved_rope = bool(getattr(hf, "rope_interleave", True))
+        return super().family_fields(hf, path)
+
+    def routing(self, hf: Any, path: Path) -> dict[str, Any]:
+        return dict(router="sigmoid", score_bias=True, norm_topk_prob=bool(hf.norm_topk_prob), n_group=hf.n_group,
+                    topk_group=hf.topk_group)
 
 
 @register(ARCHITECTURE)

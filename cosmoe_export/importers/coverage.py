@@ -45,6 +45,8 @@ FAMILIES = [
     Family("GLM-4 MoE", "Glm4MoeForCausalLM", "glm4_moe", EXECUTORCH, EXECUTORCH),
     Family("Phi-MoE", "PhimoeForCausalLM", "phimoe"),
     Family("gpt-oss", "GptOssForCausalLM", "gpt_oss", EXECUTORCH, EXECUTORCH),
+    Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH),
+    Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH),
 ]
 
 

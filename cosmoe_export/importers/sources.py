@@ -148,9 +148,7 @@ def checkpoint_source(path: Path, *, allow_pickle: bool = False, hash_files: boo
     files = _SafetensorsFiles()
     index = _weight_index(path, files, allow_pickle)  # source name -> (file, shape, dtype, getter)
     plan = _plan(path, config, index, adapter)
-    perm = adapter.head_permutation(config)
-    if perm is not None:
-        _permute_heads(plan, config, perm)
+    _permute_rows(plan, config, adapter.row_permutations(config))
     weight_files = sorted({entry[0] for entry in index.values()})
     prov = {"kind": "checkpoint", "architecture": adapter.architecture, "files": [
         {"name": p.name, "bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if hash_files else {})}
@@ -272,22 +270,19 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Ad
     return plan
 
 
-def _permute_heads(plan: dict[str, PlannedTensor], config: CosmoeConfig, perm: list[int]) -> None:
-    """Reorder each head's dims of q and k (weights, biases, per-head norms) by ``perm``
-    (Adapter.head_permutation) as their tensors load."""
-    heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
-    index = torch.tensor(perm)
-    if config.qk_norm == "full":  # a norm over the whole projection would need its own permutation
+def _permute_rows(plan: dict[str, PlannedTensor], config: CosmoeConfig, rules: list) -> None:
+    """Reorder rows of the tensors each rule names (Adapter.row_permutations: RoPE pairs into the
+    bundle's half-split layout) as their tensors load."""
+    if rules and config.qk_norm == "full":  # a norm over the whole projection would need its own permutation
         raise CheckpointError(f"{config.qk_norm!r} q/k norm with a permuted RoPE layout is not supported")
     for name, t in plan.items():
-        m = re.fullmatch(r"layers\.\d+\.attn\.(q|k)(_norm)?\.(weight|bias)", name)
-        if m is None:
+        rule = next((r for r in rules if re.fullmatch(r.pattern, name)), None)
+        if rule is None:
             continue
-        n_heads = 1 if m.group(2) else heads[m.group(1)]  # a per-head norm is one head's [Dh]
 
-        def load(load=t.load, n_heads=n_heads) -> torch.Tensor:
-            w = load()  # [H*Dh, D] or [H*Dh] or [Dh]
-            return w.reshape(n_heads, len(perm), *w.shape[1:])[:, index].reshape(w.shape).contiguous()
+        def load(load=t.load, blocks=rule.blocks, index=torch.tensor(rule.perm)) -> torch.Tensor:
+            w = load()  # [blocks * n, ...]
+            return w.reshape(blocks, len(index), *w.shape[1:])[:, index].reshape(w.shape).contiguous()
         t.load = load
 
 

@@ -47,9 +47,15 @@ TENSOR_NAMES: dict[str, list[str | Part]] = {
         HF_LAYER + ".mlp.router.weight",  # Phi-MoE, as transformers >= 5 holds it
     ],
     "layers.{l}.attn.sinks": [HF_LAYER + ".self_attn.sinks"],  # gpt-oss
+    # DeepSeek-V2/V3's latent attention (q_proj and o_proj are the rows above).
+    **{f"layers.{{l}}.attn.{n}.{kind}": [HF_LAYER + f".self_attn.{hf}.{kind}"] for n, hf in (
+        ("q_a", "q_a_proj"), ("q_b", "q_b_proj"), ("kv_a", "kv_a_proj_with_mqa"), ("kv_b", "kv_b_proj"))
+       for kind in ("weight", "bias")},
+    "layers.{l}.attn.q_a_norm.weight": [HF_LAYER + ".self_attn.q_a_layernorm.weight"],
+    "layers.{l}.attn.kv_a_norm.weight": [HF_LAYER + ".self_attn.kv_a_layernorm.weight"],
     "layers.{l}.moe.router.bias": [HF_LAYER + ".mlp.router.bias"],  # gpt-oss
     "layers.{l}.moe.score_bias": [
-        HF_LAYER + ".mlp.gate.e_score_correction_bias",  # GLM
+        HF_LAYER + ".mlp.gate.e_score_correction_bias",  # GLM, DeepSeek-V3
         Part(HF_LAYER + ".mlp.moe_statics.e_score_correction_bias", squeeze=True),  # ERNIE, [1, E], as saved
         Part(HF_LAYER + ".mlp.gate.moe_statics.e_score_correction_bias", squeeze=True),  # ERNIE, in memory
     ],

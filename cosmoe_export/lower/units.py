@@ -24,8 +24,10 @@ from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
 from runtime_py.errors import FormatError
 from runtime_py.model import (
+    MIXER_MODULES,
     Attention,
     Expert,
+    LatentAttention,
     add_residual,
     decoder_norm,
     routed_expert,
@@ -91,7 +93,10 @@ def backbone_weights(bundle: Bundle) -> dict[str, Weight]:
 # integer weights after building the unit from dequantized ones.
 def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
     pre = f"layers.{layer}."
-    out = {f"attn.{p}": f"{pre}attn.{p}.weight" for p in "qkvo"}
+    # MLA's kv_b is not a linear of the program: its blocks multiply the query and the attended
+    # latent (model.LatentAttention), so the program holds it dequantized.
+    names = ("q_a", "q_b", "kv_a", "o") if config.q_lora_rank else ("q", "kv_a", "o")
+    out = {f"attn.{p}": f"{pre}attn.{p}.weight" for p in (names if config.mixer(layer) == "mla" else "qkvo")}
     out.update(LAYER_FFNS[config.ffn_kind(layer).name].linears(config, pre))
     return out
 
@@ -130,7 +135,8 @@ class LayerUnit(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.attn = Attention(config, layer)
+        self.mixer = LAYER_MIXERS[config.mixer(layer)]
+        self.attn = MIXER_MODULES[config.mixer(layer)](config, layer)
         self.ffn_norm = decoder_norm(config)
         self.residual_multiplier = config.residual_multiplier
         self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
@@ -138,32 +144,57 @@ class LayerUnit(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mask: torch.Tensor,
                 new_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k/v_cache [1, G, S, Dh] ->
-        base [1, T, D] (residual + shared expert, or + the MLP in a dense layer), xn [T, D] (expert
-        input), logits [T, E] (zeros in a dense layer), k_new, v_new [1, G, T, Dh]."""
-        a = self.attn
-        b, t, _ = x.shape
-        q, k_new, v_new = a.project(self.attn_norm(x), cos, sin)  # [1, H, T, Dh], [1, G, T, Dh] x2
-        keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
-        values = torch.cat([v_cache, v_new], dim=2)
-        if a.n_kv != a.n_heads:  # repeat kv heads explicitly: not every backend takes SDPA's enable_gqa
-            # As a concatenation of per-group slices, not expand + reshape: with a dynamic T, torch.export
-            # cannot prove the reshape's contiguity guard (Min((S+T)*Dh, G*(S+T)*Dh) == (S+T)*Dh) for
-            # T = 1 and refuses the dynamic dim (docs/LOWERING.md).
-            rep = a.n_heads // a.n_kv
-            keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
-            values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
+        """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k_cache [1, G, S, Wk],
+        v_cache [1, G, S, Wv] (config.cache_shape) -> base [1, T, D] (residual + shared expert, or +
+        the MLP in a dense layer), xn [T, D] (expert input), logits [T, E] (zeros in a dense layer),
+        k_new [1, G, T, Wk], v_new [1, G, T, Wv]."""
+        t = x.shape[1]
         mask = torch.cat([slot_mask.expand(t, -1), new_mask], dim=1)  # [T, S+T]
-        if a.window is not None:
-            mask = mask + window_far(t, k_cache.shape[2], a.window)
-        if a.sinks is not None:
-            att = sink_attention(q, keys, values, mask, a.scale, a.sinks)  # [1, H, T, Dh]
-        else:
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
-        x = add_residual(x, a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), self.residual_multiplier)
+        att, k_new, v_new = self.mixer(self.attn, self.attn_norm(x), cos, sin, mask, k_cache, v_cache)  # [1, T, D]
+        x = add_residual(x, att, self.residual_multiplier)
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
         base, logits = self.ffn.forward(self, x, xn)  # [1, T, D], [T, E]
         return base, xn, logits, k_new, v_new
+
+
+# A layer program's token mixer: (module, normed x [1, T, D], cos, sin, additive mask [T, S+T],
+# k_cache, v_cache) -> (output [1, T, D], k_new, v_new). One per runtime_py.config.MIXER_KINDS.
+Mixer = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _attention(a: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full or sliding attention over the S cached keys [1, G, S, Dh] then the T new ones."""
+    b, t, _ = x.shape
+    q, k_new, v_new = a.project(x, cos, sin)  # [1, H, T, Dh], [1, G, T, Dh] x2
+    keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
+    values = torch.cat([v_cache, v_new], dim=2)
+    if a.n_kv != a.n_heads:  # repeat kv heads explicitly: not every backend takes SDPA's enable_gqa
+        # As a concatenation of per-group slices, not expand + reshape: with a dynamic T, torch.export
+        # cannot prove the reshape's contiguity guard (Min((S+T)*Dh, G*(S+T)*Dh) == (S+T)*Dh) for
+        # T = 1 and refuses the dynamic dim (docs/LOWERING.md).
+        rep = a.n_heads // a.n_kv
+        keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
+        values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
+    if a.window is not None:
+        mask = mask + window_far(t, k_cache.shape[2], a.window)
+    if a.sinks is not None:
+        att = sink_attention(q, keys, values, mask, a.scale, a.sinks)  # [1, H, T, Dh]
+    else:
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
+    return a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), k_new, v_new
+
+
+def _latent(a: LatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA: the cache tensors hold the latents [1, 1, S, r] and RoPE keys [1, 1, S, R]."""
+    q, c_new, k_rope_new = a.project(x, cos, sin)  # [1, H, T, r+R], [1, 1, T, r], [1, 1, T, R]
+    c = torch.cat([k_cache, c_new], dim=2)  # [1, 1, S+T, r]
+    k_rope = torch.cat([v_cache, k_rope_new], dim=2)  # [1, 1, S+T, R]
+    return a.attend(q, c, k_rope, mask), c_new, k_rope_new
+
+
+LAYER_MIXERS: dict[str, Mixer] = {"full": _attention, "sliding": _attention, "mla": _latent}
 
 
 def window_far(t: int, s: int, window: int) -> torch.Tensor:
@@ -287,12 +318,13 @@ def max_tokens(config: CosmoeConfig) -> int:
     return min(MAX_TOKENS, config.max_position_embeddings)
 
 
-def layer_example_inputs(config: CosmoeConfig, t: int = 2, s: int = 3) -> tuple[torch.Tensor, ...]:
-    """Inputs of a layer program for T new tokens after S cached positions: x, cos, sin, slot_mask,
-    new_mask, k_cache, v_cache."""
-    g, dh, d = config.num_key_value_heads, config.head_size, config.hidden_size
+def layer_example_inputs(config: CosmoeConfig, t: int = 2, s: int = 3, *, layer: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs of layer ``layer``'s program for T new tokens after S cached positions: x, cos, sin,
+    slot_mask, new_mask, k_cache, v_cache."""
+    g, wk, wv = config.cache_shape(layer)
+    dh, d = config.rope_width, config.hidden_size
     return (torch.zeros(1, t, d), torch.ones(t, dh), torch.zeros(t, dh), torch.zeros(s), torch.zeros(t, t),
-            torch.zeros(1, g, s, dh), torch.zeros(1, g, s, dh))
+            torch.zeros(1, g, s, wk), torch.zeros(1, g, s, wv))
 
 
 def token_dim(config: CosmoeConfig) -> torch.export.Dim:

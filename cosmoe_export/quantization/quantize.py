@@ -74,7 +74,7 @@ ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in
     ("sinks", r"^layers\.\d+\.attn\.sinks$"),  # gpt-oss: one logit per head [H], like a bias
     ("embedding", r"^embed\.weight$"),  # a lookup: per-row scales dequantize only the rows used
     ("head", r"^lm_head\.weight$"),  # per-output-channel = per-vocabulary-row scales
-    ("attention", r"^layers\.\d+\.attn\.[qkvo]\.weight$"),
+    ("attention", r"^layers\.\d+\.attn\.([qkvo]|q_a|q_b|kv_a|kv_b)\.weight$"),  # kv_b, q_a, q_b: MLA
     ("shared_expert", r"^layers\.\d+\.moe\.shared\.(gate|up|down)\.weight$"),
     ("dense_mlp", r"^layers\.\d+\.mlp\.(gate|up|down)\.weight$"),  # a "dense" layer of the plan
 ]]

@@ -49,7 +49,8 @@ const std::set<std::string> kConfigKeys = {
     "router", "score_bias", "n_group", "topk_group", "routed_scaling_factor", "shared_expert_gate", "rotary_dim",
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps",
     "norm", "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
-    "expert_act", "swiglu_alpha", "swiglu_limit", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+    "expert_act", "swiglu_alpha", "swiglu_limit", "group_score", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+    "v_head_dim", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
 json parse_unique(const std::string& text, const std::string& where) {
@@ -164,9 +165,24 @@ Config read_config(const json& model, const std::string& where) {
   if (model.contains("layer_mixers") && !model["layer_mixers"].is_null()) {
     const json& plan = model["layer_mixers"];
     bool ok = plan.is_array() && int64_t(plan.size()) == c.num_hidden_layers;
-    for (const json& k : ok ? plan : json::array()) ok &= k.is_string() && (k == "full" || k == "sliding");
-    if (!ok) p.push_back("layer_mixers must list 'full' or 'sliding' for each of the num_hidden_layers layers, got " +
+    for (const json& k : ok ? plan : json::array()) ok &= k.is_string() && (k == "full" || k == "sliding" || k == "mla");
+    if (!ok) p.push_back("layer_mixers must list 'full', 'sliding' or 'mla' for each of the num_hidden_layers layers, got " +
                          plan.dump().substr(0, 80));
+    // Latent attention (CosmoeConfig._latent_problems): every layer or none.
+    int mla = 0;
+    for (const json& k : ok ? plan : json::array()) mla += k == "mla";
+    if (mla && mla != c.num_hidden_layers) p.push_back("layer_mixers: 'mla' layers cannot mix with other token mixers");
+    c.latent_attention = mla > 0;
+  }
+  if (c.latent_attention) {  // the cache holds the latent and the shared RoPE key (CosmoeConfig.cache_shape)
+    c.kv_lora_rank = get_int(model, "kv_lora_rank", 0, p, true);
+    c.qk_rope_head_dim = get_int(model, "qk_rope_head_dim", 0, p, true);
+    get_int(model, "v_head_dim", 0, p, true);
+  }
+  if (model.contains("group_score")) {
+    if (model["group_score"] != "top2_sum" && model["group_score"] != "max")
+      p.push_back("group_score must be one of ['top2_sum', 'max'], got " + model["group_score"].dump());
+    else c.router.group_max = model["group_score"] == "max";
   }
   if (model.contains("expert_act") && !(model["expert_act"] == "silu" || model["expert_act"] == "clamped_swiglu"))
     p.push_back("expert_act must be one of ['silu', 'clamped_swiglu'], got " + model["expert_act"].dump());
@@ -278,9 +294,18 @@ Config read_config(const json& model, const std::string& where) {
     if (c.rotary_dim % 2 || c.rotary_dim > c.head_size)
       p.push_back("rotary_dim (" + std::to_string(c.rotary_dim) + ") must be even and at most the head size (" +
                   std::to_string(c.head_size) + ")");
+    if (c.latent_attention) {
+      if (c.qk_rope_head_dim % 2 || c.qk_rope_head_dim >= c.head_size)
+        p.push_back("'mla' layers need an even qk_rope_head_dim below head_dim");
+      c.rope_width = c.qk_rope_head_dim;
+      c.cache_heads = 1, c.k_width = c.kv_lora_rank, c.v_width = c.qk_rope_head_dim;
+    } else {
+      c.rope_width = c.head_size;
+      c.cache_heads = c.num_key_value_heads, c.k_width = c.v_width = c.head_size;
+    }
     if (int64_t(c.moe_layers.size()) * c.num_experts > (1 << 16))
       p.push_back("too many expert files (MoE layers x experts exceeds the limit of 65,536); check the sizes");
-    double kv = 2.0 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_size * 4;
+    double kv = double(c.num_hidden_layers) * c.cache_heads * (c.k_width + c.v_width) * c.max_position_embeddings * 4;
     if (kv > double(128LL << 30)) p.push_back("max_position_embeddings needs a KV cache above 128 GiB; check the sizes");
   }
   if (!p.empty()) {

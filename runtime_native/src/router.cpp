@@ -29,7 +29,8 @@ void top_k_ids(const float* scores, int e, int k, int* idx) {
 namespace {
 
 // runtime_py.routers._choose: top-k of scores + bias among the topk_group best groups (a group's
-// score is the sum of its two best), into idx [K]. `choice` holds E floats.
+// score is the sum of its two best, or its best with group_score "max"), into idx [K]. `choice`
+// holds E floats.
 void choose(const RouterParams& r, const float* scores, const float* bias, float* choice, int* idx) {
   const int e = r.num_experts, g = r.n_group;
   for (int i = 0; i < e; ++i) choice[i] = bias ? scores[i] + bias[i] : scores[i];
@@ -39,7 +40,7 @@ void choose(const RouterParams& r, const float* scores, const float* bias, float
     for (int j = 0; j < g; ++j) {
       int best[2];
       top_k_ids(choice + j * per, per, 2, best);
-      group[size_t(j)] = choice[j * per + best[0]] + choice[j * per + best[1]];
+      group[size_t(j)] = r.group_max ? choice[j * per + best[0]] : choice[j * per + best[0]] + choice[j * per + best[1]];
     }
     std::vector<int> keep(static_cast<size_t>(r.topk_group));
     top_k_ids(group.data(), g, r.topk_group, keep.data());

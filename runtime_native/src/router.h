@@ -11,7 +11,8 @@ struct RouterParams {
   std::string kind = "softmax";  // runtime_py/config.py ROUTERS: "softmax" | "sigmoid" | "sparsemixer"
   int num_experts = 8, top_k = 2;
   bool renormalise = true;             // norm_topk_prob
-  int n_group = 1, topk_group = 1;     // group-limited top-k (DeepSeek-V3, GLM)
+  int n_group = 1, topk_group = 1;     // group-limited top-k (DeepSeek-V2/V3, GLM)
+  bool group_max = false;              // group_score "max" (DeepSeek-V2), else the sum of the two best
   float routed_scaling_factor = 1.0f;  // GLM, DeepSeek-V3
   float sparsemixer_eps = 0.01f;       // Phi-MoE
 };

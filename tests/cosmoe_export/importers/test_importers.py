@@ -125,11 +125,11 @@ def test_missing_extra_and_misshapen_tensors(hf_checkpoint):
 def test_unknown_architecture_lists_supported(hf_checkpoint):
     ckpt = hf_checkpoint("mixtral")
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["architectures"] = ["NemotronHForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitecture) as e:
         open_source(str(ckpt))
-    assert "'DeepseekV3ForCausalLM' is not supported" in str(e.value)
+    assert "'NemotronHForCausalLM' is not supported" in str(e.value)
     assert "MixtralForCausalLM" in str(e.value) and "OlmoeForCausalLM" in str(e.value)
 
 

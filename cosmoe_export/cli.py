@@ -590,13 +590,16 @@ def architectures() -> None:
       cosmoe-export architectures
     """
     from cosmoe_export.importers import coverage
-    from cosmoe_export.importers.adapters import supported_architectures
+    from cosmoe_export.importers.adapters import REFUSED, supported_architectures
     from cosmoe_export.importers.presets import PRESETS
 
     click.echo("architectures: " + ", ".join(supported_architectures()))
     click.echo("presets: " + ", ".join(PRESETS))
     click.echo("")
     click.echo(coverage.table())
+    click.echo("")
+    for name, why in REFUSED.items():
+        click.echo(f"refused: {name}: {why}")
 
 
 @cli.command(context_settings=CONTEXT)

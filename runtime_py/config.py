@@ -44,9 +44,11 @@ ROPE_TYPES = ("default", "llama3", "yarn")
 EXPERT_ACTS = ("silu", "clamped_swiglu")
 # Per-layer token mixers by the name the manifest's ``layer_mixers`` uses: full causal attention,
 # causal attention over the last ``sliding_window`` positions (gpt-oss's sliding_attention layers),
-# or multi-head latent attention (DeepSeek-V2/V3: keys and values from a cached latent of
-# kv_lora_rank dims plus one shared RoPE key; runtime_py/model.py LatentAttention).
-MIXER_KINDS = ("full", "sliding", "mla")
+# multi-head latent attention (DeepSeek-V2/V3: keys and values from a cached latent of
+# kv_lora_rank dims plus one shared RoPE key; runtime_py/model.py LatentAttention), or a gated
+# short convolution (LFM2: out(C * conv(B * x)), a depthwise causal conv of conv_kernel taps whose
+# last conv_kernel - 1 inputs are the layer's whole state; runtime_py/model.py ShortConv).
+MIXER_KINDS = ("full", "sliding", "mla", "conv")
 # How group-limited routing scores a group: the sum of its two best experts (DeepSeek-V3, GLM) or
 # its best one (DeepSeek-V2's group_limited_greedy).
 GROUP_SCORES = ("top2_sum", "max")
@@ -109,6 +111,21 @@ DEFAULT_MIXER = "full"
 # v1 families keeps its v1 bytes (runtime_py/format.py format_version_for): the layer plan and the
 # knobs of the families added with it.
 V2_FIELDS = fmt.V2_MODEL_KEYS
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A layer's two cache tensors, [heads, rows, width] each (batch 1). ``positional``: one row per
+    position (rows = the context): runtimes pass the filled prefix and write a call's new rows at
+    its positions. Otherwise a fixed-size state: runtimes pass it whole and replace it by what the
+    call returns; it starts at zeros (the programs zero it themselves at position 0)."""
+    positional: bool
+    k: tuple[int, int, int]
+    v: tuple[int, int, int]
+
+    def bytes(self, positions: int, itemsize: int = 4) -> int:
+        rows = (lambda r: positions) if self.positional else (lambda r: r)
+        return sum(h * rows(r) * w for h, r, w in (self.k, self.v)) * itemsize
+
 
 EXPERT_NAME_RE = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)$")
 
@@ -189,6 +206,12 @@ class CosmoeConfig:
     q_lora_rank: int | None = None
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # LFM2's "conv" layers: taps of the depthwise convolution, and biases on its three tensors.
+    conv_kernel: int = 0
+    conv_bias: bool = False
+    # The sigmoid router's renormalisation adds this to the sum (transformers: 1e-20 for
+    # DeepSeek-V3 and GLM, 1e-6 for LFM2).
+    topk_norm_eps: float = 1e-20
 
     def __post_init__(self) -> None:
         for name, default in (("layer_ffns", DEFAULT_FFN), ("layer_mixers", DEFAULT_MIXER)):
@@ -241,13 +264,19 @@ class CosmoeConfig:
     def qk_nope_head_dim(self) -> int:
         return self.head_size - self.qk_rope_head_dim  # MLA only
 
-    def cache_shape(self, layer: int) -> tuple[int, int, int]:
-        """(heads, key width, value width) of layer ``layer``'s cache entry per position: its kv
-        heads' keys and values, or for MLA the latent [1, kv_lora_rank] and the RoPE key
-        [1, qk_rope_head_dim], cached in the runtimes' two cache tensors."""
-        if self.mixer(layer) == "mla":
-            return 1, self.kv_lora_rank, self.qk_rope_head_dim
-        return self.num_key_value_heads, self.head_size, self.head_size
+    def cache_spec(self, layer: int) -> CacheSpec:
+        """Layer ``layer``'s two cache tensors (the runtimes' k and v caches): its kv heads' keys and
+        values, or for MLA the latent [1, C, kv_lora_rank] and the RoPE key [1, C, qk_rope_head_dim],
+        one row per position; or a conv layer's state, its last conv_kernel - 1 inputs
+        [1, conv_kernel - 1, D] (and a [1, 1, 1] placeholder: a layer program has two cache tensors)."""
+        c = self.max_position_embeddings
+        kind = self.mixer(layer)
+        if kind == "conv":
+            return CacheSpec(False, (1, self.conv_kernel - 1, self.hidden_size), (1, 1, 1))
+        if kind == "mla":
+            return CacheSpec(True, (1, c, self.kv_lora_rank), (1, c, self.qk_rope_head_dim))
+        g, dh = self.num_key_value_heads, self.head_size
+        return CacheSpec(True, (g, c, dh), (g, c, dh))
 
     @property
     def rank(self) -> int:
@@ -311,7 +340,7 @@ class CosmoeConfig:
         ints_ok &= plan_ok
         ints_ok &= all([positive_int(n, getattr(self, n)) for n in ("n_group", "topk_group")])
         for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings", "score_bias",
-                     "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias"):
+                     "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias", "conv_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.expert_kind not in EXPERT_KINDS:
@@ -344,6 +373,8 @@ class CosmoeConfig:
             p.append(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.lm_head_bias is True and self.tie_word_embeddings is True:
             p.append("lm_head_bias needs an untied output head (tie_word_embeddings false)")
+        if not _is_number(self.topk_norm_eps) or self.topk_norm_eps < 0:
+            p.append(f"topk_norm_eps must be a number >= 0, got {self.topk_norm_eps!r}")
         for name in ("routed_scaling_factor", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 p.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -407,6 +438,11 @@ class CosmoeConfig:
             p.append("layer_mixers has 'sliding' layers but sliding_window is 0")
         if "mla" in plan:
             p.extend(self._latent_problems(plan))
+        k = self.conv_kernel
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            p.append(f"conv_kernel must be an integer >= 0, got {k!r}")
+        elif "conv" in plan and k < 2:
+            p.append(f"layer_mixers has 'conv' layers but conv_kernel is {k} (at least 2 taps)")
         return p
 
     def _latent_problems(self, plan: tuple[str, ...]) -> list[str]:
@@ -548,14 +584,30 @@ def _attention_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ..
     return s
 
 
+def _conv_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ...]]:
+    """LFM2's short convolution: in_proj [3D, D] (B, C and x, in that order of rows), the
+    depthwise kernel weight [D, 1, K], out_proj [D, D]; with conv_bias, a bias on each."""
+    d = config.hidden_size
+    s: dict[str, tuple[int, ...]] = {f"{pre}.conv.in_proj.weight": (3 * d, d),
+                                     f"{pre}.conv.weight": (d, 1, config.conv_kernel),
+                                     f"{pre}.conv.out_proj.weight": (d, d)}
+    if config.conv_bias:
+        s.update({f"{pre}.conv.in_proj.bias": (3 * d,), f"{pre}.conv.bias": (d,), f"{pre}.conv.out_proj.bias": (d,)})
+    return s
+
+
+# Token mixer -> its tensors in a layer (the DecoderLayer attribute is their name segment).
+MIXER_SHAPES: dict[str, Callable[[CosmoeConfig, str], dict[str, tuple[int, ...]]]] = {
+    "full": _attention_shapes, "sliding": _attention_shapes, "mla": _latent_attention_shapes, "conv": _conv_shapes}
+
+
 def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """Everything in one layer that is not a routed expert."""
     d, pre = config.hidden_size, f"layers.{layer}"
     s: dict[str, tuple[int, ...]] = {f"{pre}.attn_norm.weight": (d,)}
     if config.norm == "layer":
         s[f"{pre}.attn_norm.bias"] = (d,)
-    mla = config.mixer(layer) == "mla"
-    s.update(_latent_attention_shapes(config, pre) if mla else _attention_shapes(config, pre))
+    s.update(MIXER_SHAPES[config.mixer(layer)](config, pre))
     s[f"{pre}.ffn_norm.weight"] = (d,)
     if config.norm == "layer":
         s[f"{pre}.ffn_norm.bias"] = (d,)
@@ -595,8 +647,7 @@ def kv_cache_bytes(config: CosmoeConfig, positions: int | None = None, itemsize:
     """Bytes of a static KV cache: keys and values of every layer for ``positions`` tokens (default:
     the whole context), ``itemsize`` bytes each (fp32 unless the runtime computes in another dtype)."""
     positions = config.max_position_embeddings if positions is None else positions
-    per_position = sum(heads * (k + v) for heads, k, v in map(config.cache_shape, range(config.num_hidden_layers)))
-    return per_position * positions * itemsize
+    return sum(config.cache_spec(layer).bytes(positions, itemsize) for layer in range(config.num_hidden_layers))
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class LayerCache:
-    """Preallocated keys and values of one layer: k [B, G, S_max, Wk], v [B, G, S_max, Wv]
-    (config.cache_shape: Dh and Dh, or MLA's latent and RoPE key with G = 1)."""
+    """One layer's two cache tensors (config.cache_spec): keys k [B, G, S_max, Wk] and values v
+    [B, G, S_max, Wv] (MLA: the latents and RoPE keys, G = 1), or a conv layer's state."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -165,8 +165,9 @@ class KVCache:
 
     def __init__(self, config: CosmoeConfig, batch: int, max_len: int, dtype: torch.dtype) -> None:
         def entry(layer: int) -> LayerCache:
-            g, wk, wv = config.cache_shape(layer)
-            return LayerCache(torch.zeros(batch, g, max_len, wk, dtype=dtype), torch.zeros(batch, g, max_len, wv, dtype=dtype))
+            spec = config.cache_spec(layer)
+            k, v = ((h, max_len if spec.positional else r, w) for h, r, w in (spec.k, spec.v))
+            return LayerCache(torch.zeros(batch, *k, dtype=dtype), torch.zeros(batch, *v, dtype=dtype))
         self.layers = [entry(layer) for layer in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions filled
@@ -320,8 +321,52 @@ class LatentAttention(nn.Module):
         return self.attend(q, c, k_rope, mask)
 
 
-# Token mixer (runtime_py.config.MIXER_KINDS) -> its module; a sliding layer is Attention with a window.
-MIXER_MODULES: dict[str, type[nn.Module]] = {"full": Attention, "sliding": Attention, "mla": LatentAttention}
+def short_conv(u: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise convolution of u [B, K-1+T, D] (K-1 earlier inputs, then T new ones) with
+    kernel [D, 1, K] -> [B, T, D]: out[t] = sum_j kernel[:, 0, j] * u[t + j]. As K shifted products
+    rather than a conv op, so every backend lowers it (transformers: F.conv1d, equal to rounding)."""
+    k = kernel.shape[-1]
+    t = u.shape[1] - (k - 1)
+    out = sum(u[:, j:j + t] * kernel[:, 0, j] for j in range(k))  # [B, T, D]
+    return out if bias is None else out + bias
+
+
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution (modeling_lfm2_moe.py Lfm2MoeShortConv): B, C, x =
+    in_proj(h); y = out_proj(C * conv(B * x)), the conv causal over the last K = conv_kernel inputs
+    B * x. Its state is the last K - 1 of them [B, 1, K-1, D]; the cache's v is unused."""
+
+    def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
+        super().__init__()
+        d, k = config.hidden_size, config.conv_kernel
+        self.in_proj = nn.Linear(d, 3 * d, bias=config.conv_bias)
+        self.weight = nn.Parameter(torch.empty(d, 1, k))
+        self.bias = nn.Parameter(torch.empty(d)) if config.conv_bias else None
+        self.out_proj = nn.Linear(d, d, bias=config.conv_bias)
+
+    def mix(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] after state [B, 1, K-1, D] -> (y [B, T, D], the new state [B, 1, K-1, D])."""
+        b, c, u = self.in_proj(x).chunk(3, dim=-1)  # [B, T, D] x3
+        window = torch.cat([state[:, 0], b * u], dim=1)  # [B, K-1+T, D]
+        y = self.out_proj(c * short_conv(window, self.weight, self.bias))
+        return y, window[:, window.shape[1] - state.shape[2]:].unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
+        """As Attention.forward; the cache's k holds the state (zeros before position 0)."""
+        k = self.weight.shape[-1]
+        fresh = x.new_zeros(x.shape[0], 1, k - 1, x.shape[2])
+        y, state = self.mix(x, fresh if cache is None or pos == 0 else cache.k)
+        if cache is not None:
+            cache.k.copy_(state)
+        return y
+
+
+# Token mixer (runtime_py.config.MIXER_KINDS) -> (the DecoderLayer attribute, which is the canonical
+# tensor-name segment: layers.L.attn.* / layers.L.conv.*; the module). Sliding is Attention with a window.
+MIXER_MODULES: dict[str, tuple[str, type[nn.Module]]] = {
+    "full": ("attn", Attention), "sliding": ("attn", Attention), "mla": ("attn", LatentAttention),
+    "conv": ("conv", ShortConv)}
 
 
 class LowRankLinear(nn.Module):
@@ -497,7 +542,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int, experts: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.attn = MIXER_MODULES[config.mixer(layer)](config, layer)
+        mixer_attr, mixer = MIXER_MODULES[config.mixer(layer)]
+        setattr(self, mixer_attr, mixer(config, layer))
+        self.mixer = mixer_attr  # the token mixer's attribute name ("attn" | "conv")
         self.ffn_norm = decoder_norm(config)
         attr, module = FFN_MODULES[config.ffn_kind(layer).name]
         setattr(self, attr, module(config, layer, experts))
@@ -513,7 +560,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.residual_multiplier
-        x = add_residual(x, self.attn(self.attn_norm(x), cos, sin, cache, pos), m)  # [B, T, D]
+        x = add_residual(x, getattr(self, self.mixer)(self.attn_norm(x), cos, sin, cache, pos), m)  # [B, T, D]
         b, t, d = x.shape
         y, logits = getattr(self, self.ffn)(self.ffn_norm(x).reshape(b * t, d))  # [N, D], [N, E] or None
         return add_residual(x, y.view(b, t, d), m), None if logits is None else logits.view(b, t, -1)

@@ -89,6 +89,7 @@ class ProgramEngine:
         # Layer programs lowered with a dynamic cache length take only the filled slots; older ones
         # were exported for the whole context and take all of it (docs/LOWERING.md).
         self.prefix_cache = all(self.units[("layer", i, None)].cache == "prefix" for i in layers)
+        self.positional = [cfg.cache_spec(i).positional for i in layers]  # config.CacheSpec
         self.dispatch = dispatch
         # Backbone programs stay resident. Their cost is what loading them added to RSS (packed
         # weights, program buffers), and never less than their files.
@@ -157,9 +158,8 @@ class ProgramEngine:
 
     def new_cache(self, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # Room for the whole context (budgeted up front); layer calls get the filled prefix of it.
-        cfg, c = self.config, self.config.max_position_embeddings
-        shapes = [cfg.cache_shape(layer) for layer in range(cfg.num_hidden_layers)]  # (G, Wk, Wv)
-        return [torch.zeros(1, g, c, wk) for g, wk, _ in shapes], [torch.zeros(1, g, c, wv) for g, _, wv in shapes]
+        specs = [self.config.cache_spec(layer) for layer in range(self.config.num_hidden_layers)]
+        return [torch.zeros(1, *spec.k) for spec in specs], [torch.zeros(1, *spec.v) for spec in specs]
 
     def _chunk(self, ids: list[int], pos: int, cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         """T <= max_tokens tokens at positions pos..pos+T-1 -> logits [T, V]; writes their keys and
@@ -180,11 +180,13 @@ class ProgramEngine:
         # Programs with a static cache take one mask over the whole context and the new keys.
         masks = [slot_mask, new_mask] if self.prefix_cache else [torch.cat([slot_mask.expand(t, -1), new_mask], 1)]
         for layer in range(cfg.num_hidden_layers):
-            k_in, v_in = k_cache[layer][:, :, :s].contiguous(), v_cache[layer][:, :, :s].contiguous()  # [1,G,S,Wk|Wv]
+            positional = self.positional[layer]  # else a state, passed whole and replaced
+            k_in, v_in = ((c[layer][:, :, :s] if positional else c[layer]).contiguous() for c in cache)  # [1,G,S,Wk|Wv]
             base, xn, logits, k_new, v_new = self._backbone[("layer", layer, None)](
                 [x, cos, sin, *masks, k_in, v_in])  # [1,T,D] [T,D] [T,E] [1,G,T,Wk] [1,G,T,Wv]
-            k_cache[layer][:, :, pos:pos + t] = k_new
-            v_cache[layer][:, :, pos:pos + t] = v_new
+            rows = slice(pos, pos + t) if positional else slice(None)
+            k_cache[layer][:, :, rows] = k_new
+            v_cache[layer][:, :, rows] = v_new
             if not cfg.ffn_kind(layer).routed:  # a dense layer: base already holds its MLP; nothing routed
                 x = base
                 continue

@@ -54,13 +54,14 @@ def softmax_router(logits: torch.Tensor, bias: torch.Tensor | None,
 
 def sigmoid_router(logits: torch.Tensor, bias: torch.Tensor | None,
                    config: CosmoeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent sigmoid scores (DeepSeek-V3, GLM-4-MoE), chosen with the bias and groups, weights
-    from the unbiased scores, renormalised (plus 1e-20, as transformers) when norm_topk_prob."""
+    """Independent sigmoid scores (DeepSeek-V3, GLM-4-MoE, LFM2), chosen with the bias and groups,
+    weights from the unbiased scores, renormalised (plus topk_norm_eps, as transformers) when
+    norm_topk_prob."""
     scores = torch.sigmoid(logits.float())  # [N, E]
     idx = _choose(scores, bias, config)
     weights = scores.gather(1, idx)  # [N, K]
     if config.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + config.topk_norm_eps)
     return _scaled(weights, config), idx
 
 

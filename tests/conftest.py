@@ -73,6 +73,11 @@ FAMILIES = {
         num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=12, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True)),
+    # Short-convolution layers around an attention one (with conv biases), dense layer 0, the sigmoid
+    # router with its expert bias and scaling.
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=True,
+        intermediate_size=80, moe_intermediate_size=48, num_experts=8, num_dense_layers=1, routed_scaling_factor=1.7)),
 }
 
 
@@ -81,8 +86,8 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
     expert could still pass a 1e-4 gate. Re-draw every weight at fan-in scale, norms near 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # GLM keeps its correction bias as a buffer: drawn too, or the tests would never see it.
-        biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        # GLM, DeepSeek-V3 and LFM2 keep their correction bias as a buffer: drawn too, or the tests would never see it.
+        biases = [(n, b) for n, b in model.named_buffers() if n.endswith(("e_score_correction_bias", "expert_bias"))]
         for name, p in sorted([*model.named_parameters(), *biases]):
             if p.dim() == 1 and "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))

@@ -17,6 +17,12 @@ from cosmoe_export.errors import CheckpointError, UnsupportedArchitecture
 from runtime_py.config import ARCHITECTURE, CosmoeConfig
 
 ADAPTERS: dict[str, type[Adapter]] = {}
+# Architectures refused by name, and why: what the bundle format cannot express.
+REFUSED: dict[str, str] = {
+    "JetMoeForCausalLM": "its attention is a mixture of experts too (JetMoE's MoA: every token's query and output "
+                         "projections are routed to top-k of num_local_experts attention experts); a bundle's experts "
+                         "are FFNs only, and its attention lives in the always-resident layer program",
+}
 
 
 def register(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -37,6 +43,8 @@ def adapter_for(raw_config: dict[str, Any], where: str) -> Adapter:
         raise UnsupportedArchitecture(f"{where}: 'architectures' must list exactly one architecture, got {archs!r}; "
                                       f"supported: {', '.join(supported_architectures())}")
     cls = ADAPTERS.get(archs[0])
+    if archs[0] in REFUSED:
+        raise UnsupportedArchitecture(f"{where}: architecture {archs[0]!r} is not supported: {REFUSED[archs[0]]}")
     if cls is None:
         raise UnsupportedArchitecture(f"{where}: architecture {archs[0]!r} is not supported; "
                                       f"supported: {', '.join(supported_architectures())}")
@@ -134,11 +142,12 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
     n_heads = hf.num_attention_heads
     head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     rotary = None if partial == 1.0 else int(head * partial)  # as transformers' rope init computes it
+    # LFM2 names its eps norm_eps.
     return dict(
         rotary_dim=rotary, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=n_heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(hf, "head_dim", None), num_experts_per_tok=getattr(hf, "num_experts_per_tok", None),
-        rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(theta), rope_scaling=scaling,
+        rms_norm_eps=float(getattr(hf, "rms_norm_eps", None) or hf.norm_eps), rope_theta=float(theta), rope_scaling=scaling,
         max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=bool(hf.tie_word_embeddings),
         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
     )
@@ -363,6 +372,28 @@ class GptOss(Adapter):
                     expert_bias=True, expert_act="clamped_swiglu", swiglu_alpha=float(hf.swiglu_alpha),
                     swiglu_limit=float(hf.swiglu_limit), layer_mixers=mixers,
                     sliding_window=int(hf.sliding_window or 0) if "sliding" in mixers else 0)
+
+
+@register("Lfm2MoeForCausalLM")
+class Lfm2Moe(Adapter):
+    """Gated short-convolution layers beside attention ones (layer_types "conv" / "full_attention"),
+    q/k RMSNorm per head before RoPE, num_dense_layers dense first layers, and the sigmoid router
+    with a selection-only expert bias, renormalised with +1e-6 (modeling_lfm2_moe.py)."""
+
+    MIXERS = {"conv": "conv", "full_attention": "full"}
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        types = list(hf.layer_types)
+        unknown = sorted(set(types) - set(self.MIXERS))
+        if unknown:
+            raise _unsupported(path, f"layer_types {unknown}")
+        k = hf.num_dense_layers
+        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
+        return dict(num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size, qk_norm="head",
+                    norm_topk_prob=bool(hf.norm_topk_prob), router="sigmoid", score_bias=bool(hf.use_expert_bias),
+                    topk_norm_eps=1e-6, routed_scaling_factor=float(hf.routed_scaling_factor),
+                    layer_mixers=[self.MIXERS[t] for t in types], conv_kernel=int(hf.conv_L_cache),
+                    conv_bias=bool(hf.conv_bias), **_layer_plan(plan, hf, path, f"num_dense_layers {k}"))
 
 
 def _ignores_mtp_layers(key: str, config: CosmoeConfig) -> bool:

@@ -47,6 +47,7 @@ FAMILIES = [
     Family("gpt-oss", "GptOssForCausalLM", "gpt_oss", EXECUTORCH, EXECUTORCH),
     Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH),
     Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH),
+    Family("LFM2-MoE", "Lfm2MoeForCausalLM", "lfm2_moe", EXECUTORCH, EXECUTORCH),
 ]
 
 

@@ -89,15 +89,40 @@ TENSOR_NAMES: dict[str, list[str | Part]] = {
     "layers.{l}.mlp.down.weight": [HF_LAYER + ".mlp.down_proj.weight"],
 }
 
+# LFM2-MoE (modeling_lfm2_moe.py): its own names for the norms, the output projection, q/k norms,
+# the FFN block (feed_forward.*, w1/w3/w2 = gate/up/down) and the final norm (embedding_norm, applied
+# after the last layer despite its name); and its short-convolution layers.
+_LFM2 = {
+    "norm.weight": ["model.embedding_norm.weight"],
+    "layers.{l}.attn_norm.weight": [HF_LAYER + ".operator_norm.weight"],
+    "layers.{l}.ffn_norm.weight": [HF_LAYER + ".ffn_norm.weight"],
+    "layers.{l}.attn.o.weight": [HF_LAYER + ".self_attn.out_proj.weight"],
+    "layers.{l}.attn.q_norm.weight": [HF_LAYER + ".self_attn.q_layernorm.weight"],
+    "layers.{l}.attn.k_norm.weight": [HF_LAYER + ".self_attn.k_layernorm.weight"],
+    "layers.{l}.moe.router.weight": [HF_LAYER + ".feed_forward.gate.weight"],
+    "layers.{l}.moe.score_bias": [HF_LAYER + ".feed_forward.expert_bias"],
+    **{f"layers.{{l}}.moe.experts.{{e}}.{m}.weight": [HF_LAYER + f".feed_forward.experts.{{e}}.{w}.weight"]
+       for m, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))},
+    **{f"layers.{{l}}.mlp.{m}.weight": [HF_LAYER + f".feed_forward.{w}.weight"]
+       for m, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))},
+    **{f"layers.{{l}}.conv.{n}.{kind}": [HF_LAYER + f".conv.{n}.{kind}"] for n in ("in_proj", "out_proj")
+       for kind in ("weight", "bias")},
+    **{f"layers.{{l}}.conv.{kind}": [HF_LAYER + f".conv.conv.{kind}"] for kind in ("weight", "bias")},
+}
+for _name, _sources in _LFM2.items():
+    TENSOR_NAMES.setdefault(_name, []).extend(_sources)
+
 # Fused 3-D expert tensors (the layout transformers >= 5 keeps in memory; some checkpoints are
 # saved that way). gate_up [E, 2F, D]: rows 0..F-1 are gate, F..2F-1 are up (transformers'
 # ``.chunk(2)``); down [E, D, F]. Splitting gate and up in the wrong order is a known trap
 # (MoE-Infinity PR #108): the parity tests cover it.
 FUSED_GATE_UP = [HF_LAYER + ".block_sparse_moe.experts.gate_up_proj",  # Mixtral
                  HF_LAYER + ".mlp.experts.gate_up_proj",  # Qwen2-MoE, Qwen3-MoE, OLMoE, ERNIE, GLM, HunYuan
+                 HF_LAYER + ".feed_forward.experts.gate_up_proj",  # LFM2
                  HF_LAYER + ".block_sparse_moe.input_linear.weight"]  # Granite (as its checkpoints are saved)
 FUSED_DOWN = [HF_LAYER + ".block_sparse_moe.experts.down_proj",
               HF_LAYER + ".mlp.experts.down_proj",
+              HF_LAYER + ".feed_forward.experts.down_proj",
               HF_LAYER + ".block_sparse_moe.output_linear.weight"]
 
 # gpt-oss's experts (modeling_gpt_oss.py GptOssExperts): gate_up [E, D, 2F] with gate in the even

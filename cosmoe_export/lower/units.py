@@ -28,6 +28,7 @@ from runtime_py.model import (
     Attention,
     Expert,
     LatentAttention,
+    ShortConv,
     add_residual,
     decoder_norm,
     routed_expert,
@@ -95,8 +96,10 @@ def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
     pre = f"layers.{layer}."
     # MLA's kv_b is not a linear of the program: its blocks multiply the query and the attended
     # latent (model.LatentAttention), so the program holds it dequantized.
-    names = ("q_a", "q_b", "kv_a", "o") if config.q_lora_rank else ("q", "kv_a", "o")
-    out = {f"attn.{p}": f"{pre}attn.{p}.weight" for p in (names if config.mixer(layer) == "mla" else "qkvo")}
+    names = {"mla": ("q_a", "q_b", "kv_a", "o") if config.q_lora_rank else ("q", "kv_a", "o"),
+             "conv": ("in_proj", "out_proj")}.get(config.mixer(layer), "qkvo")
+    attr = MIXER_MODULES[config.mixer(layer)][0]
+    out = {f"{attr}.{p}": f"{pre}{attr}.{p}.weight" for p in names}
     out.update(LAYER_FFNS[config.ffn_kind(layer).name].linears(config, pre))
     return out
 
@@ -135,8 +138,9 @@ class LayerUnit(nn.Module):
     def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = decoder_norm(config)
-        self.mixer = LAYER_MIXERS[config.mixer(layer)]
-        self.attn = MIXER_MODULES[config.mixer(layer)](config, layer)
+        self.mix = LAYER_MIXERS[config.mixer(layer)]
+        self.mixer, module = MIXER_MODULES[config.mixer(layer)]  # "attn" | "conv": the tensor names
+        setattr(self, self.mixer, module(config, layer))
         self.ffn_norm = decoder_norm(config)
         self.residual_multiplier = config.residual_multiplier
         self.ffn = LAYER_FFNS[config.ffn_kind(layer).name]
@@ -145,12 +149,13 @@ class LayerUnit(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mask: torch.Tensor,
                 new_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """x [1, T, D], cos/sin [T, Dh], slot_mask [S], new_mask [T, T], k_cache [1, G, S, Wk],
-        v_cache [1, G, S, Wv] (config.cache_shape) -> base [1, T, D] (residual + shared expert, or +
-        the MLP in a dense layer), xn [T, D] (expert input), logits [T, E] (zeros in a dense layer),
-        k_new [1, G, T, Wk], v_new [1, G, T, Wv]."""
+        v_cache [1, G, S, Wv] (config.cache_spec; a conv layer's state instead) -> base [1, T, D]
+        (residual + shared expert, or + the MLP in a dense layer), xn [T, D] (expert input), logits
+        [T, E] (zeros in a dense layer), k_new [1, G, T, Wk], v_new [1, G, T, Wv] (or the new state)."""
         t = x.shape[1]
         mask = torch.cat([slot_mask.expand(t, -1), new_mask], dim=1)  # [T, S+T]
-        att, k_new, v_new = self.mixer(self.attn, self.attn_norm(x), cos, sin, mask, k_cache, v_cache)  # [1, T, D]
+        att, k_new, v_new = self.mix(getattr(self, self.mixer), self.attn_norm(x), cos, sin, mask,
+                                     k_cache, v_cache)  # [1, T, D]
         x = add_residual(x, att, self.residual_multiplier)
         xn = self.ffn_norm(x).reshape(t, -1)  # [T, D]
         base, logits = self.ffn.forward(self, x, xn)  # [1, T, D], [T, E]
@@ -194,7 +199,17 @@ def _latent(a: LatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return a.attend(q, c, k_rope, mask), c_new, k_rope_new
 
 
-LAYER_MIXERS: dict[str, Mixer] = {"full": _attention, "sliding": _attention, "mla": _latent}
+def _conv(a: ShortConv, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+          k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LFM2's short convolution: k_cache is the state [1, 1, K-1, D], returned updated (v_cache, a
+    placeholder, as it came). The slot mask's first entry is -inf only at position 0 (the one slot
+    passed is not filled yet), where the state must be zeros whatever the buffer holds."""
+    filled = (mask[0, :1] == 0).to(k_cache.dtype)  # [1]: 0 at position 0, else 1
+    y, state = a.mix(x, k_cache * filled)
+    return y, state, v_cache
+
+
+LAYER_MIXERS: dict[str, Mixer] = {"full": _attention, "sliding": _attention, "mla": _latent, "conv": _conv}
 
 
 def window_far(t: int, s: int, window: int) -> torch.Tensor:
@@ -321,10 +336,11 @@ def max_tokens(config: CosmoeConfig) -> int:
 def layer_example_inputs(config: CosmoeConfig, t: int = 2, s: int = 3, *, layer: int = 0) -> tuple[torch.Tensor, ...]:
     """Inputs of layer ``layer``'s program for T new tokens after S cached positions: x, cos, sin,
     slot_mask, new_mask, k_cache, v_cache."""
-    g, wk, wv = config.cache_shape(layer)
+    spec = config.cache_spec(layer)
+    k, v = ((h, s if spec.positional else r, w) for h, r, w in (spec.k, spec.v))
     dh, d = config.rope_width, config.hidden_size
     return (torch.zeros(1, t, d), torch.ones(t, dh), torch.zeros(t, dh), torch.zeros(s), torch.zeros(t, t),
-            torch.zeros(1, g, s, wk), torch.zeros(1, g, s, wv))
+            torch.zeros(1, *k), torch.zeros(1, *v))
 
 
 def token_dim(config: CosmoeConfig) -> torch.export.Dim:
@@ -335,13 +351,14 @@ def cache_dim(config: CosmoeConfig) -> torch.export.Dim:
     return torch.export.Dim("s", min=1, max=config.max_position_embeddings)
 
 
-def layer_dynamic_shapes(config: CosmoeConfig) -> tuple:
+def layer_dynamic_shapes(config: CosmoeConfig, layer: int = 0) -> tuple:
     """T dynamic in 1..max_tokens and S, the cached positions passed in, in 1..context. The runtime
     passes only the filled prefix of its cache, so a decode step costs its position, not the
     context: with S fixed at the context, every step copied and attended over all 2,048 slots of
     the wearable model (docs/BENCHMARKS.md)."""
     t, s = token_dim(config), cache_dim(config)
-    return ({1: t}, {0: t}, {0: t}, {0: s}, {0: t, 1: t}, {2: s}, {2: s})
+    cache = {2: s} if config.cache_spec(layer).positional else {}  # a state has fixed shapes
+    return ({1: t}, {0: t}, {0: t}, {0: s}, {0: t, 1: t}, cache, cache)
 
 
 LAYER_INPUTS = ["x", "cos", "sin", "slot_mask", "new_mask", "k_cache", "v_cache"]

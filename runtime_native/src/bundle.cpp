@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -50,7 +51,7 @@ const std::set<std::string> kConfigKeys = {
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps",
     "norm", "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
     "expert_act", "swiglu_alpha", "swiglu_limit", "group_score", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-    "v_head_dim", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+    "v_head_dim", "conv_kernel", "conv_bias", "topk_norm_eps", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
 json parse_unique(const std::string& text, const std::string& where) {
@@ -162,17 +163,29 @@ Config read_config(const json& model, const std::string& where) {
   c.router_bias = model.contains("router_bias") && model["router_bias"].is_boolean() && model["router_bias"].get<bool>();
   // Sliding windows, sinks, expert biases and activations live inside the programs; the runner
   // only checks that the manifest names kinds it knows (runtime_py/config.py MIXER_KINDS, EXPERT_ACTS).
+  std::vector<std::string> mixers;  // layer_mixers, empty when absent (full everywhere)
   if (model.contains("layer_mixers") && !model["layer_mixers"].is_null()) {
     const json& plan = model["layer_mixers"];
     bool ok = plan.is_array() && int64_t(plan.size()) == c.num_hidden_layers;
-    for (const json& k : ok ? plan : json::array()) ok &= k.is_string() && (k == "full" || k == "sliding" || k == "mla");
-    if (!ok) p.push_back("layer_mixers must list 'full', 'sliding' or 'mla' for each of the num_hidden_layers layers, got " +
+    for (const json& k : ok ? plan : json::array())
+      ok &= k.is_string() && (k == "full" || k == "sliding" || k == "mla" || k == "conv");
+    if (!ok) p.push_back("layer_mixers must list 'full', 'sliding', 'mla' or 'conv' for each of the num_hidden_layers layers, got " +
                          plan.dump().substr(0, 80));
     // Latent attention (CosmoeConfig._latent_problems): every layer or none.
     int mla = 0;
     for (const json& k : ok ? plan : json::array()) mla += k == "mla";
     if (mla && mla != c.num_hidden_layers) p.push_back("layer_mixers: 'mla' layers cannot mix with other token mixers");
     c.latent_attention = mla > 0;
+    if (ok)
+      for (const json& k : plan) mixers.push_back(k.get<std::string>());
+  }
+  int conv_kernel = get_int(model, "conv_kernel", 0, p, false);
+  if (std::count(mixers.begin(), mixers.end(), "conv") && conv_kernel < 2)
+    p.push_back("layer_mixers has 'conv' layers but conv_kernel is " + std::to_string(conv_kernel) + " (at least 2 taps)");
+  if (model.contains("topk_norm_eps")) {
+    if (!is_number(model["topk_norm_eps"]) || model["topk_norm_eps"].get<double>() < 0)
+      p.push_back("topk_norm_eps must be a number >= 0, got " + model["topk_norm_eps"].dump());
+    else c.router.topk_norm_eps = float(model["topk_norm_eps"].get<double>());
   }
   if (c.latent_attention) {  // the cache holds the latent and the shared RoPE key (CosmoeConfig.cache_shape)
     c.kv_lora_rank = get_int(model, "kv_lora_rank", 0, p, true);
@@ -294,18 +307,29 @@ Config read_config(const json& model, const std::string& where) {
     if (c.rotary_dim % 2 || c.rotary_dim > c.head_size)
       p.push_back("rotary_dim (" + std::to_string(c.rotary_dim) + ") must be even and at most the head size (" +
                   std::to_string(c.head_size) + ")");
-    if (c.latent_attention) {
-      if (c.qk_rope_head_dim % 2 || c.qk_rope_head_dim >= c.head_size)
-        p.push_back("'mla' layers need an even qk_rope_head_dim below head_dim");
-      c.rope_width = c.qk_rope_head_dim;
-      c.cache_heads = 1, c.k_width = c.kv_lora_rank, c.v_width = c.qk_rope_head_dim;
-    } else {
-      c.rope_width = c.head_size;
-      c.cache_heads = c.num_key_value_heads, c.k_width = c.v_width = c.head_size;
+    if (c.latent_attention && (c.qk_rope_head_dim % 2 || c.qk_rope_head_dim >= c.head_size))
+      p.push_back("'mla' layers need an even qk_rope_head_dim below head_dim");
+    c.rope_width = c.latent_attention ? c.qk_rope_head_dim : c.head_size;
+    const int ctx = c.max_position_embeddings;
+    for (int l = 0; l < c.num_hidden_layers; ++l) {  // CosmoeConfig.cache_spec
+      const std::string kind = l < int(mixers.size()) ? mixers[size_t(l)] : "full";
+      Config::CacheSpec s;
+      if (kind == "conv") {
+        s.positional = false;
+        s.k[0] = 1, s.k[1] = conv_kernel - 1, s.k[2] = c.hidden_size;
+        s.v[0] = s.v[1] = s.v[2] = 1;
+      } else if (kind == "mla") {
+        s.k[0] = 1, s.k[1] = ctx, s.k[2] = c.kv_lora_rank;
+        s.v[0] = 1, s.v[1] = ctx, s.v[2] = c.qk_rope_head_dim;
+      } else {
+        s.k[0] = s.v[0] = c.num_key_value_heads, s.k[1] = s.v[1] = ctx, s.k[2] = s.v[2] = c.head_size;
+      }
+      c.caches.push_back(s);
     }
     if (int64_t(c.moe_layers.size()) * c.num_experts > (1 << 16))
       p.push_back("too many expert files (MoE layers x experts exceeds the limit of 65,536); check the sizes");
-    double kv = double(c.num_hidden_layers) * c.cache_heads * (c.k_width + c.v_width) * c.max_position_embeddings * 4;
+    double kv = 0;
+    for (const auto& s : c.caches) kv += 4.0 * (double(s.k[0]) * s.k[1] * s.k[2] + double(s.v[0]) * s.v[1] * s.v[2]);
     if (kv > double(128LL << 30)) p.push_back("max_position_embeddings needs a KV cache above 128 GiB; check the sizes");
   }
   if (!p.empty()) {

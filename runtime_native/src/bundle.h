@@ -20,13 +20,18 @@ struct Config {
   int vocab_size = 0, hidden_size = 0, num_hidden_layers = 0, num_attention_heads = 0;
   int num_key_value_heads = 0, num_experts = 8, num_experts_per_tok = 2, max_position_embeddings = 2048;
   int head_size = 0;
-  // Latent attention (every layer "mla", DeepSeek-V2/V3): cos/sin rows are qk_rope_head_dim wide
-  // and the two cache tensors per layer hold the latent [1, C, kv_lora_rank] and the RoPE key
-  // [1, C, qk_rope_head_dim] (runtime_py CosmoeConfig.rope_width, cache_shape).
+  // Latent attention (every layer "mla", DeepSeek-V2/V3): cos/sin rows are qk_rope_head_dim wide.
   bool latent_attention = false;
   int kv_lora_rank = 0, qk_rope_head_dim = 0;
-  int rope_width = 0;                           // cos/sin columns
-  int cache_heads = 0, k_width = 0, v_width = 0;  // the cache tensors [cache_heads, C, width]
+  int rope_width = 0;  // cos/sin columns
+  // Each layer's two cache tensors (runtime_py CosmoeConfig.cache_spec): [heads, rows, width];
+  // positional ones have a row per position (rows = the context), else a fixed state passed whole
+  // and replaced (LFM2's "conv" layers: [1, conv_kernel - 1, D] and a [1, 1, 1] placeholder).
+  struct CacheSpec {
+    bool positional = true;
+    int k[3] = {0, 0, 0}, v[3] = {0, 0, 0};
+  };
+  std::vector<CacheSpec> caches;
   bool norm_topk_prob = true;
   RouterParams router;      // router, score_bias, n_group, topk_group, routed_scaling_factor
   bool score_bias = false;  // layers.L.moe.score_bias [E] in the backbone

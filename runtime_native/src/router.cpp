@@ -95,8 +95,8 @@ void route(const RouterParams& r, const float* logits, const float* bias, float*
   float sum = 0;
   for (int j = 0; j < k; ++j) sum += w[j] = scores[idx[j]];
   if (r.renormalise) {
-    // softmax: weights / sum; sigmoid: weights / (sum + 1e-20), as runtime_py/routers.py.
-    float denom = r.kind == "sigmoid" ? sum + 1e-20f : sum;
+    // softmax: weights / sum; sigmoid: weights / (sum + topk_norm_eps), as runtime_py/routers.py.
+    float denom = r.kind == "sigmoid" ? sum + r.topk_norm_eps : sum;
     for (int j = 0; j < k; ++j) w[j] /= denom;
   }
   if (r.routed_scaling_factor != 1.0f)

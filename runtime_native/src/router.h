@@ -15,6 +15,7 @@ struct RouterParams {
   bool group_max = false;              // group_score "max" (DeepSeek-V2), else the sum of the two best
   float routed_scaling_factor = 1.0f;  // GLM, DeepSeek-V3
   float sparsemixer_eps = 0.01f;       // Phi-MoE
+  float topk_norm_eps = 1e-20f;        // the sigmoid router's renormalisation (LFM2: 1e-6)
 };
 
 // Known router kinds (runtime_py/config.py ROUTERS).

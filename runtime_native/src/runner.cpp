@@ -183,16 +183,18 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
   head_->bind(arena_);
   for (const auto& p : layers_) p->bind(arena_);
   const int64_t grown = rss_bytes() - before;
-  size_t g = size_t(c.cache_heads), ctx = size_t(c.max_position_embeddings);
-  for (int l = 0; l < 2 * layers; ++l) {
-    auto* p = static_cast<float*>(std::calloc(g * ctx * size_t(l < layers ? c.k_width : c.v_width), sizeof(float)));
+  kv_bytes = 0;
+  for (int l = 0; l < 2 * layers; ++l) {  // keys of every layer, then values (CosmoeConfig.cache_spec)
+    const int* dims = l < layers ? c.caches[size_t(l)].k : c.caches[size_t(l - layers)].v;
+    size_t n = size_t(dims[0]) * size_t(dims[1]) * size_t(dims[2]);
+    auto* p = static_cast<float*>(std::calloc(n, sizeof(float)));
     if (!p) throw std::bad_alloc();
     (l < layers ? k_cache_ : v_cache_).emplace_back(p);
+    kv_bytes += int64_t(n) * 4;  // ProgramEngine.cache_bytes
   }
   int64_t files = 0;
   for (const char* u : {"embed", "head"}) files += bundle_.program(u).bytes;
   for (int l = 0; l < layers; ++l) files += bundle_.program("layer", l).bytes;
-  kv_bytes = int64_t(layers) * int64_t(g * ctx * size_t(c.k_width + c.v_width)) * 4;  // ProgramEngine.cache_bytes
   backbone_bytes = std::max(grown, files) + kv_bytes;
   measure_costs(params.budget_bytes, params.experts_per_layer);
   selections_.assign(size_t(layers), {});
@@ -272,12 +274,10 @@ void Runner::prefill(const int32_t* ids, size_t n, float* all_logits) {
 
 void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   const Config& c = bundle_.config;
-  // The cache tensors: [G, C, Wk] keys and [G, C, Wv] values (MLA: the latent and the RoPE key);
-  // cos/sin rows are Dh = rope_width wide.
-  const int d = c.hidden_size, g = c.cache_heads, dh = c.rope_width, e = c.num_experts;
-  const int wk = c.k_width, wv = c.v_width;
+  // cos/sin rows are Dh = rope_width wide; each layer's cache tensors are its CacheSpec's.
+  const int d = c.hidden_size, dh = c.rope_width, e = c.num_experts;
   const int k = c.num_experts_per_tok, ctx = c.max_position_embeddings;
-  const size_t T = size_t(t), D = size_t(d), G = size_t(g), Dh = size_t(dh), Wk = size_t(wk), Wv = size_t(wv);
+  const size_t T = size_t(t), D = size_t(d), Dh = size_t(dh);
   // The filled prefix (at least one slot: a program input cannot be empty; masked at pos 0), or
   // the whole cache for programs exported with a static one.
   const int s = prefix_cache_ ? std::max(pos, 1) : ctx;
@@ -316,23 +316,30 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   auto cos_t = from_blob(cos.data(), {t, dh}), sin_t = from_blob(sin.data(), {t, dh});
   auto slot_t = from_blob(slot_mask.data(), {s}), new_t = from_blob(new_mask.data(), {t, t});
   TensorPtr full_t = prefix_cache_ ? nullptr : from_blob(full_mask.data(), {t, s + t});
-  std::vector<float> k_in(G * S * Wk), v_in(G * S * Wv), scratch(3 * size_t(e));
+  std::vector<float> k_in, v_in, scratch(3 * size_t(e));
   std::vector<float> weights(T * size_t(k));
   std::vector<int> idx(T * size_t(k));
 
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     float* kc = k_cache_[size_t(layer)].get();
     float* vc = v_cache_[size_t(layer)].get();
-    for (size_t h = 0; h < G; ++h) {  // [G, C, W] -> the first S slots [1, G, S, W]
-      std::memcpy(&k_in[h * S * Wk], &kc[h * size_t(ctx) * Wk], S * Wk * sizeof(float));
-      std::memcpy(&v_in[h * S * Wv], &vc[h * size_t(ctx) * Wv], S * Wv * sizeof(float));
-    }
+    const Config::CacheSpec& spec = c.caches[size_t(layer)];
+    // Positional: [G, C, W] -> the first S rows [1, G, S, W]; a state: all its rows, as it is.
+    const size_t Gk = size_t(spec.k[0]), Gv = size_t(spec.v[0]), Wk = size_t(spec.k[2]), Wv = size_t(spec.v[2]);
+    const size_t Rk = size_t(spec.k[1]), Rv = size_t(spec.v[1]);
+    const size_t Sk = spec.positional ? S : Rk, Sv = spec.positional ? S : Rv;
+    k_in.resize(Gk * Sk * Wk);
+    v_in.resize(Gv * Sv * Wv);
+    for (size_t h = 0; h < Gk; ++h) std::memcpy(&k_in[h * Sk * Wk], &kc[h * Rk * Wk], Sk * Wk * sizeof(float));
+    for (size_t h = 0; h < Gv; ++h) std::memcpy(&v_in[h * Sv * Wv], &vc[h * Rv * Wv], Sv * Wv * sizeof(float));
     auto x_t = from_blob(x.data(), {1, t, d});
-    auto k_t = from_blob(k_in.data(), {1, g, s, wk}), v_t = from_blob(v_in.data(), {1, g, s, wv});
+    auto k_t = from_blob(k_in.data(), {1, int(Gk), int(Sk), int(Wk)});
+    auto v_t = from_blob(v_in.data(), {1, int(Gv), int(Sv), int(Wv)});
     std::vector<EValue> inputs = prefix_cache_
         ? std::vector<EValue>{*x_t, *cos_t, *sin_t, *slot_t, *new_t, *k_t, *v_t}
         : std::vector<EValue>{*x_t, *cos_t, *sin_t, *full_t, *k_t, *v_t};
     // -> base [1, T, D], xn [T, D], router logits [T, E], k_new [1, G, T, Wk], v_new [1, G, T, Wv]
+    // (a state layer: the new state, shaped as the one passed in)
     std::vector<EValue> out = layers_[size_t(layer)]->run(inputs);
     if (out.size() != 5) internal("layer program " + std::to_string(layer) + " has " + std::to_string(out.size()) +
                                   " outputs, expected 5");
@@ -341,12 +348,12 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
     copy_out(out[2], router.data(), T * size_t(e), "router_logits");
     const float* k_new = out[3].toTensor().const_data_ptr<float>();
     const float* v_new = out[4].toTensor().const_data_ptr<float>();
-    if (size_t(out[3].toTensor().numel()) != G * T * Wk || size_t(out[4].toTensor().numel()) != G * T * Wv)
+    const size_t Nk = spec.positional ? T : Rk, Nv = spec.positional ? T : Rv;  // rows returned per head
+    if (size_t(out[3].toTensor().numel()) != Gk * Nk * Wk || size_t(out[4].toTensor().numel()) != Gv * Nv * Wv)
       internal("layer program k_new or v_new has an unexpected shape");
-    for (size_t h = 0; h < G; ++h) {  // cache slots pos..pos+T-1
-      std::memcpy(&kc[(h * size_t(ctx) + size_t(pos)) * Wk], k_new + h * T * Wk, T * Wk * sizeof(float));
-      std::memcpy(&vc[(h * size_t(ctx) + size_t(pos)) * Wv], v_new + h * T * Wv, T * Wv * sizeof(float));
-    }
+    const size_t at = spec.positional ? size_t(pos) : 0;  // rows pos..pos+T-1, or the whole state
+    for (size_t h = 0; h < Gk; ++h) std::memcpy(&kc[(h * Rk + at) * Wk], k_new + h * Nk * Wk, Nk * Wk * sizeof(float));
+    for (size_t h = 0; h < Gv; ++h) std::memcpy(&vc[(h * Rv + at) * Wv], v_new + h * Nv * Wv, Nv * Wv * sizeof(float));
     if (!c.routed[size_t(layer)]) {  // a dense layer: base already holds its MLP; nothing routed
       x.swap(base);
       continue;

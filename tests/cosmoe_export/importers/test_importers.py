@@ -133,6 +133,20 @@ def test_unknown_architecture_lists_supported(hf_checkpoint):
     assert "MixtralForCausalLM" in str(e.value) and "OlmoeForCausalLM" in str(e.value)
 
 
+def test_jetmoe_is_refused_by_name_with_the_reason(tmp_path):
+    """JetMoE's mixture-of-attention-heads cannot be a bundle: split says so in one line, exit 2."""
+    import transformers
+    config = transformers.JetMoeConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, kv_channels=16, intermediate_size=48,
+                                       num_local_experts=4, num_experts_per_tok=2)
+    ckpt = tmp_path / "jetmoe"
+    transformers.JetMoeForCausalLM(config).save_pretrained(ckpt)
+    r = CliRunner().invoke(cli, ["-q", "split", str(ckpt), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and not (tmp_path / "out").exists()
+    assert "architecture 'JetMoeForCausalLM' is not supported: its attention is a mixture of experts" in r.output
+    assert "refused: JetMoeForCausalLM" in CliRunner().invoke(cli, ["architectures"]).output
+
+
 def test_qwen3_dense_layers_split_to_a_v2_bundle(hf_checkpoint, tmp_path):
     """mlp_only_layers=[0]: layer 0's MLP lands in the backbone, it has no expert files, and the
     manifest says so in its layer plan (format v2); an all-MoE family stays v1."""

@@ -47,8 +47,10 @@ EXPERT_ACTS = ("silu", "clamped_swiglu")
 # multi-head latent attention (DeepSeek-V2/V3: keys and values from a cached latent of
 # kv_lora_rank dims plus one shared RoPE key; runtime_py/model.py LatentAttention), or a gated
 # short convolution (LFM2: out(C * conv(B * x)), a depthwise causal conv of conv_kernel taps whose
-# last conv_kernel - 1 inputs are the layer's whole state; runtime_py/model.py ShortConv).
-MIXER_KINDS = ("full", "sliding", "mla", "conv")
+# last conv_kernel - 1 inputs are the layer's whole state; runtime_py/model.py ShortConv), or gated
+# linear attention (Qwen3.5's Gated DeltaNet: a recurrent [H, dk, dv] state per layer and a short
+# convolution over q, k and v; runtime_py/model.py GatedDeltaNet).
+MIXER_KINDS = ("full", "sliding", "mla", "conv", "linear")
 # How group-limited routing scores a group: the sum of its two best experts (DeepSeek-V3, GLM) or
 # its best one (DeepSeek-V2's group_limited_greedy).
 GROUP_SCORES = ("top2_sum", "max")
@@ -209,6 +211,16 @@ class CosmoeConfig:
     # LFM2's "conv" layers: taps of the depthwise convolution, and biases on its three tensors.
     conv_kernel: int = 0
     conv_bias: bool = False
+    # Qwen3.5's "linear" layers (Gated DeltaNet): key/query heads and value heads (a multiple of
+    # them) and their widths, and the taps of the convolution over q, k, v.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    # Qwen3.5's full-attention layers gate their output per head dim: o(attn * sigmoid(gate(x))),
+    # tensor layers.L.attn.gate.weight [H*Dh, D].
+    attention_output_gate: bool = False
     # The sigmoid router's renormalisation adds this to the sum (transformers: 1e-20 for
     # DeepSeek-V3 and GLM, 1e-6 for LFM2).
     topk_norm_eps: float = 1e-20
@@ -261,6 +273,11 @@ class CosmoeConfig:
         return self.rotary_dim if self.rotary_dim is not None else self.rope_width
 
     @property
+    def linear_conv_dim(self) -> int:
+        """Channels of a linear layer's convolution: q and k (key heads x key width each), then v."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
     def qk_nope_head_dim(self) -> int:
         return self.head_size - self.qk_rope_head_dim  # MLA only
 
@@ -273,6 +290,9 @@ class CosmoeConfig:
         kind = self.mixer(layer)
         if kind == "conv":
             return CacheSpec(False, (1, self.conv_kernel - 1, self.hidden_size), (1, 1, 1))
+        if kind == "linear":  # the q/k/v convolution's last inputs, and the recurrent state
+            hv, dk, dv = self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim
+            return CacheSpec(False, (1, self.linear_conv_kernel - 1, self.linear_conv_dim), (hv, dk, dv))
         if kind == "mla":
             return CacheSpec(True, (1, c, self.kv_lora_rank), (1, c, self.qk_rope_head_dim))
         g, dh = self.num_key_value_heads, self.head_size
@@ -340,7 +360,8 @@ class CosmoeConfig:
         ints_ok &= plan_ok
         ints_ok &= all([positive_int(n, getattr(self, n)) for n in ("n_group", "topk_group")])
         for name in ("norm_topk_prob", "attention_bias", "attention_out_bias", "tie_word_embeddings", "score_bias",
-                     "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias", "conv_bias"):
+                     "shared_expert_gate", "lm_head_bias", "attention_sinks", "router_bias", "expert_bias", "conv_bias",
+                     "attention_output_gate"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.expert_kind not in EXPERT_KINDS:
@@ -443,6 +464,23 @@ class CosmoeConfig:
             p.append(f"conv_kernel must be an integer >= 0, got {k!r}")
         elif "conv" in plan and k < 2:
             p.append(f"layer_mixers has 'conv' layers but conv_kernel is {k} (at least 2 taps)")
+        if "linear" in plan:
+            p.extend(self._linear_problems())
+        return p
+
+    def _linear_problems(self) -> list[str]:
+        names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+        bad = [n for n in names if isinstance(getattr(self, n), bool) or not isinstance(getattr(self, n), int)
+               or getattr(self, n) <= 0]
+        if bad:
+            return [f"'linear' layers need positive integers {bad}"]
+        p = []
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            p.append(f"linear_num_key_heads ({self.linear_num_key_heads}) must divide linear_num_value_heads "
+                     f"({self.linear_num_value_heads})")
+        k = self.linear_conv_kernel
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            p.append(f"'linear' layers need linear_conv_kernel >= 2, got {k!r}")
         return p
 
     def _latent_problems(self, plan: tuple[str, ...]) -> list[str]:
@@ -577,6 +615,10 @@ def _attention_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ..
         s[f"{pre}.attn.o.bias"] = (d,)
     if config.attention_sinks:
         s[f"{pre}.attn.sinks"] = (config.num_attention_heads,)
+    if config.attention_output_gate:
+        s[f"{pre}.attn.gate.weight"] = (q_out, d)
+        if config.attention_bias:
+            s[f"{pre}.attn.gate.bias"] = (q_out,)
     if config.qk_norm in ("head", "head_after_rope"):
         s.update({f"{pre}.attn.q_norm.weight": (hd,), f"{pre}.attn.k_norm.weight": (hd,)})
     elif config.qk_norm == "full":
@@ -596,9 +638,24 @@ def _conv_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def _linear_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[int, ...]]:
+    """Gated DeltaNet (Qwen3.5, modeling_qwen3_5_moe.py Qwen3_5MoeGatedDeltaNet): in_proj_qkv
+    [2 Hk dk + Hv dv, D] (q, k, v rows), in_proj_z [Hv dv, D] (the output gate), in_proj_b and
+    in_proj_a [Hv, D] (write strength and decay), the depthwise conv weight [C, 1, K] over q, k, v,
+    A_log and dt_bias [Hv], the gated norm's weight [dv], out_proj [D, Hv dv]."""
+    d, hv, dv = config.hidden_size, config.linear_num_value_heads, config.linear_value_head_dim
+    c = config.linear_conv_dim
+    return {f"{pre}.linear.in_proj_qkv.weight": (c, d), f"{pre}.linear.in_proj_z.weight": (hv * dv, d),
+            f"{pre}.linear.in_proj_b.weight": (hv, d), f"{pre}.linear.in_proj_a.weight": (hv, d),
+            f"{pre}.linear.conv.weight": (c, 1, config.linear_conv_kernel), f"{pre}.linear.A_log": (hv,),
+            f"{pre}.linear.dt_bias": (hv,), f"{pre}.linear.norm.weight": (dv,),
+            f"{pre}.linear.out_proj.weight": (d, hv * dv)}
+
+
 # Token mixer -> its tensors in a layer (the DecoderLayer attribute is their name segment).
 MIXER_SHAPES: dict[str, Callable[[CosmoeConfig, str], dict[str, tuple[int, ...]]]] = {
-    "full": _attention_shapes, "sliding": _attention_shapes, "mla": _latent_attention_shapes, "conv": _conv_shapes}
+    "full": _attention_shapes, "sliding": _attention_shapes, "mla": _latent_attention_shapes, "conv": _conv_shapes,
+    "linear": _linear_shapes}
 
 
 def backbone_layer_shapes(config: CosmoeConfig, layer: int) -> dict[str, tuple[int, ...]]:

@@ -34,7 +34,9 @@ V2_MODEL_KEYS = (LAYER_PLAN_KEY, "dense_intermediate_size", "router", "score_bia
                  "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps", "norm",
                  "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
                  "expert_act", "swiglu_alpha", "swiglu_limit", "group_score", "kv_lora_rank", "q_lora_rank",
-                 "qk_rope_head_dim", "v_head_dim", "conv_kernel", "conv_bias", "topk_norm_eps")
+                 "qk_rope_head_dim", "v_head_dim", "conv_kernel", "conv_bias", "topk_norm_eps",
+                 "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel", "attention_output_gate")
 # And values of v1 keys that a v1 reader does not know.
 V2_MODEL_VALUES = {"qk_norm": ("head_after_rope",)}  # (rope_scaling "yarn" only comes with gpt-oss's v2 keys)
 MANIFEST_NAME = "manifest.json"

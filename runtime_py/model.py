@@ -192,6 +192,16 @@ class Attention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.scale = config.attention_multiplier  # None: SDPA's 1 / sqrt(Dh)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if config.attention_sinks else None
+        # Qwen3.5: the attention output times sigmoid(gate(x)), per head dim, before o.
+        self.gate = (nn.Linear(d, self.n_heads * hd, bias=config.attention_bias)
+                     if config.attention_output_gate else None)
+
+    def output(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """Attention output att [B, H, T, Dh] for inputs x [B, T, D] -> [B, T, D]: through the
+        output gate where the family has one, then o."""
+        b, t, _ = x.shape
+        out = att.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H*Dh]
+        return self.o(out if self.gate is None else out * torch.sigmoid(self.gate(x)))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,7 +244,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
                                                  scale=self.scale)
-        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B, T, D]
+        return self.output(x, out)  # [B, T, D]
 
 
 class LatentUpProjection(nn.Module):
@@ -362,11 +372,133 @@ class ShortConv(nn.Module):
         return y
 
 
+# Tokens one closed-form step of the gated delta rule takes (the layer programs' max_tokens): the
+# (I + A)^-1 below is a product of NEUMANN_STEPS factors, exact for up to 2^NEUMANN_STEPS tokens.
+DELTA_CHUNK = 64
+NEUMANN_STEPS = 6
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # as transformers' (FLA's) l2norm
+
+
+def gated_delta_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule (Yang et al., 2024, Gated DeltaNet) over T <= DELTA_CHUNK tokens in
+    closed form: q, k [B, H, T, dk] (l2-normed, q scaled), v [B, H, T, dv], g (log decay) and beta
+    [B, H, T], state S0 [B, H, dk, dv] -> out [B, H, T, dv], S_T.
+
+    Per token: S_t = e^{g_t} S_{t-1} + k_t d_t^T with d_t = beta_t (v_t - e^{g_t} S_{t-1}^T k_t), and
+    o_t = S_t^T q_t (transformers' torch_recurrent_gated_delta_rule). With G_t = g_1 + ... + g_t,
+    d = (I + A)^{-1} U where A[t, i] = beta_t e^{G_t - G_i} (k_t . k_i) for i < t and U_t = beta_t (v_t
+    - e^{G_t} S0^T k_t); A is strictly lower triangular, so (I + A)^{-1} = prod_j (I + (-A)^(2^j)):
+    matrix products only, which every backend lowers (no loop over a dynamic T, no triangular solve)."""
+    t = q.shape[2]
+    pos = torch.arange(t)
+    gamma = g.cumsum(dim=-1)  # [B, H, T]
+    upto = pos[:, None] >= pos[None, :]  # [T, T]: i <= t
+    decay = torch.exp((gamma[..., :, None] - gamma[..., None, :]).masked_fill(~upto, float("-inf")))  # [B, H, T, T]
+    a = (beta[..., None] * decay * (k @ k.transpose(-1, -2))).masked_fill(pos[:, None] == pos[None, :], 0.0)
+    d = beta[..., None] * (v - torch.exp(gamma)[..., None] * (k @ state))  # [B, H, T, dv]
+    power = -a
+    for _ in range(NEUMANN_STEPS):
+        d = d + power @ d
+        power = power @ power
+    out = torch.exp(gamma)[..., None] * (q @ state) + ((q @ k.transpose(-1, -2)) * decay) @ d  # [B, H, T, dv]
+    last = gamma[..., -1:]  # [B, H, 1]
+    new_state = torch.exp(last)[..., None] * state + (k * torch.exp(last - gamma)[..., None]).transpose(-1, -2) @ d
+    return out, new_state
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's linear-attention layer (modeling_qwen3_5_moe.py Qwen3_5MoeGatedDeltaNet): q, k, v
+    from one projection through a causal depthwise convolution and SiLU; the gated delta rule with
+    per-head decay g = -exp(A_log) softplus(a + dt_bias) and write strength beta = sigmoid(b); key
+    heads shared by Hv / Hk value heads each; the output RMSNorm'd per head, times SiLU(z), then
+    out_proj. State: the convolution's last K-1 inputs [B, 1, K-1, C] (the cache's k) and the
+    recurrent S [B, Hv, dk, dv] (its v). Shapes: Hk, Hv heads, dk, dv widths, C = 2 Hk dk + Hv dv."""
+
+    def __init__(self, config: CosmoeConfig, layer: int = 0) -> None:
+        super().__init__()
+        d, c = config.hidden_size, config.linear_conv_dim
+        self.hk, self.hv = config.linear_num_key_heads, config.linear_num_value_heads
+        self.dk, self.dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.in_proj_qkv = nn.Linear(d, c, bias=False)
+        self.in_proj_z = nn.Linear(d, self.hv * self.dv, bias=False)
+        self.in_proj_b = nn.Linear(d, self.hv, bias=False)
+        self.in_proj_a = nn.Linear(d, self.hv, bias=False)
+        self.conv = _Kernel(c, config.linear_conv_kernel)
+        self.A_log = nn.Parameter(torch.empty(self.hv))
+        self.dt_bias = nn.Parameter(torch.empty(self.hv))
+        self.norm = RMSNorm(self.dv, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.hv * self.dv, d, bias=False)
+
+    def mix(self, x: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor,
+            chunk: int | None = DELTA_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] after the states -> (y [B, T, D], conv state, recurrent state). ``chunk``: the
+        most tokens per closed-form step (None: all T in one, as a layer program of T <= 64 does)."""
+        b, t, _ = x.shape
+        window = torch.cat([conv_state[:, 0], self.in_proj_qkv(x)], dim=1)  # [B, K-1+T, C]
+        mixed = F.silu(short_conv(window, self.conv.weight, None))  # [B, T, C]
+        kd = self.hk * self.dk
+        q, k, v = mixed[..., :kd], mixed[..., kd:2 * kd], mixed[..., 2 * kd:]
+        rep = self.hv // self.hk
+
+        def heads(z: torch.Tensor, n: int, width: int) -> torch.Tensor:  # [B, T, n*w] -> [B, Hv, T, w]
+            z = z.reshape(b, t, n, width).transpose(1, 2)
+            # Each key head serves `rep` consecutive value heads; a concatenation of slices, as the
+            # layer programs' GQA (torch.export takes it with a dynamic T).
+            return z if n == self.hv else torch.cat([z[:, h:h + 1] for h in range(n) for _ in range(rep)], dim=1)
+
+        q = l2norm(heads(q, self.hk, self.dk)) * self.dk ** -0.5
+        k, v = l2norm(heads(k, self.hk, self.dk)), heads(v, self.hv, self.dv)
+        beta = torch.sigmoid(self.in_proj_b(x)).transpose(1, 2)  # [B, Hv, T]
+        g = (-self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)).transpose(1, 2)
+        if chunk is None:  # one step, with no Python loop over T (it would fix a dynamic T when exported)
+            out, state = gated_delta_chunk(q, k, v, g, beta, state)  # [B, Hv, T, dv]
+        else:
+            outs = []
+            for start in range(0, t, chunk):
+                end = start + chunk
+                out, state = gated_delta_chunk(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                               g[:, :, start:end], beta[:, :, start:end], state)
+                outs.append(out)
+            out = torch.cat(outs, dim=2)  # [B, Hv, T, dv]
+        z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
+        gated = self.norm(out.transpose(1, 2)) * F.silu(z)  # [B, T, Hv, dv]
+        y = self.out_proj(gated.reshape(b, t, self.hv * self.dv))
+        return y, window[:, window.shape[1] - conv_state.shape[2]:].unsqueeze(1), state
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
+        """As Attention.forward; the cache's k and v hold the two states (zeros before position 0)."""
+        b, _, d = x.shape
+        k = self.conv.weight.shape[-1]
+        if cache is None or pos == 0:
+            conv_state = x.new_zeros(b, 1, k - 1, self.conv.weight.shape[0])
+            state = x.new_zeros(b, self.hv, self.dk, self.dv)
+        else:
+            conv_state, state = cache.k, cache.v
+        y, conv_state, state = self.mix(x, conv_state, state)
+        if cache is not None:
+            cache.k.copy_(conv_state)
+            cache.v.copy_(state)
+        return y
+
+
+class _Kernel(nn.Module):
+    """A depthwise convolution's kernel [C, 1, K] (tensor name .conv.weight), applied by short_conv."""
+
+    def __init__(self, channels: int, taps: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, taps))
+
+
 # Token mixer (runtime_py.config.MIXER_KINDS) -> (the DecoderLayer attribute, which is the canonical
 # tensor-name segment: layers.L.attn.* / layers.L.conv.*; the module). Sliding is Attention with a window.
 MIXER_MODULES: dict[str, tuple[str, type[nn.Module]]] = {
     "full": ("attn", Attention), "sliding": ("attn", Attention), "mla": ("attn", LatentAttention),
-    "conv": ("conv", ShortConv)}
+    "conv": ("conv", ShortConv), "linear": ("linear", GatedDeltaNet)}
 
 
 class LowRankLinear(nn.Module):

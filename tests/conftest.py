@@ -78,6 +78,14 @@ FAMILIES = {
     "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
         num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=True,
         intermediate_size=80, moe_intermediate_size=48, num_experts=8, num_dense_layers=1, routed_scaling_factor=1.7)),
+    # Gated DeltaNet layers (value heads twice the key heads) around a gated full-attention one with
+    # partial RoPE; zero-centred norms; a gated shared expert. 6 experts: with 8, this seed's routers
+    # had near-ties on the test prompt (2nd and 3rd probability 1.5e-4 apart) that int8 rounding
+    # flips, which no quantization bound can absorb (0.005 apart at the closest with 6).
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=16,
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=6, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=12, linear_conv_kernel_dim=4)),
 }
 
 

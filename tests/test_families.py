@@ -26,8 +26,9 @@ from runtime_py.runner import Runner
 
 # Every HF family fixture but plain Qwen3-MoE, whose plan the dense variant extends.
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe_dense", "olmoe", "granitemoe", "granitemoeshared", "hunyuan_moe",
-            "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe"]
-EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared", "gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe"]
+            "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe"]
+EXECUTORCH_FAMILIES = ["glm4_moe", "granitemoeshared", "gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe",
+                       "qwen3_5_moe"]
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 7]
 
 
@@ -102,7 +103,7 @@ def test_executorch_and_native_run_as_pytorch(executorch_family):
         # the loader thread's timing. LFM2's layer 2 runs a short convolution (microseconds) between
         # the guess and its use, and the native runner's loads varied run to run there (37-41 in a
         # 16-token run, runtime_py 37); the attention families' tested equal in every run.
-        timing = policy == "lru+prefetch" and "conv" in (bundle.config.layer_mixers or ())
+        timing = policy == "lru+prefetch" and {"conv", "linear"} & set(bundle.config.layer_mixers or ())
         if not timing:
             assert got.metrics["expert_loads"] == want.metrics["expert_loads"], (family, policy)
 
@@ -143,7 +144,8 @@ def test_quantize_every_family(family, tmp_path):
         for f in bundle.files:
             for name, enc in (f.encodings() or {}).items():
                 floats = name.endswith(("norm.weight", "router.weight", "score_bias", "shared_gate.weight", ".bias",
-                                        ".sinks", ".conv.weight"))
+                                        ".sinks", ".conv.weight", ".A_log", ".dt_bias", ".in_proj_a.weight",
+                                        ".in_proj_b.weight"))
                 assert (enc.scheme == quant.FLOAT) == floats, (family, name, enc.scheme)
         err = float((TorchRuntime(bundle).logits(ids) - want).abs().max()) / float(want.abs().max())
         assert err <= bound, (family, scheme, err)

@@ -80,6 +80,10 @@ class Adapter:
         """Source tensors the family's transformers class does not load either."""
         return False
 
+    def zero_centered_norms(self, config: CosmoeConfig) -> list[str]:
+        """Canonical norm weights the family stores as w for a scale of 1 + w (importers add 1)."""
+        return []
+
     def config(self, raw: dict[str, Any], path: Path) -> CosmoeConfig:
         hf = self._hf_config(path)
         fields = {**_common(hf, path), **self.family_fields(hf, path)}
@@ -394,6 +398,36 @@ class Lfm2Moe(Adapter):
                     topk_norm_eps=1e-6, routed_scaling_factor=float(hf.routed_scaling_factor),
                     layer_mixers=[self.MIXERS[t] for t in types], conv_kernel=int(hf.conv_L_cache),
                     conv_bias=bool(hf.conv_bias), **_layer_plan(plan, hf, path, f"num_dense_layers {k}"))
+
+
+@register("Qwen3_5MoeForCausalLM")
+class Qwen3_5Moe(Adapter):
+    """Gated DeltaNet layers (layer_types "linear_attention") beside full-attention ones whose output
+    is gated per head dim (q_proj holds each head's query and gate rows); partial RoPE (permuted at
+    import); q/k RMSNorm per head; every RMSNorm but the DeltaNet's scales by 1 + w (stored w, made
+    1 + w at import); a sigmoid-gated shared expert; softmax top-k renormalised
+    (modeling_qwen3_5_moe.py)."""
+
+    MIXERS = {"linear_attention": "linear", "full_attention": "full"}
+
+    def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
+        types = list(hf.layer_types)
+        unknown = sorted(set(types) - set(self.MIXERS))
+        if unknown:
+            raise _unsupported(path, f"layer_types {unknown}")
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True,
+                    shared_expert_intermediate_size=hf.shared_expert_intermediate_size, qk_norm="head",
+                    attention_bias=bias, attention_out_bias=bias, attention_output_gate=True,
+                    layer_mixers=[self.MIXERS[t] for t in types], linear_num_key_heads=hf.linear_num_key_heads,
+                    linear_num_value_heads=hf.linear_num_value_heads, linear_key_head_dim=hf.linear_key_head_dim,
+                    linear_value_head_dim=hf.linear_value_head_dim, linear_conv_kernel=hf.linear_conv_kernel_dim)
+
+    def zero_centered_norms(self, config: CosmoeConfig) -> list[str]:
+        return [r"norm\.weight", r"layers\.\d+\.(attn_norm|ffn_norm|attn\.q_norm|attn\.k_norm)\.weight"]
+
+    def ignores(self, key: str, config: CosmoeConfig) -> bool:
+        return _ignores_mtp_layers(key, config)  # the multi-token-prediction head (mtp.*), if saved
 
 
 def _ignores_mtp_layers(key: str, config: CosmoeConfig) -> bool:

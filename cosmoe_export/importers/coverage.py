@@ -48,6 +48,7 @@ FAMILIES = [
     Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH),
     Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH),
     Family("LFM2-MoE", "Lfm2MoeForCausalLM", "lfm2_moe", EXECUTORCH, EXECUTORCH),
+    Family("Qwen3.5-MoE", "Qwen3_5MoeForCausalLM", "qwen3_5_moe", EXECUTORCH, EXECUTORCH),
 ]
 
 

@@ -149,6 +149,7 @@ def checkpoint_source(path: Path, *, allow_pickle: bool = False, hash_files: boo
     index = _weight_index(path, files, allow_pickle)  # source name -> (file, shape, dtype, getter)
     plan = _plan(path, config, index, adapter)
     _permute_rows(plan, config, adapter.row_permutations(config))
+    _offset_norms(plan, adapter.zero_centered_norms(config))
     weight_files = sorted({entry[0] for entry in index.values()})
     prov = {"kind": "checkpoint", "architecture": adapter.architecture, "files": [
         {"name": p.name, "bytes": p.stat().st_size, **({"sha256": sha256_file(p)} if hash_files else {})}
@@ -244,7 +245,10 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Ad
         return PlannedTensor(name, want, _float_dtype(file, key, st_dtype), lambda: pick(getter()), f"{file}: {key}")
 
     for name, want in tensor_shapes(config).items():
-        found = next((p for p in tensor_names.source_candidates(name) if p.template in index), None)
+        present = [p for p in tensor_names.source_candidates(name) if p.template in index]
+        # The first source of the right shape (Qwen3.5's q_proj holds q and the output gate per
+        # head: twice the rows of a plain q_proj, the same name), else the first, to report it.
+        found = next((p for p in present if index[p.template][1] == p.source_shape(want)), present[0] if present else None)
         if name in index and found is None:  # our own checkpoints use canonical names
             found = tensor_names.Part(name)
         if found is not None:
@@ -253,7 +257,7 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Ad
                 raise CheckpointError(f"{index[key][0]}: {key} has shape {list(shape)}, "
                                       f"the config implies {list(found.source_shape(want))}")
             consumed.add(key)
-            plan[name] = take(key, want, name, _picker(found, want))
+            plan[name] = take(key, want, name, _picker(found, want, config))
             continue
         fused = _fused(name, config, index, consumed, adapter)
         if fused is not None:
@@ -286,10 +290,23 @@ def _permute_rows(plan: dict[str, PlannedTensor], config: CosmoeConfig, rules: l
         t.load = load
 
 
-def _picker(part: tensor_names.Part, want: tuple[int, ...]) -> Callable[[Any], torch.Tensor]:
-    """Read a source slice into the canonical tensor: whole, one block of rows, or squeezed."""
+def _offset_norms(plan: dict[str, PlannedTensor], patterns: list[str]) -> None:
+    """Norm weights a family stores zero-centred (it scales by 1 + w: Qwen3.5's RMSNorm) become
+    1 + w, in fp32 as the family computes it (in bf16, 1 + w would round away w's low bits)."""
+    for name, t in plan.items():
+        if any(re.fullmatch(p, name) for p in patterns):
+            t.load = lambda load=t.load: 1.0 + load().float()
+            t.dtype = torch.float32
+
+
+def _picker(part: tensor_names.Part, want: tuple[int, ...], config: CosmoeConfig) -> Callable[[Any], torch.Tensor]:
+    """Read a source slice into the canonical tensor: whole, one block of rows (of the whole tensor,
+    or of each attention head's rows), or squeezed."""
     if part.squeeze:
         return lambda sl: sl[:].reshape(want)
+    if part.per_head:  # rows [H, parts, Dh]: block `index` of every head
+        h = config.num_attention_heads
+        return lambda sl: sl[:].reshape(h, part.parts, -1, *want[1:])[:, part.index].reshape(want).contiguous()
     if part.parts > 1:
         rows = want[0]
         return lambda sl: sl[part.index * rows:(part.index + 1) * rows].contiguous()

@@ -19,6 +19,7 @@ class Part:
     index: int = 0  # which block of rows
     parts: int = 1  # the source has this many blocks of the canonical tensor's rows (dim 0)
     squeeze: bool = False  # the source is [1, *canonical shape]
+    per_head: bool = False  # the blocks alternate within each attention head's rows (Qwen3.5's q_proj: q, gate)
 
     def source_shape(self, want: tuple[int, ...]) -> tuple[int, ...]:
         return (1, *want) if self.squeeze else (want[0] * self.parts, *want[1:])
@@ -109,8 +110,21 @@ _LFM2 = {
        for kind in ("weight", "bias")},
     **{f"layers.{{l}}.conv.{kind}": [HF_LAYER + f".conv.conv.{kind}"] for kind in ("weight", "bias")},
 }
-for _name, _sources in _LFM2.items():
-    TENSOR_NAMES.setdefault(_name, []).extend(_sources)
+# Qwen3.5-MoE (modeling_qwen3_5_moe.py): q_proj holds each head's query rows then its output-gate
+# rows; the Gated DeltaNet layers (linear_attn, conv1d = the q/k/v convolution).
+_QWEN3_5 = {
+    "layers.{l}.attn.q.weight": [Part(HF_LAYER + ".self_attn.q_proj.weight", 0, 2, per_head=True)],
+    "layers.{l}.attn.gate.weight": [Part(HF_LAYER + ".self_attn.q_proj.weight", 1, 2, per_head=True)],
+    "layers.{l}.attn.q.bias": [Part(HF_LAYER + ".self_attn.q_proj.bias", 0, 2, per_head=True)],
+    "layers.{l}.attn.gate.bias": [Part(HF_LAYER + ".self_attn.q_proj.bias", 1, 2, per_head=True)],
+    **{f"layers.{{l}}.linear.{n}": [HF_LAYER + f".linear_attn.{n}"] for n in (
+        "in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight", "out_proj.weight", "A_log",
+        "dt_bias", "norm.weight")},
+    "layers.{l}.linear.conv.weight": [HF_LAYER + ".linear_attn.conv1d.weight"],
+}
+for _table in (_LFM2, _QWEN3_5):
+    for _name, _sources in _table.items():
+        TENSOR_NAMES.setdefault(_name, []).extend(_sources)
 
 # Fused 3-D expert tensors (the layout transformers >= 5 keeps in memory; some checkpoints are
 # saved that way). gate_up [E, 2F, D]: rows 0..F-1 are gate, F..2F-1 are up (transformers'
@@ -152,5 +166,5 @@ def source_candidates(canonical: str) -> list[Part]:
     out = []
     for t in TENSOR_NAMES.get(".".join(template), []):
         part = t if isinstance(t, Part) else Part(t)
-        out.append(Part(part.template.format(l=layer, e=expert), part.index, part.parts, part.squeeze))
+        out.append(Part(part.template.format(l=layer, e=expert), part.index, part.parts, part.squeeze, part.per_head))
     return out

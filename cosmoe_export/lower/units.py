@@ -24,9 +24,11 @@ from runtime_py.bundle import Bundle, FileEntry
 from runtime_py.config import CosmoeConfig, backbone_shapes, expert_tensor_shapes
 from runtime_py.errors import FormatError
 from runtime_py.model import (
+    DELTA_CHUNK,
     MIXER_MODULES,
     Attention,
     Expert,
+    GatedDeltaNet,
     LatentAttention,
     ShortConv,
     add_residual,
@@ -96,8 +98,10 @@ def layer_linears(config: CosmoeConfig, layer: int) -> dict[str, str]:
     pre = f"layers.{layer}."
     # MLA's kv_b is not a linear of the program: its blocks multiply the query and the attended
     # latent (model.LatentAttention), so the program holds it dequantized.
+    gate = ("gate",) if config.attention_output_gate else ()
     names = {"mla": ("q_a", "q_b", "kv_a", "o") if config.q_lora_rank else ("q", "kv_a", "o"),
-             "conv": ("in_proj", "out_proj")}.get(config.mixer(layer), "qkvo")
+             "conv": ("in_proj", "out_proj"), "linear": ("in_proj_qkv", "in_proj_z", "out_proj")
+             }.get(config.mixer(layer), (*"qkvo", *gate))
     attr = MIXER_MODULES[config.mixer(layer)][0]
     out = {f"{attr}.{p}": f"{pre}{attr}.{p}.weight" for p in names}
     out.update(LAYER_FFNS[config.ffn_kind(layer).name].linears(config, pre))
@@ -187,7 +191,7 @@ def _attention(a: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         att = sink_attention(q, keys, values, mask, a.scale, a.sinks)  # [1, H, T, Dh]
     else:
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
-    return a.o(att.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), k_new, v_new
+    return a.output(x, att), k_new, v_new
 
 
 def _latent(a: LatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -209,7 +213,17 @@ def _conv(a: ShortConv, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, m
     return y, state, v_cache
 
 
-LAYER_MIXERS: dict[str, Mixer] = {"full": _attention, "sliding": _attention, "mla": _latent, "conv": _conv}
+def _linear(a: GatedDeltaNet, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet: k_cache is the convolution state [1, 1, K-1, C], v_cache the recurrent state
+    [1, Hv, dk, dv], both returned updated; T <= max_tokens = DELTA_CHUNK, one closed-form step.
+    Both start at zeros at position 0, as the conv layer's (the slot mask says where that is)."""
+    filled = (mask[0, :1] == 0).to(k_cache.dtype)  # [1]: 0 at position 0, else 1
+    return a.mix(x, k_cache * filled, v_cache * filled, chunk=None)
+
+
+LAYER_MIXERS: dict[str, Mixer] = {"full": _attention, "sliding": _attention, "mla": _latent, "conv": _conv,
+                                  "linear": _linear}
 
 
 def window_far(t: int, s: int, window: int) -> torch.Tensor:
@@ -330,7 +344,9 @@ MAX_TOKENS = 64
 
 
 def max_tokens(config: CosmoeConfig) -> int:
-    return min(MAX_TOKENS, config.max_position_embeddings)
+    # A Gated DeltaNet layer program takes its tokens in one closed-form step, exact up to DELTA_CHUNK.
+    linear = "linear" in (config.layer_mixers or ())
+    return min(MAX_TOKENS, config.max_position_embeddings, DELTA_CHUNK if linear else MAX_TOKENS)
 
 
 def layer_example_inputs(config: CosmoeConfig, t: int = 2, s: int = 3, *, layer: int = 0) -> tuple[torch.Tensor, ...]:

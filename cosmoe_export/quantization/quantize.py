@@ -74,17 +74,22 @@ ROLES: list[tuple[str, re.Pattern[str]]] = [(role, re.compile(p)) for role, p in
     ("sinks", r"^layers\.\d+\.attn\.sinks$"),  # gpt-oss: one logit per head [H], like a bias
     ("embedding", r"^embed\.weight$"),  # a lookup: per-row scales dequantize only the rows used
     ("head", r"^lm_head\.weight$"),  # per-output-channel = per-vocabulary-row scales
-    ("attention", r"^layers\.\d+\.attn\.([qkvo]|q_a|q_b|kv_a|kv_b)\.weight$"),  # kv_b, q_a, q_b: MLA
+    ("attention", r"^layers\.\d+\.attn\.([qkvo]|q_a|q_b|kv_a|kv_b|gate)\.weight$"),  # q_a, q_b, kv_a, kv_b: MLA
     # LFM2's short convolutions: the two projections as attention's; the [D, 1, K] kernel is tiny.
     ("conv", r"^layers\.\d+\.conv\.(in_proj|out_proj)\.weight$"),
     ("conv_kernel", r"^layers\.\d+\.conv\.weight$"),
+    # Qwen3.5's Gated DeltaNet: its three wide projections as attention's; the per-head write
+    # strength and decay projections [Hv, D], A_log, dt_bias and the conv kernel are small and set
+    # the recurrence's decay, exponentially sensitive: float.
+    ("linear_attn", r"^layers\.\d+\.linear\.(in_proj_qkv|in_proj_z|out_proj)\.weight$"),
+    ("linear_state", r"^layers\.\d+\.linear\.(in_proj_a\.weight|in_proj_b\.weight|conv\.weight|A_log|dt_bias)$"),
     ("shared_expert", r"^layers\.\d+\.moe\.shared\.(gate|up|down)\.weight$"),
     ("dense_mlp", r"^layers\.\d+\.mlp\.(gate|up|down)\.weight$"),  # a "dense" layer of the plan
 ]]
 # Which requested scheme each role takes: "experts", "backbone", or None (keep the float dtype).
 ROLE_SCHEME = {"expert": "experts", "router": None, "norm": None, "bias": None, "sinks": None, "embedding": "backbone",
                "head": "backbone", "attention": "backbone", "shared_expert": "backbone", "dense_mlp": "backbone",
-               "conv": "backbone", "conv_kernel": None}
+               "conv": "backbone", "conv_kernel": None, "linear_attn": "backbone", "linear_state": None}
 
 
 def role_of(name: str) -> str:
@@ -262,8 +267,9 @@ def _manifest(plan: _Plan, calib: _Calibration | None, nearest: list[str], mixed
     # dense_mlp is recorded only for plans with dense layers, as the plan itself is (format v2): a
     # quantized bundle of an all-MoE model keeps the manifest bytes it had before dense layers; sinks
     # likewise only for a model that has them, and the conv roles for a model with conv layers.
-    has = {"dense_mlp": not plan.cfg.all_moe, "sinks": plan.cfg.attention_sinks,
-           "conv": "conv" in (plan.cfg.layer_mixers or ()), "conv_kernel": "conv" in (plan.cfg.layer_mixers or ())}
+    mixers = set(plan.cfg.layer_mixers or ())
+    has = {"dense_mlp": not plan.cfg.all_moe, "sinks": plan.cfg.attention_sinks, "conv": "conv" in mixers,
+           "conv_kernel": "conv" in mixers, "linear_attn": "linear" in mixers, "linear_state": "linear" in mixers}
     roles = {role: (config.experts if role == "expert" else schemes[s] if s else quant.FLOAT)
              for role, s in ROLE_SCHEME.items() if has.get(role, True)}
     quantization: dict = {"experts": config.experts, "backbone": config.backbone, "group_size": config.group_size,

@@ -51,7 +51,8 @@ const std::set<std::string> kConfigKeys = {
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "sparsemixer_eps",
     "norm", "lm_head_bias", "layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
     "expert_act", "swiglu_alpha", "swiglu_limit", "group_score", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-    "v_head_dim", "conv_kernel", "conv_bias", "topk_norm_eps", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
+    "v_head_dim", "conv_kernel", "conv_bias", "topk_norm_eps", "linear_num_key_heads", "linear_num_value_heads",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel", "attention_output_gate", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype"};
 
 // nlohmann keeps the last of two equal keys silently; two "files" lists would mean two bundles.
 json parse_unique(const std::string& text, const std::string& where) {
@@ -168,9 +169,10 @@ Config read_config(const json& model, const std::string& where) {
     const json& plan = model["layer_mixers"];
     bool ok = plan.is_array() && int64_t(plan.size()) == c.num_hidden_layers;
     for (const json& k : ok ? plan : json::array())
-      ok &= k.is_string() && (k == "full" || k == "sliding" || k == "mla" || k == "conv");
-    if (!ok) p.push_back("layer_mixers must list 'full', 'sliding', 'mla' or 'conv' for each of the num_hidden_layers layers, got " +
-                         plan.dump().substr(0, 80));
+      ok &= k.is_string() && (k == "full" || k == "sliding" || k == "mla" || k == "conv" || k == "linear");
+    if (!ok)
+      p.push_back("layer_mixers must list 'full', 'sliding', 'mla', 'conv' or 'linear' for each of the num_hidden_layers "
+                  "layers, got " + plan.dump().substr(0, 80));
     // Latent attention (CosmoeConfig._latent_problems): every layer or none.
     int mla = 0;
     for (const json& k : ok ? plan : json::array()) mla += k == "mla";
@@ -180,6 +182,14 @@ Config read_config(const json& model, const std::string& where) {
       for (const json& k : plan) mixers.push_back(k.get<std::string>());
   }
   int conv_kernel = get_int(model, "conv_kernel", 0, p, false);
+  // Gated DeltaNet ("linear"): the q/k/v convolution's state and the recurrent state's sizes.
+  const bool linear = std::count(mixers.begin(), mixers.end(), "linear") > 0;
+  const int hk = get_int(model, "linear_num_key_heads", 0, p, linear), hv = get_int(model, "linear_num_value_heads", 0, p, linear);
+  const int dk = get_int(model, "linear_key_head_dim", 0, p, linear), dv = get_int(model, "linear_value_head_dim", 0, p, linear);
+  const int linear_kernel = get_int(model, "linear_conv_kernel", 0, p, linear);
+  if (linear && (hk <= 0 || hv <= 0 || dk <= 0 || dv <= 0 || linear_kernel < 2))
+    p.push_back("'linear' layers need positive linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, "
+                "linear_value_head_dim and linear_conv_kernel >= 2");
   if (std::count(mixers.begin(), mixers.end(), "conv") && conv_kernel < 2)
     p.push_back("layer_mixers has 'conv' layers but conv_kernel is " + std::to_string(conv_kernel) + " (at least 2 taps)");
   if (model.contains("topk_norm_eps")) {
@@ -318,6 +328,10 @@ Config read_config(const json& model, const std::string& where) {
         s.positional = false;
         s.k[0] = 1, s.k[1] = conv_kernel - 1, s.k[2] = c.hidden_size;
         s.v[0] = s.v[1] = s.v[2] = 1;
+      } else if (kind == "linear") {
+        s.positional = false;
+        s.k[0] = 1, s.k[1] = linear_kernel - 1, s.k[2] = 2 * hk * dk + hv * dv;
+        s.v[0] = hv, s.v[1] = dk, s.v[2] = dv;
       } else if (kind == "mla") {
         s.k[0] = 1, s.k[1] = ctx, s.k[2] = c.kv_lora_rank;
         s.v[0] = 1, s.v[1] = ctx, s.v[2] = c.qk_rope_head_dim;

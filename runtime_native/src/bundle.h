@@ -26,7 +26,8 @@ struct Config {
   int rope_width = 0;  // cos/sin columns
   // Each layer's two cache tensors (runtime_py CosmoeConfig.cache_spec): [heads, rows, width];
   // positional ones have a row per position (rows = the context), else a fixed state passed whole
-  // and replaced (LFM2's "conv" layers: [1, conv_kernel - 1, D] and a [1, 1, 1] placeholder).
+  // and replaced (LFM2's "conv" layers: [1, conv_kernel - 1, D] and a [1, 1, 1] placeholder;
+  // Qwen3.5's "linear" layers: the q/k/v convolution's [1, K - 1, C] and the recurrent [Hv, dk, dv]).
   struct CacheSpec {
     bool positional = true;
     int k[3] = {0, 0, 0}, v[3] = {0, 0, 0};

@@ -275,7 +275,8 @@ class CosmoeConfig:
     @property
     def linear_conv_dim(self) -> int:
         """Channels of a linear layer's convolution: q and k (key heads x key width each), then v."""
-        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
+        keys = self.linear_num_key_heads * self.linear_key_head_dim
+        return 2 * keys + self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
     def qk_nope_head_dim(self) -> int:
@@ -495,9 +496,9 @@ class CosmoeConfig:
             if self.qk_rope_head_dim % 2 or self.head_dim is None or self.head_dim <= self.qk_rope_head_dim:
                 p.append(f"'mla' layers need an even qk_rope_head_dim ({self.qk_rope_head_dim}) below head_dim "
                          f"({self.head_dim}, = qk_nope_head_dim + qk_rope_head_dim)")
-            unsupported = [n for n, bad in (("attention_sinks", self.attention_sinks), ("qk_norm", self.qk_norm != "none"),
-                                            ("clip_qkv", self.clip_qkv is not None),
-                                            ("rotary_dim", self.rotary_dim is not None)) if bad]
+            taken = {"attention_sinks": self.attention_sinks, "qk_norm": self.qk_norm != "none",
+                     "clip_qkv": self.clip_qkv is not None, "rotary_dim": self.rotary_dim is not None}
+            unsupported = [n for n, bad in taken.items() if bad]
             if unsupported:
                 p.append(f"'mla' layers do not take {unsupported}")
         return p
@@ -587,8 +588,10 @@ def _latent_attention_shapes(config: CosmoeConfig, pre: str) -> dict[str, tuple[
     if ql is None:
         s[f"{pre}.attn.q.weight"] = (h * qk, d)
     else:
-        s.update({f"{pre}.attn.q_a.weight": (ql, d), **({f"{pre}.attn.q_a.bias": (ql,)} if config.attention_bias else {}),
-                  f"{pre}.attn.q_a_norm.weight": (ql,), f"{pre}.attn.q_b.weight": (h * qk, ql)})
+        s[f"{pre}.attn.q_a.weight"] = (ql, d)
+        if config.attention_bias:
+            s[f"{pre}.attn.q_a.bias"] = (ql,)
+        s.update({f"{pre}.attn.q_a_norm.weight": (ql,), f"{pre}.attn.q_b.weight": (h * qk, ql)})
     s[f"{pre}.attn.kv_a.weight"] = (r + config.qk_rope_head_dim, d)
     if config.attention_bias:
         s[f"{pre}.attn.kv_a.bias"] = (r + config.qk_rope_head_dim,)

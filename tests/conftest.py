@@ -67,8 +67,9 @@ FAMILIES = {
         num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=12, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})),
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                         "mscale_all_dim": 0.707})),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,

@@ -151,7 +151,8 @@ def _common(hf: Any, path: Path) -> dict[str, Any]:
         rotary_dim=rotary, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=n_heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(hf, "head_dim", None), num_experts_per_tok=getattr(hf, "num_experts_per_tok", None),
-        rms_norm_eps=float(getattr(hf, "rms_norm_eps", None) or hf.norm_eps), rope_theta=float(theta), rope_scaling=scaling,
+        rms_norm_eps=float(getattr(hf, "rms_norm_eps", None) or hf.norm_eps), rope_theta=float(theta),
+        rope_scaling=scaling,
         max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=bool(hf.tie_word_embeddings),
         bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
     )
@@ -473,7 +474,8 @@ class DeepseekV2(Adapter):
             scale = scale * m * m
         bias = bool(getattr(hf, "attention_bias", False))
         return dict(num_experts=hf.n_routed_experts, intermediate_size=hf.moe_intermediate_size,
-                    num_key_value_heads=hf.num_attention_heads, head_dim=qk, layer_mixers=["mla"] * hf.num_hidden_layers,
+                    num_key_value_heads=hf.num_attention_heads, head_dim=qk,
+                    layer_mixers=["mla"] * hf.num_hidden_layers,
                     kv_lora_rank=hf.kv_lora_rank, q_lora_rank=hf.q_lora_rank, qk_rope_head_dim=hf.qk_rope_head_dim,
                     v_head_dim=hf.v_head_dim, attention_bias=bias, attention_out_bias=bias,
                     attention_multiplier=None if scale == qk ** -0.5 else scale,

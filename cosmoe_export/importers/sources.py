@@ -248,7 +248,8 @@ def _plan(path: Path, config: CosmoeConfig, index: dict[str, tuple], adapter: Ad
         present = [p for p in tensor_names.source_candidates(name) if p.template in index]
         # The first source of the right shape (Qwen3.5's q_proj holds q and the output gate per
         # head: twice the rows of a plain q_proj, the same name), else the first, to report it.
-        found = next((p for p in present if index[p.template][1] == p.source_shape(want)), present[0] if present else None)
+        fits = [p for p in present if index[p.template][1] == p.source_shape(want)]
+        found = (fits or present or [None])[0]
         if name in index and found is None:  # our own checkpoints use canonical names
             found = tensor_names.Part(name)
         if found is not None:
@@ -284,8 +285,8 @@ def _permute_rows(plan: dict[str, PlannedTensor], config: CosmoeConfig, rules: l
         if rule is None:
             continue
 
-        def load(load=t.load, blocks=rule.blocks, index=torch.tensor(rule.perm)) -> torch.Tensor:
-            w = load()  # [blocks * n, ...]
+        def load(load=t.load, blocks=rule.blocks, perm=rule.perm) -> torch.Tensor:
+            w, index = load(), torch.tensor(perm)  # [blocks * n, ...]
             return w.reshape(blocks, len(index), *w.shape[1:])[:, index].reshape(w.shape).contiguous()
         t.load = load
 

@@ -95,7 +95,8 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     for layer in range(cfg.num_hidden_layers):
         module = units.build_layer(cfg, floats, layer)
         precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
-        data = target.module(module, units.layer_example_inputs(cfg, layer=layer), units.layer_dynamic_shapes(cfg, layer),
+        data = target.module(module, units.layer_example_inputs(cfg, layer=layer),
+                             units.layer_dynamic_shapes(cfg, layer),
                              units.LAYER_INPUTS, units.LAYER_OUTPUTS)
         write(fmt.program_path(target.name, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
     head = units.build_head(cfg, floats)

@@ -47,6 +47,7 @@ from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS, native_binary
 from runtime_py.bundle import Bundle, sha256_file
+from runtime_py.memory import peak_rss_bytes, reset_peak_rss
 
 # Every package whose version can change a byte or a number of the build (stage keys, manifest, report).
 TOOLS = ("transformers", "tokenizers", "numpy", "executorch", "torchao", "onnx", "onnxscript", "onnxruntime",
@@ -118,18 +119,22 @@ class _Build:
         key = _sha256_json({"stage": name, **inputs, **self.env})
         stamp = _read_json(stamp_path)
         if stamp is not None and stamp.get("key") == key and stamp.get("output") == _fingerprint(out):
-            self.stages[name] = {"status": "skipped", "seconds": 0.0, "key": key}
+            self.stages[name] = {"status": "skipped", "seconds": 0.0, "peak_rss_mb": None, "key": key}
             self.log(f"{name}: inputs unchanged, reusing {out}")
             return out
         stamp_path.unlink(missing_ok=True)  # a stage killed half-way must never look done
         self.log(f"{name}: running")
+        # The stage's own peak: this process's high-water mark, reset as it starts (None where the
+        # kernel refuses the reset). Pool workers (--jobs) are processes of their own, not counted.
+        windowed = reset_peak_rss()
         t0 = time.perf_counter()
         run(out)
         seconds = time.perf_counter() - t0
+        peak = round(peak_rss_bytes() / 1e6, 1) if windowed else None
         _write_atomic(stamp_path, json.dumps({"stage": name, "key": key, "output": _fingerprint(out),
                                               "inputs": inputs, **self.env}, indent=2) + "\n")
-        self.stages[name] = {"status": "ran", "seconds": round(seconds, 3), "key": key}
-        self.log(f"{name}: done in {seconds:.1f} s")
+        self.stages[name] = {"status": "ran", "seconds": round(seconds, 3), "peak_rss_mb": peak, "key": key}
+        self.log(f"{name}: done in {seconds:.1f} s" + (f", peak RSS {peak:,.0f} MB" if peak is not None else ""))
         return out
 
     def text(self, paths: tuple[Path, ...], name: str) -> tuple[Path, str] | tuple[None, None]:

@@ -88,10 +88,15 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     t = units.token_dim(cfg)
     d = cfg.hidden_size
 
+    # The backbone's units are exported one by one in this process (seconds each for ExecuTorch):
+    # a bar of their own, so a long build shows where it is before the experts' bar starts.
+    units_bar = tqdm(total=cfg.num_hidden_layers + 2, desc=f"lower {target.name} backbone", unit="unit",
+                     disable=not progress or None)
     embed = units.build_embed(cfg, floats)
     precision = target.backbone_integers(embed, units.embed_tables(cfg), backbone)
     data = target.module(embed, (torch.zeros(1, 2, dtype=torch.long),), ({1: t},), ["ids"], ["x"])
     write(fmt.program_path(target.name, "embed"), data, "embed", precision, p)
+    units_bar.update(1)
     for layer in range(cfg.num_hidden_layers):
         module = units.build_layer(cfg, floats, layer)
         precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
@@ -99,10 +104,13 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
                              units.layer_dynamic_shapes(cfg, layer),
                              units.LAYER_INPUTS, units.LAYER_OUTPUTS)
         write(fmt.program_path(target.name, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
+        units_bar.update(1)
     head = units.build_head(cfg, floats)
     precision = target.backbone_integers(head, units.head_linears(cfg), backbone)
     data = target.module(head, (torch.zeros(1, 2, d),), ({1: t},), ["x"], ["logits"])
     write(fmt.program_path(target.name, "head"), data, "head", precision, p)
+    units_bar.update(1)
+    units_bar.close()
     t_experts = time.perf_counter()
     bar = tqdm(total=len(cfg.moe_layers) * cfg.num_experts, desc=f"lower {target.name}", unit="expert",
                disable=not progress or None)

@@ -200,7 +200,8 @@ Config read_config(const json& model, const std::string& where) {
   if (c.latent_attention) {  // the cache holds the latent and the shared RoPE key (CosmoeConfig.cache_shape)
     c.kv_lora_rank = get_int(model, "kv_lora_rank", 0, p, true);
     c.qk_rope_head_dim = get_int(model, "qk_rope_head_dim", 0, p, true);
-    get_int(model, "v_head_dim", 0, p, true);
+    if (c.kv_lora_rank <= 0 || c.qk_rope_head_dim <= 0 || get_int(model, "v_head_dim", 0, p, true) <= 0)
+      p.push_back("'mla' layers need positive integers kv_lora_rank, qk_rope_head_dim and v_head_dim");
   }
   if (model.contains("group_score")) {
     if (model["group_score"] != "top2_sum" && model["group_score"] != "max")

@@ -421,6 +421,17 @@ def _(bnd: Path) -> None:
     b.edit_manifest(bnd, lambda m: m["model"].update(num_experts_per_tok=9))
 
 
+# A token mixer named in the layer plan without its sizes: refused before any cache is sized.
+for _mixer, _expect in [("mla", "'mla' layers need"), ("conv", "'conv' layers but conv_kernel is 0"),
+                        ("linear", "'linear' layers need")]:
+    def _break(bnd: Path, mixer=_mixer) -> None:
+        def edit(m: dict) -> None:
+            m["format_version"] = 2
+            m["model"]["layer_mixers"] = [mixer] * m["model"]["num_hidden_layers"]
+        b.edit_manifest(bnd, edit)
+    bundle_case(f"manifest-{_mixer}-without-sizes", expect=_expect, names=MANIFEST)(_break)
+
+
 # ---- bundles: the shards ---------------------------------------------------------------------------------
 # Each tampering is done twice: to every expert of layer 0 (whichever the router picks first is caught)
 # and to the backbone (read first by every stage; the only one lower reaches quickly).

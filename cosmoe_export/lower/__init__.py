@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,9 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     write(fmt.program_path(target.name, "embed"), data, "embed", precision, p)
     units_bar.update(1)
     for layer in range(cfg.num_hidden_layers):
-        module = units.build_layer(cfg, floats, layer)
-        precision = target.backbone_integers(module, units.layer_linears(cfg, layer), backbone)
-        data = target.module(module, units.layer_example_inputs(cfg, layer=layer),
-                             units.layer_dynamic_shapes(cfg, layer),
-                             units.LAYER_INPUTS, units.LAYER_OUTPUTS)
+        raw = layer_weights(cfg, backbone, layer)
+        export = layer_export(target, cfg, layer)
+        data, precision = target.layer(cfg, layer, raw, export) if target.layer is not None else export(raw)
         write(fmt.program_path(target.name, "layer", layer), data, "layer", precision, p, layer=layer, cache="prefix")
         units_bar.update(1)
     head = units.build_head(cfg, floats)
@@ -125,6 +124,28 @@ def _lower_target(bundle: Bundle, cfg: CosmoeConfig, backbone: dict[str, units.W
     n = len(cfg.moe_layers) * cfg.num_experts
     return entries, {"backbone_s": t_experts - t_backbone, "experts_s": done - t_experts,
                      "per_expert_s": (done - t_experts) / n}
+
+
+def layer_weights(cfg: CosmoeConfig, backbone: dict[str, units.Weight], layer: int) -> dict[str, units.Weight]:
+    """The tensors layer ``layer``'s program holds, names relative to the layer (the score bias is the
+    runtime's: it routes)."""
+    pre = f"layers.{layer}."
+    return {k.removeprefix(pre): w for k, w in backbone.items() if k.startswith(pre) and k != pre + "moe.score_bias"}
+
+
+def layer_export(target: Target, cfg: CosmoeConfig,
+                 layer: int) -> Callable[[dict[str, units.Weight]], tuple[bytes, str]]:
+    """A direct export of layer ``layer``'s program from such weights -> (bytes, precision label)."""
+    pre = f"layers.{layer}."
+
+    def export(weights: dict[str, units.Weight]) -> tuple[bytes, str]:
+        full = {pre + k: w for k, w in weights.items()}
+        module = units.build_layer(cfg, units.dequantized(full), layer)
+        precision = target.backbone_integers(module, units.layer_linears(cfg, layer), full)
+        data = target.module(module, units.layer_example_inputs(cfg, layer=layer),
+                             units.layer_dynamic_shapes(cfg, layer), units.LAYER_INPUTS, units.LAYER_OUTPUTS)
+        return data, precision
+    return export
 
 
 @dataclass(frozen=True)

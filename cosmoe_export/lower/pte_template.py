@@ -11,12 +11,18 @@ are replaced in place: a key keeps its length (64 hex digits, with or without "s
 flatbuffer offset moves. Each key must occur exactly once in the template's payloads, and building
 a template checks that writing its own weights reproduces its direct export byte for byte;
 anything else raises TemplateError rather than writing a wrong program.
+
+Layer programs (``layer_pte``) work the same way, with one more kind of constant: the tensors of
+ops XNNPACK does not take (the norms' weights, ...) sit in the program's constant buffers, found
+by their bytes and rewritten in place. Layers of one kind and weight layout share a template.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,9 +60,13 @@ class _Slot:
 class Template:
     program: Program  # delegate payloads inline, no named data
     slots: tuple[_Slot, ...]
+    # Constant buffers (index into program.constant_buffer) -> the float tensor (by name) they hold;
+    # the others do not depend on the weights (checked on two exports).
+    buffers: tuple[tuple[int, str], ...] = ()
+    precision: str = ""
 
 
-_TEMPLATES: dict[tuple, Template] = {}  # per process; a template holds only its program (kilobytes)
+_TEMPLATES: dict[tuple, Template | None] = {}  # per process; a template holds only its program (kilobytes)
 
 
 def expert_pte(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
@@ -121,33 +131,85 @@ def _raw(t: torch.Tensor) -> bytes:
 
 def build_template(config: CosmoeConfig, lay: Layout) -> Template:
     """Lower an expert of this layout with synthetic weights and locate each of its constants."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
     synthetic = _synthetic(lay)
     pte = export_expert(config, synthetic)
-    parsed = deserialize_pte_binary(pte)
-    program = parsed.program
-    if parsed.mutable_data or any(len(b.storage) for b in program.constant_buffer):
-        raise TemplateError("the template holds data outside XNNPACK's named data")
-    keys = list(parsed.named_data.pte_data) if parsed.named_data else []
-    mine = constants(synthetic)
-    source = {key: i for i, (key, _) in enumerate(mine)}
-    if len(source) != len(mine) or sorted(keys) != sorted(source):
-        raise TemplateError(f"the template's named data {keys} are not the expert's constants {sorted(source)}")
-    blobs = [d.data for d in program.backend_delegate_data]
-    slots = []
-    for key in keys:
-        blob, offset = _find_once(blobs, key.encode())
-        slots.append(_Slot(source[key], blob, offset, len(key), len(mine[source[key]][1])))
-    template = Template(program, tuple(slots))
+    template = _locate(pte, synthetic)
     if write(template, synthetic) != pte:
         raise TemplateError("the template does not reproduce its own export")
     return template
 
 
-def _synthetic(lay: Layout) -> dict[str, units.Weight]:
+# (layer weights, keys relative to the layer) -> (program bytes, precision label): a direct export.
+LayerExport = Callable[[dict[str, units.Weight]], tuple[bytes, str]]
+
+
+def layer_pte(config: CosmoeConfig, layer: int, weights: dict[str, units.Weight],
+              export: LayerExport) -> tuple[bytes, str]:
+    """Layer ``layer``'s program from the template of its kind and layout (exported once per process
+    with synthetic weights), byte for byte ``export(weights)``; exported directly where a template
+    cannot stand for it: two of its tensors are equal (a direct export stores them once) or the
+    template's constants could not all be located (TemplateError when it was built)."""
+    lay = layout(weights)
+    kind = (config.mixer(layer), config.window(layer), config.ffn_kind(layer).name)
+    key = ("layer", json.dumps(config.to_dict(), sort_keys=True), kind, lay)
+    if key not in _TEMPLATES:
+        try:
+            _TEMPLATES[key] = _layer_template(lay, export)
+        except TemplateError:
+            _TEMPLATES[key] = None
+    template = _TEMPLATES[key]
+    blobs = [b for name in sorted(weights) for b in _encoded(weights[name])]
+    if template is None or len(set(blobs)) != len(blobs):
+        return export(weights)
+    return write(template, weights), template.precision
+
+
+def _layer_template(lay: Layout, export: LayerExport) -> Template:
+    synthetic, other = _synthetic(lay), _synthetic(lay, seed=1)
+    pte, precision = export(synthetic)
+    template = dataclasses.replace(_locate(pte, synthetic), precision=precision)
+    # Constant buffers not found among the weights must be the same whatever the weights are.
+    second = _locate(export(other)[0], other)
+    fixed = {i for i, _ in template.buffers}
+    for i, (a, b) in enumerate(zip(template.program.constant_buffer, second.program.constant_buffer, strict=True)):
+        if i not in fixed and a.storage != b.storage:
+            raise TemplateError(f"constant buffer {i} depends on the weights but is none of them")
+    if write(template, synthetic) != pte:
+        raise TemplateError("the template does not reproduce its own export")
+    return template
+
+
+def _locate(pte: bytes, synthetic: dict[str, units.Weight]) -> Template:
+    """The template of a program exported with these (all distinct) weights: where each constant is."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    parsed = deserialize_pte_binary(pte)
+    program = parsed.program
+    if parsed.mutable_data:
+        raise TemplateError("the template holds mutable data")
+    keys = list(parsed.named_data.pte_data) if parsed.named_data else []
+    mine = constants(synthetic)
+    source = {key: i for i, (key, _) in enumerate(mine)}
+    # Every constant XNNPACK holds is one of the unit's; the unit's others are constant buffers.
+    if len(source) != len(mine) or not set(keys) <= set(source):
+        raise TemplateError(f"the template's named data {keys} are not among the unit's constants {sorted(source)}")
+    blobs = [d.data for d in program.backend_delegate_data]
+    slots = []
+    for key in keys:
+        blob, offset = _find_once(blobs, key.encode())
+        slots.append(_Slot(source[key], blob, offset, len(key), len(mine[source[key]][1])))
+    raw = {_raw(w.detach().float()): name for name, w in synthetic.items() if not isinstance(w, units.QuantWeight)}
+    buffers = tuple((i, raw[b.storage]) for i, b in enumerate(program.constant_buffer) if b.storage in raw)
+    named = {mine[slot.source][0] for slot in slots}
+    located = named | {hashlib.sha256(_raw(synthetic[n].detach().float())).hexdigest() for _, n in buffers}
+    if set(source) - located:  # a weight the program holds in a form this writer does not know
+        raise TemplateError(f"constants {sorted(set(source) - located)} of the unit are not found in its program")
+    return Template(program, tuple(slots), buffers)
+
+
+def _synthetic(lay: Layout, seed: int = 0) -> dict[str, units.Weight]:
     """Weights of this layout, all distinct (so every constant has its own key in the template)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     out: dict[str, units.Weight] = {}
     for name, shape, scales_shape, enc in lay:
         if enc is None:
@@ -177,8 +239,8 @@ def write(template: Template, weights: dict[str, units.Weight]) -> bytes:
     from executorch.exir.schema import BackendDelegateInlineData
 
     mine = constants(weights)
-    if len(mine) != len(template.slots):
-        raise TemplateError(f"{len(mine)} constants for a template of {len(template.slots)}")
+    if len(mine) != len(template.slots) + len(template.buffers):
+        raise TemplateError(f"{len(mine)} constants for a template of {len(template.slots) + len(template.buffers)}")
     blobs = [bytearray(d.data) for d in template.program.backend_delegate_data]
     # Named data in the template's order, so segments come out in the order a direct export has;
     # identical constants share one entry, as XNNPACK's own store makes them.
@@ -189,7 +251,13 @@ def write(template: Template, weights: dict[str, units.Weight]) -> bytes:
             raise TemplateError(f"constant {slot.source} is {len(data)} bytes, the template's {slot.size}")
         blobs[slot.blob][slot.offset:slot.offset + slot.key_length] = key.encode()
         store.add_named_data(key, data, alignment=CONSTANT_TENSOR_ALIGNMENT)
-    program = dataclasses.replace(template.program,
+    buffers = list(template.program.constant_buffer)
+    for i, name in template.buffers:
+        data = _raw(weights[name].detach().float())
+        if len(data) != len(buffers[i].storage):
+            raise TemplateError(f"{name} is {len(data)} bytes, the template's buffer {i} {len(buffers[i].storage)}")
+        buffers[i] = dataclasses.replace(buffers[i], storage=data)
+    program = dataclasses.replace(template.program, constant_buffer=buffers,
                                   backend_delegate_data=[BackendDelegateInlineData(data=bytes(b)) for b in blobs])
     config = ExecutorchBackendConfig()  # what to_executorch() serializes with by default (to_pte)
     return bytes(serialize_pte_binary(

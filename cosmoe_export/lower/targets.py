@@ -24,6 +24,10 @@ class Target:
     # Swap a backbone unit's linears (and embedding) for the bundle's integers (names: units.*_linears,
     # units.embed_tables); returns the unit's precision label.
     backbone_integers: Callable[[torch.nn.Module, dict[str, str], dict[str, units.Weight]], str]
+    # A layer program from (config, layer, its weights relative to the layer, a direct export of such
+    # weights -> (bytes, precision)); None: every layer exported directly.
+    layer: Callable[[CosmoeConfig, int, dict[str, units.Weight], pte_template.LayerExport],
+                    tuple[bytes, str]] | None = None
 
 
 def _et_expert(config: CosmoeConfig, weights: dict[str, units.Weight]) -> bytes:
@@ -80,8 +84,9 @@ def _onnx_backbone_integers(unit: torch.nn.Module, tensors: dict[str, str], raw:
 
 
 TARGETS: dict[str, Target] = {
+    # ExecuTorch layers of one kind and layout from one template (seconds of export each otherwise).
     "executorch": Target("executorch", _et_expert, _et_module, _et_precision, ("executorch", "torchao"),
-                         _et_backbone_integers),
+                         _et_backbone_integers, pte_template.layer_pte),
     "onnx": Target("onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript"),
                    _onnx_backbone_integers),
 }

@@ -1,4 +1,5 @@
-"""Expert programs written from a template are byte for byte the programs a direct export writes."""
+"""Expert and layer programs written from a template are byte for byte the programs a direct export
+writes."""
 
 from __future__ import annotations
 
@@ -97,3 +98,59 @@ def test_a_template_refuses_weights_of_another_layout():
     template = next(t for key, t in pte_template._TEMPLATES.items() if key[-1] == pte_template.layout(int8))
     with pytest.raises(pte_template.TemplateError):
         pte_template.write(template, expert(TINY, uniform("int4"), seed=10))
+
+
+def layer(config: CosmoeConfig, scheme: str, seed: int, layer_index: int = 0) -> dict[str, units.Weight]:
+    """Random weights of one layer program (names relative to the layer), matrices under ``scheme``."""
+    from cosmoe_export.lower import layer_weights
+    from runtime_py.config import backbone_shapes
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, units.Weight] = {}
+    for name, shape in backbone_shapes(config).items():
+        w = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 else 0.5)
+        enc = quant.choose_encoding(scheme, shape, 32, "float32")
+        if enc.quantized and len(shape) == 2 and ".attn." in name:  # the attention's matrices
+            stored, scales = quant.quantize(w, enc)
+            w = units.QuantWeight(quant.codes(stored, enc, shape[1]), scales.float(), enc)
+        out[name] = w
+    return layer_weights(config, out, layer_index)
+
+
+# The constant kinds a layer program holds: linears in XNNPACK's data (float and int8), the norms'
+# weights in constant buffers (per-head q/k norms too), attention biases.
+LAYER_CASES = {
+    "fp32": (TINY, quant.FLOAT),
+    "int8-qk-norm-biases": (dataclasses.replace(TINY, qk_norm="head", attention_bias=True), "int8"),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_template_writes_the_direct_export(case, monkeypatch):
+    """Layer programs written from the template are the direct export's bytes, and layers of one kind
+    and layout share one template (two exports to build it, none per layer)."""
+    from cosmoe_export.lower import layer_export
+    from cosmoe_export.lower.targets import TARGETS
+    config, scheme = LAYER_CASES[case]
+    monkeypatch.setattr(pte_template, "_TEMPLATES", {})
+    export = layer_export(TARGETS["executorch"], config, 0)
+    first, second = layer(config, scheme, seed=1), layer(config, scheme, seed=2)
+    calls = []
+    counted = lambda w: calls.append(1) or export(w)  # noqa: E731
+    got = pte_template.layer_pte(config, 0, first, counted)
+    assert pte_template.layer_pte(config, 0, second, counted)[0] != got[0]
+    assert len(calls) == 2  # the template's own two exports
+    assert got == export(first)
+    assert None not in pte_template._TEMPLATES.values()
+
+
+def test_equal_layer_tensors_are_exported_directly(monkeypatch):
+    """A direct export stores equal constants once (all-ones norms of a fresh model): the template
+    cannot stand for that layout, so such a layer is exported directly."""
+    from cosmoe_export.lower import layer_export
+    from cosmoe_export.lower.targets import TARGETS
+    export = layer_export(TARGETS["executorch"], TINY, 0)
+    weights = layer(TINY, quant.FLOAT, seed=3)
+    weights["ffn_norm.weight"] = weights["attn_norm.weight"].clone()
+    calls = []
+    got = pte_template.layer_pte(TINY, 0, weights, lambda w: calls.append(1) or export(w))
+    assert got == export(weights) and len(calls) == 3  # two for the template, then this layer directly

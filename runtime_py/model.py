@@ -331,6 +331,14 @@ class LatentAttention(nn.Module):
         return self.attend(q, c, k_rope, mask)
 
 
+def causal_conv(state: torch.Tensor, u: torch.Tensor, kernel: torch.Tensor,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A short convolution continuing its state: state [B, 1, K-1, C] (the last K-1 inputs), u
+    [B, T, C] -> (output [B, T, C], the new state [B, 1, K-1, C])."""
+    window = torch.cat([state[:, 0], u], dim=1)  # [B, K-1+T, C]
+    return short_conv(window, kernel, bias), window[:, window.shape[1] - state.shape[2]:].unsqueeze(1)
+
+
 def short_conv(u: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Causal depthwise convolution of u [B, K-1+T, D] (K-1 earlier inputs, then T new ones) with
     kernel [D, 1, K] -> [B, T, D]: out[t] = sum_j kernel[:, 0, j] * u[t + j]. As K shifted products
@@ -357,9 +365,8 @@ class ShortConv(nn.Module):
     def mix(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] after state [B, 1, K-1, D] -> (y [B, T, D], the new state [B, 1, K-1, D])."""
         b, c, u = self.in_proj(x).chunk(3, dim=-1)  # [B, T, D] x3
-        window = torch.cat([state[:, 0], b * u], dim=1)  # [B, K-1+T, D]
-        y = self.out_proj(c * short_conv(window, self.weight, self.bias))
-        return y, window[:, window.shape[1] - state.shape[2]:].unsqueeze(1)
+        conv, state = causal_conv(state, b * u, self.weight, self.bias)  # [B, T, D], [B, 1, K-1, D]
+        return self.out_proj(c * conv), state
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:
@@ -438,8 +445,8 @@ class GatedDeltaNet(nn.Module):
         """x [B, T, D] after the states -> (y [B, T, D], conv state, recurrent state). ``chunk``: the
         most tokens per closed-form step (None: all T in one, as a layer program of T <= 64 does)."""
         b, t, _ = x.shape
-        window = torch.cat([conv_state[:, 0], self.in_proj_qkv(x)], dim=1)  # [B, K-1+T, C]
-        mixed = F.silu(short_conv(window, self.conv.weight, None))  # [B, T, C]
+        mixed, conv_state = causal_conv(conv_state, self.in_proj_qkv(x), self.conv.weight, None)
+        mixed = F.silu(mixed)  # [B, T, C]
         kd = self.hk * self.dk
         q, k, v = mixed[..., :kd], mixed[..., kd:2 * kd], mixed[..., 2 * kd:]
         rep = self.hv // self.hk
@@ -467,7 +474,7 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
         gated = self.norm(out.transpose(1, 2)) * F.silu(z)  # [B, T, Hv, dv]
         y = self.out_proj(gated.reshape(b, t, self.hv * self.dv))
-        return y, window[:, window.shape[1] - conv_state.shape[2]:].unsqueeze(1), state
+        return y, conv_state, state
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None = None, pos: int = 0) -> torch.Tensor:

@@ -210,6 +210,20 @@ def _sparse_step_plan(hf: Any, path: Path) -> dict[str, Any]:
     return _layer_plan(plan, hf, path, f"mlp_only_layers {sorted(only)} with decoder_sparse_step {step}")
 
 
+def _first_dense_plan(hf: Any, k: int, path: Path, what: str) -> dict[str, Any]:
+    """The layer-plan keys of k dense first layers, then MoE ones (GLM, DeepSeek, LFM2)."""
+    return _layer_plan(["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)], hf, path, what)
+
+
+def _layer_mixers(hf: Any, kinds: dict[str, str], path: Path) -> list[str]:
+    """The token mixer of each layer from the family's ``layer_types`` (kinds: its names -> ours)."""
+    types = list(hf.layer_types)
+    unknown = sorted(set(types) - set(kinds))
+    if unknown:
+        raise _unsupported(path, f"layer_types {unknown}")
+    return [kinds[t] for t in types]
+
+
 def _check_no_window(hf: Any, path: Path) -> None:
     """A sliding window shorter than the context would change attention (Mixtral, Phi-MoE)."""
     window = getattr(hf, "sliding_window", None)
@@ -329,14 +343,13 @@ class Glm4Moe(Adapter):
 
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
         k = hf.first_k_dense_replace
-        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
         return dict(num_experts=hf.n_routed_experts, intermediate_size=hf.moe_intermediate_size,
                     norm_topk_prob=bool(hf.norm_topk_prob), qk_norm="head" if hf.use_qk_norm else "none",
                     attention_bias=bool(hf.attention_bias), router="sigmoid", score_bias=True,
                     n_group=hf.n_group, topk_group=hf.topk_group,
                     routed_scaling_factor=float(hf.routed_scaling_factor),
                     shared_expert_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0),
-                    shared_expert_gate=False, **_layer_plan(plan, hf, path, f"first_k_dense_replace {k}"))
+                    shared_expert_gate=False, **_first_dense_plan(hf, k, path, f"first_k_dense_replace {k}"))
 
     def ignores(self, key: str, config: CosmoeConfig) -> bool:
         return _ignores_mtp_layers(key, config)  # Glm4MoePreTrainedModel._keys_to_ignore_on_load_unexpected
@@ -366,11 +379,7 @@ class GptOss(Adapter):
     MIXERS = {"sliding_attention": "sliding", "full_attention": "full"}
 
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        types = list(hf.layer_types)
-        unknown = sorted(set(types) - set(self.MIXERS))
-        if unknown:
-            raise _unsupported(path, f"layer_types {unknown}")
-        mixers = [self.MIXERS[t] for t in types]
+        mixers = _layer_mixers(hf, self.MIXERS, path)
         bias = bool(hf.attention_bias)
         return dict(num_experts=hf.num_local_experts, intermediate_size=hf.intermediate_size, norm_topk_prob=True,
                     attention_bias=bias, attention_out_bias=bias, attention_sinks=True, router_bias=True,
@@ -388,17 +397,12 @@ class Lfm2Moe(Adapter):
     MIXERS = {"conv": "conv", "full_attention": "full"}
 
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        types = list(hf.layer_types)
-        unknown = sorted(set(types) - set(self.MIXERS))
-        if unknown:
-            raise _unsupported(path, f"layer_types {unknown}")
         k = hf.num_dense_layers
-        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
         return dict(num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size, qk_norm="head",
                     norm_topk_prob=bool(hf.norm_topk_prob), router="sigmoid", score_bias=bool(hf.use_expert_bias),
                     topk_norm_eps=1e-6, routed_scaling_factor=float(hf.routed_scaling_factor),
-                    layer_mixers=[self.MIXERS[t] for t in types], conv_kernel=int(hf.conv_L_cache),
-                    conv_bias=bool(hf.conv_bias), **_layer_plan(plan, hf, path, f"num_dense_layers {k}"))
+                    layer_mixers=_layer_mixers(hf, self.MIXERS, path), conv_kernel=int(hf.conv_L_cache),
+                    conv_bias=bool(hf.conv_bias), **_first_dense_plan(hf, k, path, f"num_dense_layers {k}"))
 
 
 @register("Qwen3_5MoeForCausalLM")
@@ -412,15 +416,11 @@ class Qwen3_5Moe(Adapter):
     MIXERS = {"linear_attention": "linear", "full_attention": "full"}
 
     def family_fields(self, hf: Any, path: Path) -> dict[str, Any]:
-        types = list(hf.layer_types)
-        unknown = sorted(set(types) - set(self.MIXERS))
-        if unknown:
-            raise _unsupported(path, f"layer_types {unknown}")
         bias = bool(getattr(hf, "attention_bias", False))
         return dict(num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True,
                     shared_expert_intermediate_size=hf.shared_expert_intermediate_size, qk_norm="head",
                     attention_bias=bias, attention_out_bias=bias, attention_output_gate=True,
-                    layer_mixers=[self.MIXERS[t] for t in types], linear_num_key_heads=hf.linear_num_key_heads,
+                    layer_mixers=_layer_mixers(hf, self.MIXERS, path), linear_num_key_heads=hf.linear_num_key_heads,
                     linear_num_value_heads=hf.linear_num_value_heads, linear_key_head_dim=hf.linear_key_head_dim,
                     linear_value_head_dim=hf.linear_value_head_dim, linear_conv_kernel=hf.linear_conv_kernel_dim)
 
@@ -465,7 +465,6 @@ class DeepseekV2(Adapter):
 
     def latent(self, hf: Any, path: Path) -> dict[str, Any]:
         k = hf.first_k_dense_replace
-        plan = ["dense" if i < k else "moe" for i in range(hf.num_hidden_layers)]
         qk = hf.qk_nope_head_dim + hf.qk_rope_head_dim
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         scale = qk ** -0.5
@@ -481,7 +480,7 @@ class DeepseekV2(Adapter):
                     attention_multiplier=None if scale == qk ** -0.5 else scale,
                     routed_scaling_factor=float(hf.routed_scaling_factor),
                     shared_expert_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0),
-                    shared_expert_gate=False, **_layer_plan(plan, hf, path, f"first_k_dense_replace {k}"))
+                    shared_expert_gate=False, **_first_dense_plan(hf, k, path, f"first_k_dense_replace {k}"))
 
     def row_permutations(self, config: CosmoeConfig) -> list[RowPermutation]:
         """The RoPE rows only: each query head's last qk_rope_head_dim rows (q, or q_b), and the

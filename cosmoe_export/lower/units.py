@@ -203,12 +203,18 @@ def _latent(a: LatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return a.attend(q, c, k_rope, mask), c_new, k_rope_new
 
 
+def _filled(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1]: 0 at position 0 (the one slot passed is not filled yet: masked), else 1; a state times it
+    starts a sequence at zeros whatever the runtime's buffer holds."""
+    return (mask[0, :1] == 0).to(dtype)
+
+
 def _conv(a: ShortConv, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
           k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LFM2's short convolution: k_cache is the state [1, 1, K-1, D], returned updated (v_cache, a
     placeholder, as it came). The slot mask's first entry is -inf only at position 0 (the one slot
     passed is not filled yet), where the state must be zeros whatever the buffer holds."""
-    filled = (mask[0, :1] == 0).to(k_cache.dtype)  # [1]: 0 at position 0, else 1
+    filled = _filled(mask, k_cache.dtype)
     y, state = a.mix(x, k_cache * filled)
     return y, state, v_cache
 
@@ -218,7 +224,7 @@ def _linear(a: GatedDeltaNet, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     """Gated DeltaNet: k_cache is the convolution state [1, 1, K-1, C], v_cache the recurrent state
     [1, Hv, dk, dv], both returned updated; T <= max_tokens = DELTA_CHUNK, one closed-form step.
     Both start at zeros at position 0, as the conv layer's (the slot mask says where that is)."""
-    filled = (mask[0, :1] == 0).to(k_cache.dtype)  # [1]: 0 at position 0, else 1
+    filled = _filled(mask, k_cache.dtype)
     return a.mix(x, k_cache * filled, v_cache * filled, chunk=None)
 
 

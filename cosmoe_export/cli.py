@@ -318,7 +318,7 @@ def quantize(ctx: click.Context, bundle: Path, out: Path, expert_scheme: str | N
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", "target", type=click.Choice([*fmt.PROGRAM_TARGETS, ALL]), default=ALL, show_default=True,
-              help="Which runtime to lower for.")
+              help="Which runtime to lower for (all: executorch and onnx; gguf by name).")
 @click.option("--json", "json_path", default=None, help="Write timings as JSON to this file ('-' for stdout).")
 @_executor_options
 @click.pass_context
@@ -330,9 +330,14 @@ def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None, 
     Quantized experts keep the bundle's own integers (8da4w/8da8w for ExecuTorch, MatMulNBits for
     ONNX). Programs go to BUNDLE/executorch and BUNDLE/onnx and are listed in the manifest.
 
+    --target gguf writes the whole model as BUNDLE/gguf/model.gguf for llama.cpp: int4 (groups of a
+    multiple of 32) as Q4_0 and int8 as Q8_0 bit for bit, floats as stored; what GGUF cannot hold
+    exactly is listed in the manifest and by `inspect` (docs/LOWERING.md "GGUF").
+
     \b
     Examples:
       cosmoe-export lower bundles/tiny-bles --target all
+      cosmoe-export lower bundles/tiny-bles --target gguf
       cosmoe-export lower bundles/wearable --target onnx --json timings.json
       cosmoe-export lower bundles/olmoe --target all --executor ray --address head:6379
     """
@@ -343,6 +348,9 @@ def lower(ctx: click.Context, bundle: Path, target: str, json_path: str | None, 
     timings = run_lower(bundle_path=bundle, targets=targets, progress=ctx.meta["progress"],
                         executor=_executor(jobs, executor, address))
     for name, t in timings.items():
+        if "model_s" in t:  # a whole-model target
+            click.echo(f"{name}: {t['model_s']:.1f} s", err=json_path == "-")
+            continue
         click.echo(f"{name}: backbone {t['backbone_s']:.1f} s, experts {t['experts_s']:.1f} s "
                    f"({t['per_expert_s'] * 1e3:.0f} ms per expert)", err=json_path == "-")
     _write_json(json_path, timings)
@@ -385,6 +393,14 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
     click.echo("  memory      resident     offloaded (backbone + top-k experts per layer)")
     for name, m in r["memory_bytes"].items():
         click.echo(f"    {name:<6} {m['resident'] / 1e6:>11,.1f} MB {m['offloaded'] / 1e6:>11,.1f} MB")
+    for target, p in r.get("programs", {}).items():
+        click.echo(f"  {target}: {p['files']} files, {p['bytes'] / 1e6:,.1f} MB, {', '.join(p['precisions'])}")
+        g = p.get("gguf")
+        if g is not None:
+            types = ", ".join(f"{n} {t}" for t, n in g["tensor_types"].items())
+            click.echo(f"    llama.cpp {g['architecture']}, tokenizer {g['tokenizer']}; tensors: {types}")
+            for f in g["fallbacks"]:
+                click.echo(f"    not as in the bundle: {f['tensor']} {f['type']} ({f['why']})")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -396,8 +412,8 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
               help="Comma-separated token ids (for bundles without a tokenizer).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,
-              help="executorch/onnxruntime/native need `cosmoe-export lower` first; native is the C++ runner "
-                   "(bash scripts/install.sh builds it).")
+              help="executorch/onnxruntime/native/llamacpp need `cosmoe-export lower` first; native is the C++ "
+                   "runner (bash scripts/install.sh builds it), llamacpp llama.cpp on the GGUF (EXTRAS=gguf).")
 @_budget_options
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy.")
@@ -484,7 +500,7 @@ def run(bundle: Path, prompt: str | None, prompt_file: Path | None, prompt_ids: 
 @click.option("--integrity", is_flag=True,
               help="Re-hash every file against the manifest first (alone: only that); exit 1 on any difference.")
 @click.option("--backend", type=click.Choice([*BACKENDS, ALL]), default=ALL, show_default=True,
-              help="'all': torch plus every backend the bundle has programs for (native: when it is installed).")
+              help="'all': torch plus every backend the bundle has programs for (native, llamacpp: when installed).")
 @click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for kl_mean, ppl and ppl_ref (needed for quantized bundles).")
@@ -549,12 +565,17 @@ def verify(bundle: Path, reference: str | None, integrity: bool, backend: str, n
             v = r["vs_bundle"]
             quality += f" | vs bundle math: top1_agreement={v['top1_agreement']:.4f} kl_mean={v['kl_mean']:.2e} |"
         click.echo(f"{r['backend']} {r['dtype']} ({r['precision']}): max_abs_logit_err={r['max_abs_logit_err']:.2e} "
-                   f"greedy_match={r['greedy_match']:.3f} {quality} expert_loads={r['expert_loads']} "
-                   f"hit_rate={r['hit_rate']:.3f} decode_tok_s={r['decode_tok_s'] or 0:.1f}  {status}", err=err)
+                   f"greedy_match={r['greedy_match']:.3f} {quality} {_offloading(r)}"
+                   f"decode_tok_s={r['decode_tok_s'] or 0:.1f}  {status}", err=err)
     _write_json(json_path, report)
     if not report["passed"]:
         click.echo("error: verify: a gate failed (see above)", err=True)
         sys.exit(1)
+
+
+def _offloading(r: dict[str, Any]) -> str:
+    """A backend's expert loads and hit rate; nothing for one without an expert store (llamacpp maps every expert)."""
+    return f"expert_loads={r['expert_loads']} hit_rate={r['hit_rate']:.3f} " if "expert_loads" in r else ""
 
 
 def _quality(m: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
         if bundle.quantization is not None:  # quantized bundles: what the bytes above hold
             report["quantization"] = {k: bundle.quantization[k]
                                       for k in ("experts", "backbone", "group_size", "rounding")}
+        report["programs"] = _programs(bundle)
         return report
     source = open_source(path, allow_pickle=allow_pickle, hash_files=False)
     arch = source.adapter.architecture if source.adapter else "CosmoeForCausalLM"
@@ -53,6 +54,23 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
                            "active_diff_pct": round(100 * (counts.active / active - 1), 2),
                            "total_diff_pct": round(100 * (counts.total / total - 1), 2)}
     return report
+
+
+def _programs(bundle: Bundle) -> dict[str, Any]:
+    """The lowered targets: files, bytes and precisions; a GGUF's architecture, tensor types and every
+    tensor it could not hold in the bundle's form (lower/gguf_target.py)."""
+    out: dict[str, Any] = {}
+    for f in bundle.files:
+        if f.role != "program":
+            continue
+        t = out.setdefault(f.target, {"files": 0, "bytes": 0, "precisions": []})
+        t["files"] += 1
+        t["bytes"] += f.bytes
+        if f.precision not in t["precisions"]:
+            t["precisions"].append(f.precision)
+        if f.gguf is not None:
+            t["gguf"] = f.gguf
+    return out
 
 
 def describe(config: CosmoeConfig, *, kind: str, architecture: str) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 torch, executorch and onnxruntime run in this process (``runtime_py.runner.ENGINES``); native is the
 C++ runner ``cosmoe-run`` (runtime_native/, driven by runtime_py/native.py), a separate binary that
-runs the bundle's ExecuTorch programs. ``run``, ``verify`` and recipes take their choices from
-BACKENDS. Light on imports: the CLI reads it to build its options.
+runs the bundle's ExecuTorch programs; llamacpp is llama.cpp running the bundle's GGUF
+(runtime_py/llamacpp.py), when llama-cpp-python is installed (the ``gguf`` extra). ``run``,
+``verify`` and recipes take their choices from BACKENDS. Light on imports: the CLI reads it to
+build its options.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -24,7 +27,11 @@ BACKENDS: dict[str, str | None] = {
     "executorch": "executorch",
     "onnxruntime": "onnx",
     "native": "executorch",
+    "llamacpp": "gguf",
 }
+# Backends that keep every expert resident (llama.cpp maps its whole GGUF): no budget, no policy.
+# verify measures them resident beside the budgeted ones; the budget curve leaves them out.
+RESIDENT_ONLY = ("llamacpp",)
 # The torch backend's int kernels take activations as (runtime_py/qlinear.py): "bf16", PyTorch's fast
 # int8/int4 kernels; "fp32", the bundle's math exactly. The program backends run their own kernels.
 TORCH_ACTIVATIONS = ("bf16", "fp32")
@@ -50,16 +57,29 @@ def require_native_binary() -> Path:
                       "run `bash scripts/install.sh` (it builds runtime_native/)")
 
 
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def require_llamacpp() -> None:
+    if not llamacpp_installed():
+        raise ConfigError("the llamacpp backend needs llama-cpp-python: EXTRAS=gguf bash scripts/install.sh")
+
+
+# Backends that need something installed beyond the bundle's programs: name -> whether it is here.
+_INSTALLED = {"native": lambda: native_binary() is not None, "llamacpp": llamacpp_installed}
+
+
 def _targets(bundle: Bundle) -> set[str]:
     return {f.target for f in bundle.files if f.role == "program"}
 
 
 def available_backends(bundle: Bundle) -> list[str]:
     """The backends that can run ``bundle`` here: torch, every one whose programs it holds, and native
-    when it holds ExecuTorch programs and the native runner is installed."""
+    and llamacpp when what they run is installed too."""
     targets = _targets(bundle)
     return [name for name, target in BACKENDS.items()
-            if (target is None or target in targets) and (name != "native" or native_binary() is not None)]
+            if (target is None or target in targets) and _INSTALLED.get(name, lambda: True)()]
 
 
 def require_backend(bundle: Bundle, backend: str) -> None:
@@ -68,6 +88,8 @@ def require_backend(bundle: Bundle, backend: str) -> None:
         raise ConfigError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     if backend == "native":
         require_native_binary()
+    if backend == "llamacpp":
+        require_llamacpp()
     target = BACKENDS[backend]
     if target is not None and target not in _targets(bundle):
         raise FormatError(f"{bundle.root}: has no programs for backend {backend!r}; run `cosmoe-export lower "

@@ -33,11 +33,12 @@ class FileEntry:
     layer: int | None = None
     expert: int | None = None
     tensors: dict | None = None  # quantized bundles: canonical name -> encoding (runtime_py.quant)
-    target: str | None = None  # programs: "executorch" | "onnx"
-    unit: str | None = None  # programs: "embed" | "layer" | "head" | "expert"
+    target: str | None = None  # programs: runtime_py.format.PROGRAM_TARGETS
+    unit: str | None = None  # programs: "embed" | "layer" | "head" | "expert"; "model" (gguf)
     precision: str | None = None  # programs: "fp32", "8da4w", "matmulnbits-int4", ...
     max_tokens: int | None = None  # programs: most tokens one call takes (T of embed/layer/head, N of an expert)
     cache: str | None = None  # layer programs: "prefix" (the filled cache slots) or "context" / None (all)
+    gguf: dict | None = None  # the gguf program: architecture, tensor_types, fallbacks (lower/gguf_target.py)
 
     def encodings(self) -> dict[str, quant.Encoding] | None:
         """How each tensor of this file is stored; None for float bundles (all in ``dtype``)."""

@@ -7,6 +7,7 @@ A bundle is a directory:
     tokenizer/...                                  tokenizer files passed through from the source
     {target}/embed{suffix}, {target}/layer_{L:03d}{suffix}, {target}/head{suffix},
     {target}/experts/layer_{L:03d}/expert_{E:03d}{suffix}   lowered programs (cosmoe-export lower)
+    gguf/model.gguf                                the whole model for llama.cpp (lower --target gguf)
 
 Format versions: 1 is every bundle whose layers are all MoE (its manifest's model has no
 ``layer_ffns``); 2 adds the layer plan (``model.layer_ffns``, runtime_py/config.py FFN_KINDS) and is
@@ -97,8 +98,9 @@ def dtype_of(torch_dtype) -> DType | None:
 
 
 # Lowered programs: one file per unit under the target's directory (cosmoe-export lower).
-PROGRAM_TARGETS = {"executorch": ".pte", "onnx": ".onnx"}  # target -> file suffix
-PROGRAM_UNITS = ("embed", "layer", "head", "expert")
+# gguf is one file for the whole model ("model"), for llama.cpp (cosmoe_export/lower/gguf_target.py).
+PROGRAM_TARGETS = {"executorch": ".pte", "onnx": ".onnx", "gguf": ".gguf"}  # target -> file suffix
+PROGRAM_UNITS = ("embed", "layer", "head", "expert", "model")
 # A layer program's KV cache input: the filled prefix of the slots, or the whole context (older bundles).
 PROGRAM_CACHES = ("prefix", "context")
 

@@ -10,13 +10,15 @@ the next layer's guessed experts in the background.
 Budget: backbone bytes (weights or loaded programs as measured, plus the KV cache for the whole
 context) + expert capacity. ``experts_per_layer=N`` is backbone + N x layers x unit bytes.
 
-``open_runner`` opens a Runner, or for backend ``native`` a NativeRunner (runtime_py/native.py: the
-C++ runner in its own process, the same interface and metrics).
+``open_runner`` opens a Runner, or the backend's own runner of the same interface: NativeRunner for
+``native`` (runtime_py/native.py: the C++ runner in its own process), LlamaCppRunner for ``llamacpp``
+(runtime_py/llamacpp.py: llama.cpp on the bundle's GGUF).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from runtime_py.model import Dispatch, dispatch_experts
 from runtime_py.store import POLICIES, ExpertStore, StoreStats
 
 if TYPE_CHECKING:
+    from runtime_py.llamacpp import LlamaCppRunner
     from runtime_py.native import NativeRunner
 
 # lru+prefetch loads a guessed expert only when its guessed router probability reaches this. On
@@ -260,16 +263,22 @@ def check_prompt(bundle: Bundle, prompt_ids: Sequence[int], max_new_tokens: int)
     return ids
 
 
-def open_runner(bundle: Bundle, *, backend: str = "torch", **options: Any) -> Runner | NativeRunner:
+# Backends with a runner of their own, Runner's interface over another engine: name -> (module, class).
+# Imported when opened: llama_cpp is optional, and the C++ runner needs no torch engine.
+OWN_RUNNERS = {"native": ("runtime_py.native", "NativeRunner"),  # the C++ runner, a process per call
+               "llamacpp": ("runtime_py.llamacpp", "LlamaCppRunner")}  # llama.cpp on the bundle's GGUF
+
+
+def open_runner(bundle: Bundle, *, backend: str = "torch", **options: Any) -> Runner | NativeRunner | LlamaCppRunner:
     """A runner of ``bundle`` on any backend of runtime_py.backends.BACKENDS: Runner for the engines
-    of this process, NativeRunner (runtime_py/native.py, the same interface) for the C++ runner.
+    of this process, or the backend's own runner (OWN_RUNNERS, the same interface).
     ``options``: Runner's keywords (budget_bytes, experts_per_layer, policy, check_hash, prefetch_min_prob,
     torch_activations: the PyTorch engine's, runtime_py.backends.TORCH_ACTIVATIONS; the other backends run
     their programs' kernels)."""
-    if backend == "native":
-        from runtime_py.native import NativeRunner
+    if backend in OWN_RUNNERS:
+        module, name = OWN_RUNNERS[backend]
         options.pop("torch_activations", None)
-        return NativeRunner(bundle, **options)
+        return getattr(importlib.import_module(module), name)(bundle, **options)
     if backend not in ENGINES:
         raise ConfigError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     return Runner(bundle, backend=backend, **options)

@@ -2,7 +2,7 @@
 # The README's test command (and CI's): install with test tools, lint, run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=test bash scripts/install.sh
+EXTRAS=test,gguf bash scripts/install.sh  # gguf: llama.cpp, for the GGUF parity tests
 .venv/bin/ruff check cosmoe_export runtime_py tests bench recipes
 .venv/bin/hadolint Dockerfile
 # runtime_py ships next to device builds: it must never import the exporter.

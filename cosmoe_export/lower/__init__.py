@@ -1,5 +1,6 @@
 """``lower``: add ExecuTorch and ONNX programs to a bundle, kept split: one program per backbone piece
-and one per (layer, expert), so a device loads and drops experts one by one (docs/LOWERING.md).
+and one per (layer, expert), so a device loads and drops experts one by one (docs/LOWERING.md); or
+a whole-model file (GGUF, for llama.cpp: lower/gguf_target.py).
 
 Programs are written into a temporary directory inside the bundle and renamed into place; the
 manifest is then replaced atomically (write + rename). A run killed in between leaves at worst an
@@ -28,7 +29,7 @@ from cosmoe_export.atomic import atomic_dir
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.executors import Executor, ExecutorConfig, open_executor
 from cosmoe_export.lower import units
-from cosmoe_export.lower.targets import TARGETS, Target
+from cosmoe_export.lower.targets import MODEL_TARGETS, TARGETS, Target
 from cosmoe_export.manifest_writer import ManifestWriter
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
@@ -40,9 +41,9 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True,
           executor: ExecutorConfig | None = None) -> dict[str, Any]:
     """Lower every unit of the bundle for each target; returns timings per target. ``executor``:
     where the expert programs are written (default: local, every core for large bundles)."""
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in TARGETS and t not in MODEL_TARGETS]
     if unknown:
-        raise CosmoeError(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)} or 'all'")
+        raise CosmoeError(f"unknown target(s) {unknown}; choose from {sorted([*TARGETS, *MODEL_TARGETS])} or 'all'")
     bundle = Bundle.open(bundle_path)
     cfg = bundle.config
     backbone = units.backbone_weights(bundle)  # raw: QuantWeight where the bundle holds integers
@@ -52,6 +53,12 @@ def lower(*, bundle_path: Path, targets: list[str], progress: bool = True,
     try:
         with open_executor(executor, tasks=len(cfg.moe_layers) * cfg.num_experts) as ex:
             for name in targets:
+                if name in MODEL_TARGETS:
+                    t0 = time.perf_counter()
+                    with atomic_dir(bundle.root / name, force=True) as tmp:
+                        new_entries.extend(MODEL_TARGETS[name].write(bundle, tmp))
+                    timings[name] = {"model_s": time.perf_counter() - t0}
+                    continue
                 target = TARGETS[name]
                 job = _Job(str(bundle.root.resolve()), manifest_sha, name)
                 # The target's directory is replaced as a whole, like any output: written beside, renamed in.
@@ -180,5 +187,5 @@ def _update_manifest(bundle: Bundle, targets: list[str], entries: list[dict]) ->
         bundle.manifest, keep=lambda f: not (f["role"] == "program" and f.get("target") in targets))
     manifest.add_files(entries)
     for name in targets:
-        manifest.add_tools(tool_versions(*TARGETS[name].packages))
+        manifest.add_tools(tool_versions(*(TARGETS.get(name) or MODEL_TARGETS[name]).packages))
     manifest.write(bundle.root, where=f"lower {bundle.root}: the manifest it wrote")

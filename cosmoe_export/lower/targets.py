@@ -1,15 +1,18 @@
 """The lowering targets by name: how each writes a unit's program (ExecuTorch .pte, ONNX .onnx) and
-labels its precision. ``cosmoe_export.lower.lower`` runs them over a bundle."""
+labels its precision; and the whole-model targets (GGUF), one file for the bundle.
+``cosmoe_export.lower.lower`` runs them over a bundle."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from cosmoe_export.lower import executorch_target, onnx_target, pte_template, units
+from cosmoe_export.lower import executorch_target, gguf_target, onnx_target, pte_template, units
+from runtime_py.bundle import Bundle
 from runtime_py.config import CosmoeConfig
 
 
@@ -90,3 +93,16 @@ TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", _onnx_expert, _onnx_module, _onnx_precision, ("onnx", "onnxscript"),
                    _onnx_backbone_integers),
 }
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A target that writes the whole bundle as one program file."""
+
+    name: str
+    write: Callable[[Bundle, Path], list[dict]]  # (bundle, the target's directory) -> its manifest entries
+    packages: tuple[str, ...]
+
+
+# Asked for by name: `lower --target all` is the split targets above (a bundle's family may have no GGUF form).
+MODEL_TARGETS: dict[str, ModelTarget] = {"gguf": ModelTarget("gguf", gguf_target.lower, ("gguf",))}

@@ -45,7 +45,7 @@ from cosmoe_export.release import report_plots
 from cosmoe_export.release.recipe import Recipe, resolve_source, with_source
 from cosmoe_export.versions import tool_versions
 from runtime_py import format as fmt
-from runtime_py.backends import BACKENDS, native_binary
+from runtime_py.backends import BACKENDS, RESIDENT_ONLY, native_binary
 from runtime_py.bundle import Bundle, sha256_file
 from runtime_py.memory import peak_rss_bytes, reset_peak_rss
 
@@ -245,11 +245,12 @@ class _Build:
         policy = c.policy or (v.policy if v.policy != "resident" else "lru")
         text, _ = self.text(v.text, "verify")
         prompt = _prompt_ids(Bundle.open(bundle), text, c.prompt_tokens, c.new_tokens)
-        section = {**dataclasses.asdict(c), "policy": policy, "backends": list(v.backends), "prompt": prompt,
+        backends = [b for b in v.backends if b not in RESIDENT_ONLY]  # a curve needs budgets
+        section = {**dataclasses.asdict(c), "policy": policy, "backends": backends, "prompt": prompt,
                    **_native_identity(v.backends)}
 
         def run(out: Path) -> None:
-            curve = curves.measure(bundle_path=bundle, backends=list(v.backends), policy=policy, prompt_ids=prompt,
+            curve = curves.measure(bundle_path=bundle, backends=backends, policy=policy, prompt_ids=prompt,
                                    new_tokens=c.new_tokens, repeats=max(1, c.repeats), progress=self.progress)
             _write_result(out, curve)
         return self.stage("budget_curve", {"bundle": _fingerprint(bundle), "budget_curve": section}, run)
@@ -363,11 +364,14 @@ def _prompt_ids(bundle: Bundle, text: Path | None, n: int, new_tokens: int) -> l
 
 def _native_identity(backends: tuple[str, ...]) -> dict[str, Any]:
     """For the stages that measure on the native runner: the sha256 of its binary, which is a tool
-    without a version number (a rebuilt runner measures again)."""
-    if "native" not in backends:
-        return {}
-    path = native_binary()
-    return {"native_runner": sha256_file(path) if path is not None else None}
+    without a version number (a rebuilt runner measures again); on llama.cpp, llama-cpp-python's version."""
+    out: dict[str, Any] = {}
+    if "native" in backends:
+        path = native_binary()
+        out["native_runner"] = sha256_file(path) if path is not None else None
+    if "llamacpp" in backends:
+        out["llama_cpp"] = tool_versions("llama-cpp-python")["llama-cpp-python"]
+    return out
 
 
 def _recipe_info(r: Recipe) -> dict[str, Any]:

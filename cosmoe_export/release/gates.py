@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from cosmoe_export.errors import CosmoeError
+from runtime_py.backends import RESIDENT_ONLY
 
 # Quality gates: verify's parity with the reference. Name -> how the value must compare with the threshold.
 QUALITY = {"max_abs_logit_err": "<=", "top1_agreement": ">=", "greedy_match": ">=", "kl_mean": "<=",
@@ -27,6 +28,9 @@ ON_TEXT = ("kl_mean", "ppl_increase")
 RUNTIME = {"decode_tok_s": ">=", "prefill_ms": "<=", "peak_rss_mb": "<=", "expert_load_ms_p95": "<=",
            "loads_per_token": "<=", "hit_rate": ">=", "exrep": "<="}
 OPS: dict[str, str] = {**QUALITY, **RUNTIME}  # every gate a recipe or `verify --gate` may set
+# The runtime gates of an expert store: a backend that maps every expert itself (llama.cpp,
+# runtime_py.backends.RESIDENT_ONLY) has no loads, hits or routing to measure, so they are not its gates.
+STORE_GATES = ("expert_load_ms_p95", "loads_per_token", "hit_rate", "exrep")
 COMPARE: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge}
 OFF = "off"  # a threshold of "off" (recipe value, `--gate NAME=off`) switches a default gate off
 
@@ -66,8 +70,11 @@ def check(name: str, value: float | None, threshold: float) -> dict[str, Any]:
 
 
 def evaluate(measured: Mapping[str, Any], limits: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Every threshold of ``limits`` against one backend's measurements."""
-    return [check(name, measured.get(name), t) for name, t in limits.items()]
+    """Every threshold of ``limits`` against one backend's measurements (a resident-only backend's:
+    every one but STORE_GATES)."""
+    resident_only = measured.get("backend") in RESIDENT_ONLY
+    return [check(name, measured.get(name), t) for name, t in limits.items()
+            if not (resident_only and name in STORE_GATES)]
 
 
 def integrity(problems: list[str]) -> dict[str, Any]:

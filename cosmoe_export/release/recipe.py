@@ -39,8 +39,11 @@ from runtime_py.format import DTYPE_ALIASES, PROGRAM_TARGETS
 from runtime_py.memory import parse_size
 from runtime_py.store import POLICIES
 
-# Verified when a recipe names none: native needs its C++ runner built, so a recipe asks for it by name.
-DEFAULT_BACKENDS = tuple(name for name in BACKENDS if name != "native")
+# Verified and lowered when a recipe names none: native needs its C++ runner built and llamacpp the
+# gguf extra, and GGUF describes only the families llama.cpp knows, so a recipe asks for them by name.
+BY_NAME_ONLY = {"backends": ("native", "llamacpp"), "targets": ("gguf",)}
+DEFAULT_BACKENDS = tuple(name for name in BACKENDS if name not in BY_NAME_ONLY["backends"])
+DEFAULT_TARGETS = tuple(name for name in PROGRAM_TARGETS if name not in BY_NAME_ONLY["targets"])
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class QuantizeSection:
 
 @dataclass(frozen=True)
 class LowerSection:
-    targets: tuple[str, ...] = tuple(PROGRAM_TARGETS)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from cosmoe_export.release.quality import TextQuality
 from cosmoe_export.text import batches, encode_file, windows
 from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS as RUNTIME_BACKENDS
-from runtime_py.backends import available_backends, require_backend
+from runtime_py.backends import RESIDENT_ONLY, available_backends, require_backend
 from runtime_py.bundle import Bundle
 from runtime_py.model import CosmoeForCausalLM
 from runtime_py.native import NativeRunner
@@ -115,7 +115,9 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
         bundle_math = _text_metrics(ref, math_model, text_ids, bundle.config.vocab_size, step=bar.update)[0]
     for name in names:
         bar.set_postfix_str(name)
-        with open_runner(bundle, backend=name, budget_bytes=budget, experts_per_layer=experts_per_layer,
+        budgeted = name not in RESIDENT_ONLY  # llama.cpp: every expert mapped, measured so
+        with open_runner(bundle, backend=name, budget_bytes=budget if budgeted else None,
+                         experts_per_layer=experts_per_layer if budgeted else None,
                          policy=policy, torch_activations=torch_activations) as runner:
             results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision,
                                     math_model, bar.update))

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from cosmoe_export.lower.targets import TARGETS
+from cosmoe_export.lower.targets import MODEL_TARGETS, TARGETS
 from cosmoe_export.quantization import quantize
 from runtime_py import format as fmt
 from runtime_py import quant
@@ -43,7 +43,7 @@ def test_quantization_enums_are_the_codes():
 
 
 def test_lower_targets_are_the_format_targets():
-    assert list(TARGETS) == list(fmt.PROGRAM_TARGETS)
+    assert [*TARGETS, *MODEL_TARGETS] == list(fmt.PROGRAM_TARGETS)
 
 
 def test_dtype_table_round_trips_through_torch_and_safetensors():
@@ -60,6 +60,7 @@ def test_program_paths():
     assert fmt.program_path("executorch", "expert", 3, 12) == "executorch/experts/layer_003/expert_012.pte"
     assert fmt.program_path("onnx", "layer", 7) == "onnx/layer_007.onnx"
     assert fmt.program_path("executorch", "embed") == "executorch/embed.pte"
+    assert fmt.program_path("gguf", "model") == "gguf/model.gguf"
 
 
 def test_model_enums_and_v2_keys_are_the_codes():

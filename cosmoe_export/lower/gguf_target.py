@@ -1,0 +1,455 @@
+"""``lower --target gguf``: the whole bundle as one llama.cpp model file (docs/LOWERING.md "GGUF").
+
+One file, not one per unit: llama.cpp memory-maps a model and pages its experts itself. Written
+with the ``gguf`` package (the writer llama.cpp's own converter uses), one tensor at a time through
+its temporary file, so memory holds one layer's experts, not the model.
+
+Exact where GGUF can hold the bundle's form (docs/FORMAT.md "Quantized tensors" is ours, ggml's
+block layouts are in ggml-common.h):
+    int4, G a multiple of 32  -> Q4_0: per block of 32, d = scale (fp16), q = code + 8,
+                                  byte j = q[j] | q[j + 16] << 4
+    int8 per channel          -> Q8_0: per block of 32, d = the row's scale, q = code
+    float                     -> F32 / BF16 / F16 as stored (1-D tensors F32: llama.cpp's norms)
+Where it cannot, the nearest form, recorded in the manifest entry's ``gguf.fallbacks``: a row
+length not a multiple of 32 (hidden 432) or a scale outside fp16's normal range -> F16 when every
+value is exact in it, else F32; a layer's stacked experts share one type, so mixed precision
+becomes the layer's highest (int4 codes are exact in Q8_0's blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from cosmoe_export.errors import CosmoeError
+from cosmoe_export.lower import units
+from runtime_py import format as fmt
+from runtime_py import model as rt_model
+from runtime_py.bundle import Bundle
+from runtime_py.config import CosmoeConfig
+
+Q = gguf.GGMLQuantizationType
+BLOCK = 32  # Q4_0 and Q8_0 hold 32 values per block
+FLOAT_TYPES = {"float32": Q.F32, "bfloat16": Q.BF16, "float16": Q.F16}  # the bundle's dtype -> GGUF's
+# How exact each GGUF float type is, from the most compact: a value is written in the first that holds it.
+FALLBACK_FLOATS = (Q.F16, Q.F32)
+
+
+# ---------------------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Arch:
+    """A llama.cpp architecture and what its graph (llama.cpp src/models/{name}.cpp) computes."""
+
+    name: str  # gguf.MODEL_ARCH_NAMES value
+    norm_topk_prob: bool  # build_moe_ffn's norm_w: fixed per architecture, not a key
+    qk_norm: str  # runtime_py.config qk_norm the graph applies
+    shared_expert: bool  # a sigmoid-gated shared expert (ffn_*_shexp), required when True
+    # RoPE on interleaved pairs (ggml's NORM mode): HF's half-split q/k rows are reordered, as
+    # llama.cpp's converter does (LlamaModel.permute). The others rotate half-split (NEOX).
+    interleaved_rope: bool
+    llama3_rope: bool = False  # Llama 3.1 scaling as the rope_freqs tensor
+    tied_head: bool = True  # output.weight may be absent (the embedding is the head)
+    hidden_heads: bool = False  # the output projection sized n_embd: heads * head_dim == hidden
+    kv_full: bool = False  # the k norm sized n_embd too: as many kv heads as heads
+
+
+ARCHES = (
+    Arch("llama", norm_topk_prob=True, qk_norm="none", shared_expert=False, interleaved_rope=True, llama3_rope=True),
+    Arch("qwen2moe", norm_topk_prob=False, qk_norm="none", shared_expert=True, interleaved_rope=False,
+         tied_head=False, hidden_heads=True),
+    Arch("qwen3moe", norm_topk_prob=True, qk_norm="head", shared_expert=False, interleaved_rope=False),
+    Arch("olmoe", norm_topk_prob=False, qk_norm="full", shared_expert=False, interleaved_rope=False,
+         tied_head=False, hidden_heads=True, kv_full=True),
+)
+# Config fields every architecture above takes as metadata (or checks itself); any other field away from its
+# default is a feature none of them has.
+_HPARAMS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "num_experts", "num_experts_per_tok", "head_dim", "rms_norm_eps", "rope_theta",
+            "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias",
+            "attention_out_bias", "norm_topk_prob", "qk_norm", "shared_expert_intermediate_size", "rope_scaling",
+            "layer_ffns"}
+
+
+def _mismatches(arch: Arch, cfg: CosmoeConfig) -> list[str]:
+    why = []
+    if cfg.norm_topk_prob != arch.norm_topk_prob:
+        why.append(f"norm_topk_prob {cfg.norm_topk_prob}")
+    if cfg.qk_norm != arch.qk_norm:
+        why.append(f"qk_norm {cfg.qk_norm!r}")
+    if bool(cfg.shared_expert_intermediate_size) != arch.shared_expert:
+        why.append("a shared expert" if cfg.shared_expert_intermediate_size else "no shared expert")
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    if kind != "default" and not (kind == "llama3" and arch.llama3_rope):
+        why.append(f"{kind} RoPE scaling")
+    if cfg.tie_word_embeddings and not arch.tied_head:
+        why.append("a tied head")
+    if arch.hidden_heads and cfg.num_attention_heads * cfg.head_size != cfg.hidden_size:
+        why.append(f"head_dim {cfg.head_size} x {cfg.num_attention_heads} heads != hidden {cfg.hidden_size}")
+    if arch.kv_full and cfg.num_key_value_heads != cfg.num_attention_heads:
+        why.append(f"{cfg.num_key_value_heads} kv heads for {cfg.num_attention_heads}")
+    return why
+
+
+def architecture(bundle: Bundle) -> Arch:
+    """The llama.cpp architecture that computes what ``bundle`` computes, or the error naming why none does."""
+    cfg = bundle.config
+    family = bundle.manifest["provenance"]["source"].get("architecture", "CosmoeForCausalLM")
+    unsupported = [f.name for f in dataclasses.fields(cfg)
+                   if f.name not in _HPARAMS and getattr(cfg, f.name) != f.default]
+    if cfg.layer_ffns is not None and set(cfg.layer_ffns) != {"moe"}:
+        unsupported.append("layer_ffns " + "/".join(sorted(set(cfg.layer_ffns))))
+    if unsupported:
+        raise CosmoeError(f"{bundle.root}: {family} has no llama.cpp architecture that GGUF can describe "
+                          f"(it has {', '.join(unsupported)}); lower it to executorch or onnx")
+    why = {arch.name: _mismatches(arch, cfg) for arch in ARCHES}
+    for arch in ARCHES:
+        if not why[arch.name]:
+            return arch
+    closest = min(ARCHES, key=lambda a: len(why[a.name]))
+    raise CosmoeError(f"{bundle.root}: {family} matches no llama.cpp architecture GGUF can describe (closest: "
+                      f"{closest.name}, which cannot take {', '.join(why[closest.name])}); lower it to "
+                      "executorch or onnx")
+
+
+# ---------------------------------------------------------------------------------------- tensors
+@dataclass
+class Encoded:
+    data: np.ndarray  # uint8 [..., N, row bytes] (raw_dtype set) or float32 [..., N, K]
+    type: Q
+    fallback: str | None = None  # why the bundle's form was not kept
+
+
+def _fp16_scales(scales: torch.Tensor) -> np.ndarray | None:
+    """fp32 scales as fp16, or None when one is not exact in it (outside fp16's normal range)."""
+    half = scales.half()
+    if not torch.equal(half.float(), scales):
+        return None
+    return half.numpy()
+
+
+def _blocks(w: units.QuantWeight) -> tuple[np.ndarray, np.ndarray] | None:
+    """A quantized weight as ggml blocks: codes int8 [N, K/32, 32] and fp16 d [N, K/32]; None when it has
+    no such form (K or G not a multiple of 32, a scale not exact in fp16)."""
+    n, k = w.codes.shape
+    g = w.encoding.group_size
+    if k % BLOCK or g % BLOCK:
+        return None
+    d = _fp16_scales(w.scales.repeat_interleave(g // BLOCK, dim=1)[:, :k // BLOCK])  # [N, K/32]
+    if d is None:
+        return None
+    return w.codes.reshape(n, k // BLOCK, BLOCK).numpy(), d
+
+
+def _q4_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """ggml's block_q4_0 rows: uint8 [N, K/32 * 18] (d, then q[j] | q[j + 16] << 4)."""
+    q = (codes + 8).astype(np.uint8)  # [N, B, 32]
+    qs = q[..., :16] | (q[..., 16:] << 4)  # [N, B, 16]
+    blocks = np.concatenate([d[..., None].view(np.uint8), qs], axis=-1)  # [N, B, 18]
+    return blocks.reshape(codes.shape[0], -1)
+
+
+def _q8_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """ggml's block_q8_0 rows: uint8 [N, K/32 * 34] (d, then the 32 codes)."""
+    blocks = np.concatenate([d[..., None].view(np.uint8), codes.view(np.uint8)], axis=-1)  # [N, B, 34]
+    return blocks.reshape(codes.shape[0], -1)
+
+
+BLOCK_TYPES: dict[int, tuple[Q, Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {4: (Q.Q4_0, _q4_0),
+                                                                                      8: (Q.Q8_0, _q8_0)}
+
+
+def _float(values: torch.Tensor, t: Q) -> np.ndarray | None:
+    """fp32 values as GGUF float type ``t`` (F16 and BF16 as their bytes), None when one is not exact in it."""
+    if t == Q.F32:
+        return values.contiguous().numpy()
+    cast = values.to(torch.float16 if t == Q.F16 else torch.bfloat16)
+    if not torch.equal(cast.float(), values):
+        return None
+    return cast.contiguous().view(torch.int16).numpy().view(np.uint8)  # [..., 2K]
+
+
+def encode(weights: list[units.Weight], float_type: Q, *, experts: bool) -> Encoded:
+    """Weights of one GGUF tensor in one type: a backbone tensor [N, K] (``[w]``), or a layer's experts
+    [N, K] each -> [E, N, K] (ggml's [K, N, E], innermost first)."""
+    stack = np.stack if experts else (lambda rows: rows[0])
+    quant = [w for w in weights if isinstance(w, units.QuantWeight)]
+    if len(quant) == len(weights):
+        bits = max(w.encoding.bits for w in quant)  # the layer's highest precision
+        qtype, pack = BLOCK_TYPES[bits]
+        blocks = [_blocks(w) for w in quant]
+        if all(b is not None for b in blocks):
+            rows = [pack(*b) for b in blocks]
+            mixed = len({w.encoding.bits for w in quant}) > 1
+            return Encoded(stack(rows), qtype, "mixed precision: the layer's highest, int4 codes in Q8_0 blocks"
+                           if mixed else None)
+        k, g = quant[0].codes.shape[1], quant[0].encoding.group_size
+        reason = (f"row length {k} is not a multiple of {BLOCK}" if k % BLOCK else
+                  f"group size {g} is not a multiple of {BLOCK}" if g % BLOCK else "a scale outside fp16's range")
+        data, t = _floats([w.dequantize() for w in quant], FALLBACK_FLOATS, stack)
+        return Encoded(data, t, f"{reason}: {t.name}, every value exact")
+    values = [w.dequantize() if isinstance(w, units.QuantWeight) else w for w in weights]
+    if quant:  # a layer with float and quantized experts: the float dtype if it holds every value
+        data, t = _floats(values, (float_type, Q.F32), stack)
+        return Encoded(data, t, f"mixed precision: the layer's highest, {t.name}")
+    types = (Q.F32,) if values[0].dim() == 1 else (float_type, Q.F32)  # llama.cpp's norms and biases are F32
+    data, t = _floats(values, types, stack)
+    return Encoded(data, t)
+
+
+def _floats(values: list[torch.Tensor], types: tuple[Q, ...],
+            stack: Callable[[list[np.ndarray]], np.ndarray]) -> tuple[np.ndarray, Q]:
+    """fp32 tensors in the first of ``types`` that holds every value exactly (F32 always does)."""
+    for t in types:
+        arrays = [_float(v, t) for v in values]
+        if all(a is not None for a in arrays):
+            return stack(arrays), t
+    return stack([v.numpy() for v in values]), Q.F32
+
+
+def _interleave_rope_rows(w: units.Weight, heads: int) -> units.Weight:
+    """q or k rows [H * Dh, ...] from HF's half-split order to interleaved pairs (llama.cpp's
+    convert_hf_to_gguf.py LlamaModel.permute): row (h, i) of each half -> (h, 2i) / (h, 2i + 1)."""
+    def permute(t: torch.Tensor) -> torch.Tensor:
+        rest = t.shape[1:]
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *rest).swapaxes(1, 2).reshape(t.shape)
+    if isinstance(w, units.QuantWeight):
+        return units.QuantWeight(permute(w.codes), permute(w.scales), w.encoding)
+    return permute(w)
+
+
+# ---------------------------------------------------------------------------------------- names
+T = gguf.MODEL_TENSOR
+# Our canonical backbone names (cosmoe_export/importers/tensor_names.py) -> llama.cpp's tensors.
+BACKBONE_TENSORS = {
+    "embed.weight": (T.TOKEN_EMBD, "weight"),
+    "norm.weight": (T.OUTPUT_NORM, "weight"),
+    "lm_head.weight": (T.OUTPUT, "weight"),
+    "layers.{l}.attn_norm.weight": (T.ATTN_NORM, "weight"),
+    **{f"layers.{{l}}.attn.{p}.{kind}": (tensor, kind) for p, tensor in
+       (("q", T.ATTN_Q), ("k", T.ATTN_K), ("v", T.ATTN_V), ("o", T.ATTN_OUT)) for kind in ("weight", "bias")},
+    "layers.{l}.attn.q_norm.weight": (T.ATTN_Q_NORM, "weight"),
+    "layers.{l}.attn.k_norm.weight": (T.ATTN_K_NORM, "weight"),
+    "layers.{l}.ffn_norm.weight": (T.FFN_NORM, "weight"),
+    "layers.{l}.moe.router.weight": (T.FFN_GATE_INP, "weight"),
+    "layers.{l}.moe.shared.gate.weight": (T.FFN_GATE_SHEXP, "weight"),
+    "layers.{l}.moe.shared.up.weight": (T.FFN_UP_SHEXP, "weight"),
+    "layers.{l}.moe.shared.down.weight": (T.FFN_DOWN_SHEXP, "weight"),
+    "layers.{l}.moe.shared_gate.weight": (T.FFN_GATE_INP_SHEXP, "weight"),
+}
+EXPERT_TENSORS = {"gate.weight": T.FFN_GATE_EXP, "up.weight": T.FFN_UP_EXP, "down.weight": T.FFN_DOWN_EXP}
+
+
+def _gguf_name(tensor: T, kind: str, layer: int | None = None) -> str:
+    return gguf.TENSOR_NAMES[tensor].format(bid=layer) + f".{kind}"
+
+
+def _template(name: str) -> tuple[str, int | None]:
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return ".".join(["layers", "{l}", *parts[2:]]), int(parts[1])
+    return name, None
+
+
+# ---------------------------------------------------------------------------------------- the file
+def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
+    """Write ``out_dir``/model.gguf for ``bundle``; returns its manifest entry (a list of one)."""
+    arch = architecture(bundle)
+    cfg = bundle.config
+    rel = fmt.program_path("gguf", "model")
+    path = out_dir / rel.split("/", 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    float_type = FLOAT_TYPES[bundle.backbone.dtype]
+    writer = gguf.GGUFWriter(path, arch.name, use_temp_file=True)
+    tokenizer = _metadata(writer, bundle, arch)
+    types: dict[str, int] = {}
+    fallbacks: list[dict[str, str]] = []
+
+    def add(name: str, enc: Encoded) -> None:
+        raw = enc.type if enc.data.dtype == np.uint8 else None
+        writer.add_tensor(name, enc.data, raw_dtype=raw)
+        types[enc.type.name] = types.get(enc.type.name, 0) + 1
+        if enc.fallback is not None:
+            fallbacks.append({"tensor": name, "type": enc.type.name, "why": enc.fallback})
+
+    backbone = units.backbone_weights(bundle)
+    for name, w in backbone.items():
+        template, layer = _template(name)
+        if template not in BACKBONE_TENSORS:
+            raise CosmoeError(f"{bundle.root}: tensor {name} has no llama.cpp counterpart in {arch.name}")
+        tensor, kind = BACKBONE_TENSORS[template]
+        if arch.interleaved_rope and tensor in (T.ATTN_Q, T.ATTN_K):
+            w = _interleave_rope_rows(w, cfg.num_attention_heads if tensor == T.ATTN_Q else cfg.num_key_value_heads)
+        if tensor == T.FFN_GATE_INP_SHEXP and isinstance(w, torch.Tensor):  # [1, D] in HF, {n_embd} here
+            w = w.reshape(-1)
+        add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
+        if layer is not None and template == "layers.{l}.moe.router.weight":
+            _add_experts(add, bundle, layer, float_type)
+    if arch.llama3_rope and (cfg.rope_scaling or {}).get("rope_type") == "llama3":
+        base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_size, 2).float() / cfg.head_size))
+        # ggml divides each pair's angle by its factor: default frequency / scaled frequency.
+        writer.add_tensor(_gguf_name(T.ROPE_FREQS, "weight"), (base / rt_model.rope_inv_freq(cfg)).numpy())
+        types["F32"] = types.get("F32", 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    precision = "+".join(sorted(types, key=lambda t: (t[0] != "Q", t)))
+    return [{"path": rel, "role": "program", "target": "gguf", "unit": "model", "precision": precision,
+             "max_tokens": cfg.max_position_embeddings, "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest(),
+             "gguf": {"architecture": arch.name, "tokenizer": tokenizer, "tensor_types": dict(sorted(types.items())),
+                      "fallbacks": fallbacks}}]
+
+
+def _add_experts(add: Callable[[str, Encoded], None], bundle: Bundle, layer: int, float_type: Q) -> None:
+    """Layer ``layer``'s routed experts stacked as llama.cpp's *_exps tensors: [E, N, K] each."""
+    experts = [units.expert_weights(bundle, layer, e) for e in range(bundle.config.num_experts)]
+    for name, tensor in EXPERT_TENSORS.items():
+        add(_gguf_name(tensor, "weight", layer), encode([x[name] for x in experts], float_type, experts=True))
+
+
+def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
+    """The architecture's keys and the tokenizer's; returns the tokenizer written (_tokenizer)."""
+    cfg = bundle.config
+    source = bundle.manifest["provenance"]["source"]  # not the directory's name: the same bundle, the same bytes
+    w.add_name(str(source.get("name") or source.get("architecture", "CosmoeForCausalLM")))
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    if cfg.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_size)
+    w.add_value_length(cfg.head_size)
+    w.add_rope_dimension_count(cfg.head_size)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_vocab_size(cfg.vocab_size)
+    return _tokenizer(w, bundle)
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+# A Split pre-tokenizer's regex (tokenizer.json) -> llama.cpp's name for it (src/llama-vocab.cpp).
+SPLIT_PRE = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+}
+
+
+def _tokenizer(w: gguf.GGUFWriter, bundle: Bundle) -> str:
+    """tokenizer.ggml.* from the bundle's tokenizer.json: byte-level BPE as llama.cpp's "gpt2" model,
+    SentencePiece-style BPE (Metaspace, byte fallback) as its "llama" model; a bundle without one (a
+    preset) as "none", which llama.cpp runs on token ids. Returns the model (and pre-tokenizer) written."""
+    cfg = bundle.config
+    where = bundle.tokenizer_dir / fmt.TOKENIZER_FILE if bundle.tokenizer_dir else None
+    if where is None or not where.is_file():
+        w.add_tokenizer_model("none")
+        return "none"
+    tj = json.loads(where.read_text(encoding="utf-8"))
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise CosmoeError(f"{where}: a {model.get('type')} tokenizer; GGUF output takes BPE tokenizers "
+                          "(byte-level or SentencePiece-style)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    for t in added.values():
+        vocab[t["content"]] = t["id"]
+    if max(vocab.values()) >= cfg.vocab_size:
+        raise CosmoeError(f"{where}: has token ids up to {max(vocab.values())}, beyond the model's vocabulary "
+                          f"{cfg.vocab_size}")
+    by_id = {i: s for s, i in vocab.items()}
+    byte_level = _byte_level(tj)
+    pre = _pre_name(tj.get("pre_tokenizer"), where) if byte_level else None
+    tokens, kinds, scores = [], [], []
+    for i in range(cfg.vocab_size):
+        text = by_id.get(i)
+        if text is None:  # the model's rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]")
+            kinds.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(text)
+            kinds.append(_token_type(text, added.get(i), byte_level))
+        scores.append(-float(i))  # SentencePiece BPE: ids follow merge order, the earliest merge wins
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if byte_level:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(kinds)
+        w.add_token_merges(merges)
+        label = f"gpt2 ({pre})"
+    elif model.get("byte_fallback") or _metaspace(tj):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(kinds)
+        w.add_add_space_prefix(_metaspace_prefix(tj))
+        label = "llama"
+    else:
+        raise CosmoeError(f"{where}: a BPE tokenizer that is neither byte-level nor SentencePiece-style; "
+                          "llama.cpp has no model for it")
+    if cfg.bos_token_id is not None:
+        w.add_bos_token_id(cfg.bos_token_id)
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)  # the bundle's prompts are ids as given: nothing is prepended
+    w.add_add_eos_token(False)
+    return label
+
+
+def _byte_level(tj: dict) -> bool:
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(s.get("type") == "ByteLevel" for s in steps)
+
+
+def _pre_name(pre: dict, where: Path) -> str:
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    splits = [s for s in steps if s.get("type") == "Split"]
+    if not splits:
+        level = next(s for s in steps if s.get("type") == "ByteLevel")
+        if level.get("use_regex", True):
+            return "gpt-2"  # ByteLevel's own regex is GPT-2's
+    elif len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in SPLIT_PRE:
+        return SPLIT_PRE[splits[0]["pattern"]["Regex"]]
+    raise CosmoeError(f"{where}: its pre-tokenizer {json.dumps(pre)[:200]} is none llama.cpp names "
+                      f"(GPT-2's, or a Split on {', '.join(sorted(set(SPLIT_PRE.values())))}'s regex)")
+
+
+def _metaspace(tj: dict) -> dict | None:
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return next((s for s in steps if s.get("type") == "Metaspace"), None)
+
+
+def _metaspace_prefix(tj: dict) -> bool:
+    m = _metaspace(tj)
+    return m is not None and m.get("prepend_scheme", "always") != "never"
+
+
+def _token_type(text: str, added: dict | None, byte_level: bool) -> gguf.TokenType:
+    # SentencePiece's byte-fallback pieces <0x00>..<0xFF> (often added as special tokens): bytes to llama.cpp.
+    if not byte_level and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        return gguf.TokenType.BYTE
+    if added is not None:
+        return gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    return gguf.TokenType.NORMAL

@@ -32,6 +32,9 @@ FAMILIES = {
         intermediate_size=80)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         intermediate_size=48, num_experts=4, norm_topk_prob=False, clip_qkv=3.0)),
+    # OLMoE as released (OLMoE-1B-7B: no clip_qkv, as many kv heads as heads): what llama.cpp's olmoe computes.
+    "olmoe_mha": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        intermediate_size=48, num_experts=4, norm_topk_prob=False, num_key_value_heads=4)),
     # Multipliers far from 1 so that a missed one shows; the shared variant's fused shared MLP.
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
         intermediate_size=48, num_local_experts=4, embedding_multiplier=3.0, residual_multiplier=0.5,

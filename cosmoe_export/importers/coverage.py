@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGES = ("import", "quantize", "executorch", "onnx", "native")
+STAGES = ("import", "quantize", "executorch", "onnx", "native", "gguf")
 
 IMPORT = "tests/cosmoe_export/importers/test_importers.py::test_canonical_logits_match_transformers"
 QUANTIZE = "tests/test_families.py::test_quantize_every_family"
 ONNX = "tests/test_families.py::test_onnx_runs_every_family_as_pytorch"
 EXECUTORCH = "tests/test_families.py::test_executorch_and_native_run_as_pytorch"
 BENCH = "bench/families.py"
+GGUF = "tests/cosmoe_export/lower/test_gguf.py::test_each_family_runs_on_its_llamacpp_architecture"
+GGUF_REFUSED = "tests/cosmoe_export/lower/test_gguf.py::test_gguf_refuses_by_name_and_writes_nothing"
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,25 @@ class Family:
     fixture: str  # tests/conftest.py FAMILIES key
     executorch: str = BENCH  # what proves the ExecuTorch and native cells
     native: str = BENCH
+    gguf: str = GGUF_REFUSED  # lower --target gguf + llama.cpp, or its refusal
+    gguf_fixture: str | None = None  # the fixture of the GGUF cell, when not the row's
 
     def proof(self, stage: str) -> str:
         return {"import": IMPORT, "quantize": QUANTIZE, "onnx": ONNX, "executorch": self.executorch,
-                "native": self.native}[stage]
+                "native": self.native, "gguf": self.gguf}[stage]
+
+    def fixture_of(self, stage: str) -> str:
+        return self.gguf_fixture if stage == "gguf" and self.gguf_fixture else self.fixture
 
 
 FAMILIES = [
-    Family("Mixtral", "MixtralForCausalLM", "mixtral"),
-    Family("Qwen2-MoE", "Qwen2MoeForCausalLM", "qwen2_moe"),
-    Family("Qwen3-MoE (with dense layers)", "Qwen3MoeForCausalLM", "qwen3_moe_dense"),
-    Family("OLMoE", "OlmoeForCausalLM", "olmoe"),
+    Family("Mixtral", "MixtralForCausalLM", "mixtral", gguf=GGUF),
+    Family("Qwen2-MoE", "Qwen2MoeForCausalLM", "qwen2_moe", gguf=GGUF),
+    # GGUF: all-MoE Qwen3 runs (qwen3_moe); with dense layers it is refused (qwen3_moe_dense, REFUSED in the test).
+    Family("Qwen3-MoE (with dense layers)", "Qwen3MoeForCausalLM", "qwen3_moe_dense", gguf=GGUF,
+           gguf_fixture="qwen3_moe"),
+    # GGUF: as released (olmoe_mha) it runs; with clip_qkv (the row's fixture) it is refused.
+    Family("OLMoE", "OlmoeForCausalLM", "olmoe", gguf=GGUF, gguf_fixture="olmoe_mha"),
     Family("Granite MoE", "GraniteMoeForCausalLM", "granitemoe"),
     Family("Granite MoE (shared)", "GraniteMoeSharedForCausalLM", "granitemoeshared", EXECUTORCH, EXECUTORCH),
     Family("HunYuan MoE", "HunYuanMoEV1ForCausalLM", "hunyuan_moe"),
@@ -56,7 +66,7 @@ def table() -> str:
     """The support table as Markdown: one row per family, each cell the check that proves it."""
     rows = ["| family | architecture | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
     for f in FAMILIES:
-        cells = [_cell(f.proof(s), f.fixture) for s in STAGES]
+        cells = [_cell(f.proof(s), f.fixture_of(s)) for s in STAGES]
         rows.append(f"| {f.name} | `{f.architecture}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -65,4 +75,6 @@ def _cell(proof: str, fixture: str) -> str:
     if proof == BENCH:
         return f"`{BENCH}`"
     test = proof.split("::")[1]  # parametrized by family: one run per fixture
+    if proof == GGUF_REFUSED:
+        return f"refused: `{test}` ({fixture})"
     return f"`{test}` ({fixture})"

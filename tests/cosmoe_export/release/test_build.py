@@ -43,8 +43,9 @@ rounding = "gptq"
 calibration = ["{root}/runtime_py/*.py"]
 calibration_tokens = 2048
 [lower]
-targets = ["executorch", "onnx"]
+targets = ["executorch", "onnx", "gguf"]
 [verify]
+backends = ["torch", "executorch", "onnxruntime", "llamacpp"]
 text = ["{root}/docs/FORMAT.md"]
 max_tokens = 256
 new_tokens = 4
@@ -67,7 +68,7 @@ def write_recipe(where: Path, extra: str = "", measure_less: bool = False) -> Pa
     measure, they write no byte of the bundle), to keep the rebuild test short."""
     text = RECIPE.format(root=ROOT, extra=extra)
     if measure_less:
-        text = text.replace("[verify]\n", "[verify]\nbackends = [\"torch\"]\n")
+        text = text.replace('backends = ["torch", "executorch", "onnxruntime", "llamacpp"]', 'backends = ["torch"]')
         text = text.replace("[budget_curve]\n", "[budget_curve]\nenabled = false\n")
     path = where / "mini.toml"
     path.write_text(text)
@@ -106,17 +107,21 @@ def test_build_leaves_a_gated_bundle_and_its_report(built):
     report = json.loads((built.out / "report.json").read_text())
     jsonschema.validate(report, json.loads((ROOT / "docs" / "report.schema.json").read_text()))
     assert report["passed"] and report["bundle"]["precision"] == "int4"
-    assert report["bundle"]["targets"] == ["executorch", "onnx"]
-    assert [r["backend"] for r in report["backends"]] == ["torch", "executorch", "onnxruntime"]
+    assert report["bundle"]["targets"] == ["executorch", "gguf", "onnx"]
+    assert [r["backend"] for r in report["backends"]] == ["torch", "executorch", "onnxruntime", "llamacpp"]
     for row in report["backends"]:
         gates = {g["name"]: g for g in row["gates"]}
         assert set(gates) == {"top1_agreement", "ppl_increase"}  # the recipe's, over the int4 defaults
         assert all(g["value"] is not None and g["passed"] for g in gates.values())
         assert {"kl_mean", "ppl", "ppl_ref", "top1_agreement"} <= set(row["parity"])
         assert {"decode_tok_s", "peak_rss_mb", "budget_bytes"} <= set(row["runtime"])
+        if row["backend"] == "llamacpp":  # every expert mapped: no store to measure, measured so
+            assert row["offloading"] == {} and row["programs"] == ["Q4_0+Q8_0+F32"]
+            continue
         assert {"exrep", "hit_rate", "loads_per_token"} <= set(row["offloading"])
         assert row["runtime"]["policy"] == "lru"
     curve = report["budget_curve"]["points"]
+    assert {p["backend"] for p in curve} == {"torch", "executorch", "onnxruntime"}  # llama.cpp takes no budget
     assert sorted({p["experts_per_layer"] for p in curve}) == [2, 3, 4]  # top-k .. all experts
     torch_curve = [p for p in curve if p["backend"] == "torch"]
     assert [p["budget_bytes"] for p in torch_curve] == sorted(p["budget_bytes"] for p in torch_curve)
@@ -126,6 +131,7 @@ def test_build_leaves_a_gated_bundle_and_its_report(built):
         assert (built.out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (built.out / "report.md").read_text()
     assert "— PASS" in md and "| torch | top1_agreement |" in md and "![budget_curve](plots/budget_curve.png)" in md
+    assert "| llamacpp | top1_agreement |" in md and "| llamacpp | Q4_0+Q8_0+F32 |" in md
     assert {s["status"] for s in report["stages"].values()} == {"ran"}
 
 

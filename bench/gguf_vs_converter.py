@@ -12,8 +12,8 @@ experts top-2, FFN 1280, vocab 32,000, random weights, a byte-level BPE tokenize
 Both run in the same `llama-bench` binary (bench/llamacpp.py builds it from the pinned sdist), one
 after the other in one run, so the ratio is the number to read. Prints a Markdown table.
 
-    .venv/bin/python bench/gguf.py                 # first run builds llama-bench (~15 min on 2 cores)
-    .venv/bin/python bench/gguf.py --tokens 64 --json build/bench-native/gguf.json
+    .venv/bin/python bench/gguf_vs_converter.py                 # first run builds llama-bench (~15 min on 2 cores)
+    .venv/bin/python bench/gguf_vs_converter.py --tokens 64 --json build/bench-native/gguf.json
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cosmoe_export.errors import CosmoeError
+from cosmoe_export.importers.adapters import rope_permutation
 from cosmoe_export.lower import units
 from runtime_py import format as fmt
 from runtime_py import model as rt_model
@@ -50,50 +51,138 @@ class Arch:
     """A llama.cpp architecture and what its graph (llama.cpp src/models/{name}.cpp) computes."""
 
     name: str  # gguf.MODEL_ARCH_NAMES value
-    norm_topk_prob: bool  # build_moe_ffn's norm_w: fixed per architecture, not a key
-    qk_norm: str  # runtime_py.config qk_norm the graph applies
-    shared_expert: bool  # a sigmoid-gated shared expert (ffn_*_shexp), required when True
+    norm_topk_prob: bool | None  # build_moe_ffn's norm_w: fixed per architecture, or None: a key (keys writes it)
+    qk_norm: str | tuple[str, ...]  # runtime_py.config qk_norm the graph applies (or those it takes)
     # RoPE on interleaved pairs (ggml's NORM mode): HF's half-split q/k rows are reordered, as
     # llama.cpp's converter does (LlamaModel.permute). The others rotate half-split (NEOX).
     interleaved_rope: bool
+    # The shared experts the graph computes (_shared_kind): "none", "gated" by a sigmoid (ffn_gate_inp_shexp),
+    # "plain" (added as is); ffn_*_shexp tensors either way.
+    shared: tuple[str, ...] = ("none",)
     llama3_rope: bool = False  # Llama 3.1 scaling as the rope_freqs tensor
     tied_head: bool = True  # output.weight may be absent (the embedding is the head)
     hidden_heads: bool = False  # the output projection sized n_embd: heads * head_dim == hidden
     kv_full: bool = False  # the k norm sized n_embd too: as many kv heads as heads
+    shared_by_count: bool = False  # shared experts as a count of routed-expert widths (expert_shared_count)
+    dense_lead: bool = False  # dense layers allowed before the MoE ones (ffn_{gate,up,down}, leading_dense_block_count)
+    hparams: frozenset[str] = frozenset()  # config fields beyond _HPARAMS that ``keys`` writes
+    allowed: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # of those, the values the graph computes
+    renames: tuple[tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR], ...] = ()  # its names for BACKBONE_TENSORS' tensors
+    keys: Callable[[gguf.GGUFWriter, CosmoeConfig], None] | None = None  # the architecture's own keys
+
+
+def _granite_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """Granite's multipliers (llama.cpp src/models/granite.cpp): the embeddings scaled, each residual
+    branch scaled, the attention scores scaled (0: 1 / sqrt(head size)), the logits divided."""
+    w.add_embedding_scale(cfg.embedding_multiplier)
+    w.add_residual_scale(cfg.residual_multiplier)
+    if cfg.attention_multiplier is not None:
+        w.add_attention_scale(cfg.attention_multiplier)
+    w.add_logit_scale(cfg.logits_scaling)
+
+
+def _ernie_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    w.add_interleave_moe_layer_step(1)
+    w.add_leading_dense_block_count(_dense_lead(cfg))
+
+
+def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """GLM-4.5 (llama.cpp src/models/glm4-moe.cpp): its shared experts by count, as wide as a routed one."""
+    w.add_leading_dense_block_count(_dense_lead(cfg))
+    w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_gating_func({"softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+                              "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}[cfg.router])
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
 
 
 ARCHES = (
-    Arch("llama", norm_topk_prob=True, qk_norm="none", shared_expert=False, interleaved_rope=True, llama3_rope=True),
-    Arch("qwen2moe", norm_topk_prob=False, qk_norm="none", shared_expert=True, interleaved_rope=False,
+    Arch("llama", norm_topk_prob=True, qk_norm="none", interleaved_rope=True, llama3_rope=True),
+    Arch("qwen2moe", norm_topk_prob=False, qk_norm="none", shared=("gated",), interleaved_rope=False,
          tied_head=False, hidden_heads=True),
-    Arch("qwen3moe", norm_topk_prob=True, qk_norm="head", shared_expert=False, interleaved_rope=False),
-    Arch("olmoe", norm_topk_prob=False, qk_norm="full", shared_expert=False, interleaved_rope=False,
+    Arch("qwen3moe", norm_topk_prob=True, qk_norm="head", interleaved_rope=False),
+    Arch("olmoe", norm_topk_prob=False, qk_norm="full", interleaved_rope=False,
          tied_head=False, hidden_heads=True, kv_full=True),
+    Arch("granitemoe", norm_topk_prob=True, qk_norm="none", shared=("none", "plain"), interleaved_rope=True,
+         hparams=frozenset({"embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                            "logits_scaling"}), keys=_granite_keys),
+    # HunYuan-A13B: q/k norms per head after RoPE, an ungated shared MLP in every layer.
+    Arch("hunyuan-moe", norm_topk_prob=True, qk_norm="head_after_rope", shared=("plain",), interleaved_rope=False),
+    # ERNIE 4.5: dense layers first, then MoE in every layer (interleave step 1); the correction bias
+    # (exp_probs_b) added to the softmax for choosing only, as transformers does.
+    Arch("ernie4_5-moe", norm_topk_prob=True, qk_norm="none", shared=("none", "plain"), interleaved_rope=True,
+         dense_lead=True, hparams=frozenset({"dense_intermediate_size", "score_bias"}), keys=_ernie_keys),
+    # GLM-4.5: dense layers first, the sigmoid (or softmax) router with a correction bias, groups scored by
+    # their top-2 sum, routed scaling, partial RoPE, optional per-head q/k norm; its pre-FFN norm is
+    # llama.cpp's post_attention_norm.
+    Arch("glm4moe", norm_topk_prob=None, qk_norm=("none", "head"), shared=("plain",), interleaved_rope=False,
+         shared_by_count=True, dense_lead=True,
+         hparams=frozenset({"dense_intermediate_size", "score_bias", "router", "n_group", "topk_group", "group_score",
+                            "routed_scaling_factor", "rotary_dim"}),
+         allowed=(("router", ("softmax", "sigmoid")), ("group_score", ("top2_sum",))), keys=_glm_keys,
+         renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
 )
-# Families whose llama.cpp architecture exists but that this target does not write yet (their extra
-# keys and tensors are not mapped): refused by that name, so the error says what is missing.
-NOT_WRITTEN = {"GraniteMoeForCausalLM": "granitemoe", "GraniteMoeSharedForCausalLM": "granitemoe",
-               "HunYuanMoEV1ForCausalLM": "hunyuan-moe", "Ernie4_5_MoeForCausalLM": "ernie4_5-moe",
-               "Glm4MoeForCausalLM": "glm4moe", "PhimoeForCausalLM": "phimoe", "GptOssForCausalLM": "gpt-oss",
-               "DeepseekV2ForCausalLM": "deepseek2", "DeepseekV3ForCausalLM": "deepseek2",
-               "Lfm2MoeForCausalLM": "lfm2moe", "Qwen3_5MoeForCausalLM": "qwen35moe"}
+# The llama.cpp architecture that runs each family (convert_hf_to_gguf.py's registrations); those not in
+# ARCHES are refused by that name, so the error says what is missing.
+FAMILY_ARCH = {"CosmoeForCausalLM": "llama", "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
+               "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe", "GraniteMoeForCausalLM": "granitemoe",
+               "GraniteMoeSharedForCausalLM": "granitemoe", "HunYuanMoEV1ForCausalLM": "hunyuan-moe",
+               "Ernie4_5_MoeForCausalLM": "ernie4_5-moe", "Glm4MoeForCausalLM": "glm4moe",
+               "PhimoeForCausalLM": "phimoe", "GptOssForCausalLM": "gpt-oss", "DeepseekV2ForCausalLM": "deepseek2",
+               "DeepseekV3ForCausalLM": "deepseek2", "Lfm2MoeForCausalLM": "lfm2moe",
+               "Qwen3_5MoeForCausalLM": "qwen35moe"}
+NOT_WRITTEN = {family: name for family, name in FAMILY_ARCH.items() if name not in {a.name for a in ARCHES}}
+# Of those, the ones whose llama.cpp graph computes something else than the model: writing them would
+# give a file that runs and is wrong.
+DIFFERENT_GRAPH = {"phimoe": "whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer"}
 # Config fields every architecture above takes as metadata (or checks itself); any other field away from its
-# default is a feature none of them has.
+# default is a feature only the architectures naming it in ``hparams`` have.
 _HPARAMS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "num_experts", "num_experts_per_tok", "head_dim", "rms_norm_eps", "rope_theta",
             "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias",
-            "attention_out_bias", "norm_topk_prob", "qk_norm", "shared_expert_intermediate_size", "rope_scaling",
-            "layer_ffns"}
+            "attention_out_bias", "norm_topk_prob", "qk_norm", "shared_expert_intermediate_size", "shared_expert_gate",
+            "rope_scaling", "layer_ffns"}
+
+
+def _features(cfg: CosmoeConfig) -> list[str]:
+    """The config fields outside _HPARAMS away from their defaults."""
+    return [f.name for f in dataclasses.fields(cfg) if f.name not in _HPARAMS and getattr(cfg, f.name) != f.default]
+
+
+def _dense_lead(cfg: CosmoeConfig) -> int:
+    """How many layers lead with a dense MLP before the first MoE one."""
+    plan = cfg.layer_ffns or ()
+    return next((i for i, kind in enumerate(plan) if kind != "dense"), len(plan))
+
+
+def _shared_kind(cfg: CosmoeConfig) -> str:
+    if not cfg.shared_expert_intermediate_size:
+        return "none"
+    return "gated" if cfg.shared_expert_gate else "plain"
 
 
 def _mismatches(arch: Arch, cfg: CosmoeConfig) -> list[str]:
     why = []
-    if cfg.norm_topk_prob != arch.norm_topk_prob:
+    if arch.norm_topk_prob is not None and cfg.norm_topk_prob != arch.norm_topk_prob:
         why.append(f"norm_topk_prob {cfg.norm_topk_prob}")
-    if cfg.qk_norm != arch.qk_norm:
+    if cfg.qk_norm not in (arch.qk_norm if isinstance(arch.qk_norm, tuple) else (arch.qk_norm,)):
         why.append(f"qk_norm {cfg.qk_norm!r}")
-    if bool(cfg.shared_expert_intermediate_size) != arch.shared_expert:
-        why.append("a shared expert" if cfg.shared_expert_intermediate_size else "no shared expert")
+    why += [f"{name} {getattr(cfg, name)!r}" for name, values in arch.allowed if getattr(cfg, name) not in values]
+    if arch.shared_by_count and cfg.shared_expert_intermediate_size % cfg.intermediate_size:
+        why.append("a shared expert not a whole number of routed ones")
+    if _shared_kind(cfg) not in arch.shared:
+        why.append({"none": "no shared expert", "gated": "a gated shared expert",
+                    "plain": "an ungated shared expert"}[_shared_kind(cfg)])
+    plan = cfg.layer_ffns or ("moe",) * cfg.num_hidden_layers
+    if set(plan) != {"moe"}:
+        lead = _dense_lead(cfg)
+        if not arch.dense_lead:
+            why.append("layer_ffns " + "/".join(sorted(set(plan))))
+        elif set(plan[lead:]) != {"moe"}:
+            why.append("dense layers after MoE ones")
+    why += [f for f in _features(cfg) if f not in arch.hparams]
     kind = (cfg.rope_scaling or {}).get("rope_type", "default")
     if kind != "default" and not (kind == "llama3" and arch.llama3_rope):
         why.append(f"{kind} RoPE scaling")
@@ -110,19 +199,22 @@ def architecture(bundle: Bundle) -> Arch:
     """The llama.cpp architecture that computes what ``bundle`` computes, or the error naming why none does."""
     cfg = bundle.config
     family = bundle.manifest["provenance"]["source"].get("architecture", "CosmoeForCausalLM")
-    unsupported = [f.name for f in dataclasses.fields(cfg)
-                   if f.name not in _HPARAMS and getattr(cfg, f.name) != f.default]
-    if cfg.layer_ffns is not None and set(cfg.layer_ffns) != {"moe"}:
-        unsupported.append("layer_ffns " + "/".join(sorted(set(cfg.layer_ffns))))
-    if unsupported:
-        known = (f"llama.cpp runs it as {NOT_WRITTEN[family]!r}, which lower --target gguf does not write yet"
-                 if family in NOT_WRITTEN else "no llama.cpp architecture that GGUF output writes computes it")
-        raise CosmoeError(f"{bundle.root}: {family}: {known} (it has {', '.join(unsupported)}); lower it to "
-                          "executorch or onnx")
     why = {arch.name: _mismatches(arch, cfg) for arch in ARCHES}
     for arch in ARCHES:
         if not why[arch.name]:
             return arch
+    own = FAMILY_ARCH.get(family)
+    if own in DIFFERENT_GRAPH:
+        raise CosmoeError(f"{bundle.root}: {family}: llama.cpp runs it as {own!r}, {DIFFERENT_GRAPH[own]}; lower it "
+                          "to executorch or onnx")
+    if own in NOT_WRITTEN.values():
+        written = frozenset().union(*(arch.hparams for arch in ARCHES))
+        features = [f for f in _features(cfg) if f not in written] or min(why.values(), key=len)
+        raise CosmoeError(f"{bundle.root}: {family}: llama.cpp runs it as {own!r}, which lower --target gguf does "
+                          f"not write yet (it has {', '.join(features)}); lower it to executorch or onnx")
+    if own is not None:
+        raise CosmoeError(f"{bundle.root}: {family}: llama.cpp runs it as {own!r}, whose graph does not compute "
+                          f"it (it has {', '.join(why[own])}); lower it to executorch or onnx")
     closest = min(ARCHES, key=lambda a: len(why[a.name]))
     raise CosmoeError(f"{bundle.root}: {family} matches no llama.cpp architecture GGUF can describe (closest: "
                       f"{closest.name}, which cannot take {', '.join(why[closest.name])}); lower it to "
@@ -224,12 +316,19 @@ def _floats(values: list[torch.Tensor], types: tuple[Q, ...],
     return stack([v.numpy() for v in values]), Q.F32
 
 
-def _interleave_rope_rows(w: units.Weight, heads: int) -> units.Weight:
-    """q or k rows [H * Dh, ...] from HF's half-split order to interleaved pairs (llama.cpp's
-    convert_hf_to_gguf.py LlamaModel.permute): row (h, i) of each half -> (h, 2i) / (h, 2i + 1)."""
+def _rope_rows(w: units.Weight, cfg: CosmoeConfig, interleaved: bool) -> units.Weight:
+    """q or k rows (weights, biases, norms: blocks of one head each) from our canonical order to the one
+    llama.cpp rotates. Ours pairs dims (i, i + Dh/2), the rotated ones first in each half
+    (importers.adapters.rope_permutation); llama.cpp rotates the first n_rot dims, as halves (NEOX) or
+    as interleaved pairs (NORM: convert_hf_to_gguf.py LlamaModel.permute). Row j of each head is our
+    row inverse[j] of the permutation that made ours from that order."""
+    perm = rope_permutation(cfg.head_size, cfg.rope_dims, interleaved)
+    if perm is None:
+        return w
+    inverse = torch.argsort(torch.tensor(perm))
+
     def permute(t: torch.Tensor) -> torch.Tensor:
-        rest = t.shape[1:]
-        return t.reshape(heads, 2, t.shape[0] // heads // 2, *rest).swapaxes(1, 2).reshape(t.shape)
+        return t.reshape(-1, cfg.head_size, *t.shape[1:])[:, inverse].reshape(t.shape)
     if isinstance(w, units.QuantWeight):
         return units.QuantWeight(permute(w.codes), permute(w.scales), w.encoding)
     return permute(w)
@@ -248,7 +347,11 @@ BACKBONE_TENSORS = {
     "layers.{l}.attn.q_norm.weight": (T.ATTN_Q_NORM, "weight"),
     "layers.{l}.attn.k_norm.weight": (T.ATTN_K_NORM, "weight"),
     "layers.{l}.ffn_norm.weight": (T.FFN_NORM, "weight"),
+    "layers.{l}.mlp.gate.weight": (T.FFN_GATE, "weight"),  # a dense layer's MLP
+    "layers.{l}.mlp.up.weight": (T.FFN_UP, "weight"),
+    "layers.{l}.mlp.down.weight": (T.FFN_DOWN, "weight"),
     "layers.{l}.moe.router.weight": (T.FFN_GATE_INP, "weight"),
+    "layers.{l}.moe.score_bias": (T.FFN_EXP_PROBS_B, "bias"),
     "layers.{l}.moe.shared.gate.weight": (T.FFN_GATE_SHEXP, "weight"),
     "layers.{l}.moe.shared.up.weight": (T.FFN_UP_SHEXP, "weight"),
     "layers.{l}.moe.shared.down.weight": (T.FFN_DOWN_SHEXP, "weight"),
@@ -295,8 +398,9 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
         if template not in BACKBONE_TENSORS:
             raise CosmoeError(f"{bundle.root}: tensor {name} has no llama.cpp counterpart in {arch.name}")
         tensor, kind = BACKBONE_TENSORS[template]
-        if arch.interleaved_rope and tensor in (T.ATTN_Q, T.ATTN_K):
-            w = _interleave_rope_rows(w, cfg.num_attention_heads if tensor == T.ATTN_Q else cfg.num_key_value_heads)
+        tensor = dict(arch.renames).get(tensor, tensor)
+        if tensor in (T.ATTN_Q, T.ATTN_K, T.ATTN_Q_NORM, T.ATTN_K_NORM):
+            w = _rope_rows(w, cfg, arch.interleaved_rope)
         if tensor == T.FFN_GATE_INP_SHEXP and isinstance(w, torch.Tensor):  # [1, D] in HF, {n_embd} here
             w = w.reshape(-1)
         add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
@@ -335,7 +439,7 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_feed_forward_length(cfg.dense_intermediate_size if _dense_lead(cfg) else cfg.intermediate_size)
     w.add_expert_feed_forward_length(cfg.intermediate_size)
     if cfg.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
@@ -343,12 +447,14 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_size)
     w.add_value_length(cfg.head_size)
-    w.add_rope_dimension_count(cfg.head_size)
+    w.add_rope_dimension_count(cfg.rope_dims)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_vocab_size(cfg.vocab_size)
+    if arch.keys is not None:
+        arch.keys(w, cfg)
     return _tokenizer(w, bundle)
 
 

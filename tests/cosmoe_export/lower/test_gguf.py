@@ -129,11 +129,17 @@ def test_fp32_on_llamacpp_matches_the_runtime_and_its_greedy_tokens(tiny):
 
 
 @pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe"),
-                                          ("olmoe_mha", "olmoe")])
+                                          ("olmoe_mha", "olmoe"), ("granitemoe", "granitemoe"),
+                                          ("granitemoeshared", "granitemoe"), ("hunyuan_moe", "hunyuan-moe"),
+                                          ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe")])
 def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     """Mixtral (GQA, Llama-3 RoPE scaling as rope_freqs), Qwen2-MoE (gated shared expert, q/k/v biases,
     top-k not renormalised), Qwen3-MoE (per-head q/k norms, head_dim 24 != hidden / heads), OLMoE
-    (q/k norms over the whole projection, top-k not renormalised)."""
+    (q/k norms over the whole projection, top-k not renormalised), Granite (its four multipliers far
+    from 1; the shared variant's ungated shared MLP, a tied head), HunYuan (q/k norms per head after
+    RoPE, an ungated shared MLP), ERNIE 4.5 (a dense layer before the MoE one, the correction bias,
+    interleaved RoPE, an ungated shared expert), GLM-4.5 (a dense layer first, the sigmoid router with
+    a correction bias and groups, routed scaling, partial RoPE, per-head q/k norms)."""
     out = tmp_path / "bundle"
     assert run("-q", "split", make_hf_checkpoint(family, tmp_path / "ckpt"), "-o", out).exit_code == 0
     lowered(out)
@@ -216,13 +222,14 @@ def test_other_tokenizers_tokenize_as_tokenizers_does(make, label, tmp_path):
 
 
 # ---- what GGUF cannot hold -------------------------------------------------------------------------
-# What each family the GGUF output refuses is refused for: a feature no llama.cpp graph it writes has, or
-# the llama.cpp architecture that runs the family and that it does not write yet.
+# What each family the GGUF output refuses is refused for: a feature its llama.cpp graph does not compute,
+# a graph that computes something else (Phi-MoE), or the llama.cpp architecture that runs the family and
+# that this target does not write yet.
 REFUSED = {"olmoe": "it has clip_qkv",  # llama.cpp's olmoe graph does not clamp
            "qwen3_moe_dense": "layer_ffns dense/moe",  # its qwen3moe has a router in every layer
-           **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}" for f in (
-               "granitemoe", "granitemoeshared", "hunyuan_moe", "ernie4_5_moe", "glm4_moe", "phimoe", "gpt_oss",
-               "deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe")}}
+           "phimoe": "'phimoe', whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer",
+           **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}, which lower --target gguf "
+                 "does not write yet" for f in ("gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe")}}
 
 
 @pytest.mark.parametrize("family", REFUSED)

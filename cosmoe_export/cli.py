@@ -401,6 +401,8 @@ def inspect(path: str, json_out: bool, allow_pickle: bool) -> None:
             click.echo(f"    llama.cpp {g['architecture']}, tokenizer {g['tokenizer']}; tensors: {types}")
             for f in g["fallbacks"]:
                 click.echo(f"    not as in the bundle: {f['tensor']} {f['type']} ({f['why']})")
+            for d in g.get("differences", []):
+                click.echo(f"    llama.cpp computes otherwise: {d}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -63,6 +63,14 @@ FAMILIES = {
     # enough that the clamp acts), YaRN; its fused experts are transposed and interleaved.
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         intermediate_size=48, num_local_experts=4, head_dim=16, sliding_window=5, swiglu_limit=1.5)),
+    # gpt-oss with its released clamp (7, llama.cpp's constant) and YaRN: as released (truncate false), and
+    # with YaRN's correction range rounded to whole dims, as llama.cpp computes it.
+    "gpt_oss_released": ("GptOssConfig", "GptOssForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, head_dim=16, sliding_window=5)),
+    "gpt_oss_rounded_yarn": ("GptOssConfig", "GptOssForCausalLM", dict(
+        intermediate_size=48, num_local_experts=4, head_dim=16, sliding_window=5, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096, "truncate": True})),
     # Latent attention with q direct (V2-Lite) and through q_lora_rank (V3), interleaved RoPE, value
     # heads narrower than key heads, dense layer 0, shared expert; V2: group-limited softmax by each
     # group's best, not renormalised, YaRN with mscale_all_dim; V3: sigmoid, groups and correction bias.

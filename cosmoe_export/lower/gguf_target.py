@@ -59,7 +59,9 @@ class Arch:
     # The shared experts the graph computes (_shared_kind): "none", "gated" by a sigmoid (ffn_gate_inp_shexp),
     # "plain" (added as is); ffn_*_shexp tensors either way.
     shared: tuple[str, ...] = ("none",)
-    llama3_rope: bool = False  # Llama 3.1 scaling as the rope_freqs tensor
+    # RoPE scalings (rope_scaling's rope_type) the graph takes: Llama 3.1's as the rope_freqs tensor,
+    # YaRN as the rope.scaling.* keys (_rope_keys).
+    rope_kinds: tuple[str, ...] = ("default",)
     tied_head: bool = True  # output.weight may be absent (the embedding is the head)
     hidden_heads: bool = False  # the output projection sized n_embd: heads * head_dim == hidden
     kv_full: bool = False  # the k norm sized n_embd too: as many kv heads as heads
@@ -69,6 +71,7 @@ class Arch:
     allowed: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # of those, the values the graph computes
     renames: tuple[tuple[gguf.MODEL_TENSOR, gguf.MODEL_TENSOR], ...] = ()  # its names for BACKBONE_TENSORS' tensors
     keys: Callable[[gguf.GGUFWriter, CosmoeConfig], None] | None = None  # the architecture's own keys
+    check: Callable[[CosmoeConfig], list[str]] | None = None  # what else it cannot take, as _mismatches says it
 
 
 def _granite_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
@@ -98,8 +101,19 @@ def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     w.add_expert_group_used_count(cfg.topk_group)
 
 
+def _gpt_oss_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """gpt-oss (llama.cpp src/models/openai-moe.cpp): which layers slide, and over how many positions."""
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_sliding_window_pattern([cfg.mixer(layer) == "sliding" for layer in range(cfg.num_hidden_layers)])
+
+
+def _gpt_oss_check(cfg: CosmoeConfig) -> list[str]:
+    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    return [f"{m} token mixers" for m in sorted(mixers - {"full", "sliding"})]
+
+
 ARCHES = (
-    Arch("llama", norm_topk_prob=True, qk_norm="none", interleaved_rope=True, llama3_rope=True),
+    Arch("llama", norm_topk_prob=True, qk_norm="none", interleaved_rope=True, rope_kinds=("default", "llama3")),
     Arch("qwen2moe", norm_topk_prob=False, qk_norm="none", shared=("gated",), interleaved_rope=False,
          tied_head=False, hidden_heads=True),
     Arch("qwen3moe", norm_topk_prob=True, qk_norm="head", interleaved_rope=False),
@@ -122,6 +136,15 @@ ARCHES = (
          hparams=frozenset({"dense_intermediate_size", "score_bias", "router", "n_group", "topk_group", "group_score",
                             "routed_scaling_factor", "rotary_dim"}),
          allowed=(("router", ("softmax", "sigmoid")), ("group_score", ("top2_sum",))), keys=_glm_keys,
+         renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
+    # gpt-oss: attention sinks, sliding and full layers, biases on the router and the experts, and the
+    # clamped SwiGLU with llama.cpp's constants (alpha 1.702, limit 7: gpt-oss's own); YaRN.
+    Arch("gpt-oss", norm_topk_prob=True, qk_norm="none", interleaved_rope=False, tied_head=False,
+         rope_kinds=("default", "yarn"),
+         hparams=frozenset({"layer_mixers", "sliding_window", "attention_sinks", "router_bias", "expert_bias",
+                            "expert_act", "swiglu_alpha", "swiglu_limit"}),
+         allowed=(("expert_act", ("clamped_swiglu",)), ("swiglu_alpha", (1.702,)), ("swiglu_limit", (7.0,))),
+         keys=_gpt_oss_keys, check=_gpt_oss_check,
          renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
 )
 # The llama.cpp architecture that runs each family (convert_hf_to_gguf.py's registrations); those not in
@@ -172,6 +195,8 @@ def _mismatches(arch: Arch, cfg: CosmoeConfig) -> list[str]:
     why += [f"{name} {getattr(cfg, name)!r}" for name, values in arch.allowed if getattr(cfg, name) not in values]
     if arch.shared_by_count and cfg.shared_expert_intermediate_size % cfg.intermediate_size:
         why.append("a shared expert not a whole number of routed ones")
+    if arch.check is not None:
+        why += arch.check(cfg)
     if _shared_kind(cfg) not in arch.shared:
         why.append({"none": "no shared expert", "gated": "a gated shared expert",
                     "plain": "an ungated shared expert"}[_shared_kind(cfg)])
@@ -184,7 +209,7 @@ def _mismatches(arch: Arch, cfg: CosmoeConfig) -> list[str]:
             why.append("dense layers after MoE ones")
     why += [f for f in _features(cfg) if f not in arch.hparams]
     kind = (cfg.rope_scaling or {}).get("rope_type", "default")
-    if kind != "default" and not (kind == "llama3" and arch.llama3_rope):
+    if kind not in arch.rope_kinds:
         why.append(f"{kind} RoPE scaling")
     if cfg.tie_word_embeddings and not arch.tied_head:
         why.append("a tied head")
@@ -219,6 +244,16 @@ def architecture(bundle: Bundle) -> Arch:
     raise CosmoeError(f"{bundle.root}: {family} matches no llama.cpp architecture GGUF can describe (closest: "
                       f"{closest.name}, which cannot take {', '.join(why[closest.name])}); lower it to "
                       "executorch or onnx")
+
+
+def differences(cfg: CosmoeConfig) -> list[str]:
+    """What llama.cpp computes otherwise than the bundle in a graph that is otherwise its own, said in
+    the manifest and by ``inspect`` (verify measures how much it matters)."""
+    rope = cfg.rope_scaling or {}
+    if rope.get("rope_type") == "yarn" and rope.get("truncate", True) is False:
+        return ["YaRN: llama.cpp rounds the correction range to whole dims (transformers' truncate true) where "
+                "this model's config has truncate false, so the RoPE frequencies of the dims in that range differ"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------- tensors
@@ -350,14 +385,18 @@ BACKBONE_TENSORS = {
     "layers.{l}.mlp.gate.weight": (T.FFN_GATE, "weight"),  # a dense layer's MLP
     "layers.{l}.mlp.up.weight": (T.FFN_UP, "weight"),
     "layers.{l}.mlp.down.weight": (T.FFN_DOWN, "weight"),
+    "layers.{l}.attn.sinks": (T.ATTN_SINKS, "weight"),
     "layers.{l}.moe.router.weight": (T.FFN_GATE_INP, "weight"),
+    "layers.{l}.moe.router.bias": (T.FFN_GATE_INP, "bias"),
     "layers.{l}.moe.score_bias": (T.FFN_EXP_PROBS_B, "bias"),
     "layers.{l}.moe.shared.gate.weight": (T.FFN_GATE_SHEXP, "weight"),
     "layers.{l}.moe.shared.up.weight": (T.FFN_UP_SHEXP, "weight"),
     "layers.{l}.moe.shared.down.weight": (T.FFN_DOWN_SHEXP, "weight"),
     "layers.{l}.moe.shared_gate.weight": (T.FFN_GATE_INP_SHEXP, "weight"),
 }
-EXPERT_TENSORS = {"gate.weight": T.FFN_GATE_EXP, "up.weight": T.FFN_UP_EXP, "down.weight": T.FFN_DOWN_EXP}
+EXPERT_TENSORS = {f"{p}.{kind}": (tensor, kind)
+                  for p, tensor in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP))
+                  for kind in ("weight", "bias")}
 
 
 def _gguf_name(tensor: T, kind: str, layer: int | None = None) -> str:
@@ -406,7 +445,7 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
         add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
         if layer is not None and template == "layers.{l}.moe.router.weight":
             _add_experts(add, bundle, layer, float_type)
-    if arch.llama3_rope and (cfg.rope_scaling or {}).get("rope_type") == "llama3":
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_size, 2).float() / cfg.head_size))
         # ggml divides each pair's angle by its factor: default frequency / scaled frequency.
         writer.add_tensor(_gguf_name(T.ROPE_FREQS, "weight"), (base / rt_model.rope_inv_freq(cfg)).numpy())
@@ -421,14 +460,15 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
              "max_tokens": cfg.max_position_embeddings, "bytes": len(data),
              "sha256": hashlib.sha256(data).hexdigest(),
              "gguf": {"architecture": arch.name, "tokenizer": tokenizer, "tensor_types": dict(sorted(types.items())),
-                      "fallbacks": fallbacks}}]
+                      "fallbacks": fallbacks, **({"differences": diff} if (diff := differences(cfg)) else {})}}]
 
 
 def _add_experts(add: Callable[[str, Encoded], None], bundle: Bundle, layer: int, float_type: Q) -> None:
     """Layer ``layer``'s routed experts stacked as llama.cpp's *_exps tensors: [E, N, K] each."""
     experts = [units.expert_weights(bundle, layer, e) for e in range(bundle.config.num_experts)]
-    for name, tensor in EXPERT_TENSORS.items():
-        add(_gguf_name(tensor, "weight", layer), encode([x[name] for x in experts], float_type, experts=True))
+    for name, (tensor, kind) in EXPERT_TENSORS.items():
+        if name in experts[0]:
+            add(_gguf_name(tensor, kind, layer), encode([x[name] for x in experts], float_type, experts=True))
 
 
 def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
@@ -449,6 +489,7 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
     w.add_value_length(cfg.head_size)
     w.add_rope_dimension_count(cfg.rope_dims)
     w.add_rope_freq_base(cfg.rope_theta)
+    _rope_keys(w, cfg)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -456,6 +497,21 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
     if arch.keys is not None:
         arch.keys(w, cfg)
     return _tokenizer(w, bundle)
+
+
+def _rope_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """YaRN as llama.cpp's converter writes it (conversion/base.py); Llama 3.1's is the rope_freqs tensor."""
+    rope = cfg.rope_scaling or {}
+    if rope.get("rope_type") != "yarn":
+        return
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    for key, add in (("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                     ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+        if rope.get(key) is not None:
+            add(rope[key])
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

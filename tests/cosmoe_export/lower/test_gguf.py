@@ -131,7 +131,8 @@ def test_fp32_on_llamacpp_matches_the_runtime_and_its_greedy_tokens(tiny):
 @pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe"),
                                           ("olmoe_mha", "olmoe"), ("granitemoe", "granitemoe"),
                                           ("granitemoeshared", "granitemoe"), ("hunyuan_moe", "hunyuan-moe"),
-                                          ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe")])
+                                          ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe"),
+                                          ("gpt_oss_rounded_yarn", "gpt-oss")])
 def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     """Mixtral (GQA, Llama-3 RoPE scaling as rope_freqs), Qwen2-MoE (gated shared expert, q/k/v biases,
     top-k not renormalised), Qwen3-MoE (per-head q/k norms, head_dim 24 != hidden / heads), OLMoE
@@ -139,7 +140,8 @@ def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     from 1; the shared variant's ungated shared MLP, a tied head), HunYuan (q/k norms per head after
     RoPE, an ungated shared MLP), ERNIE 4.5 (a dense layer before the MoE one, the correction bias,
     interleaved RoPE, an ungated shared expert), GLM-4.5 (a dense layer first, the sigmoid router with
-    a correction bias and groups, routed scaling, partial RoPE, per-head q/k norms)."""
+    a correction bias and groups, routed scaling, partial RoPE, per-head q/k norms), gpt-oss (attention
+    sinks, sliding and full layers, router and expert biases, the clamped SwiGLU, YaRN)."""
     out = tmp_path / "bundle"
     assert run("-q", "split", make_hf_checkpoint(family, tmp_path / "ckpt"), "-o", out).exit_code == 0
     lowered(out)
@@ -227,9 +229,10 @@ def test_other_tokenizers_tokenize_as_tokenizers_does(make, label, tmp_path):
 # that this target does not write yet.
 REFUSED = {"olmoe": "it has clip_qkv",  # llama.cpp's olmoe graph does not clamp
            "qwen3_moe_dense": "layer_ffns dense/moe",  # its qwen3moe has a router in every layer
+           "gpt_oss": "it has swiglu_limit 1.5",  # llama.cpp's gpt-oss clamps at 7, a constant
            "phimoe": "'phimoe', whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer",
            **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}, which lower --target gguf "
-                 "does not write yet" for f in ("gpt_oss", "deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe")}}
+                 "does not write yet" for f in ("deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe")}}
 
 
 @pytest.mark.parametrize("family", REFUSED)
@@ -300,3 +303,29 @@ def test_llamacpp_takes_no_budget_and_needs_the_gguf(tiny, tmp_path):
     assert run("-q", "quantize", tiny["fp32"], "-o", fresh, "--expert-scheme", "int8").exit_code == 0
     r = run("run", fresh, "--prompt-ids", "1,2,3", "--backend", "llamacpp")
     assert r.exit_code == 2 and "--target gguf" in r.output
+
+
+def test_gpt_oss_as_released_says_what_llamacpp_computes_otherwise(tmp_path):
+    """gpt-oss's own config has YaRN with truncate false, and llama.cpp rounds YaRN's correction range
+    to whole dims (with it rounded, gpt_oss_rounded_yarn above matches to 1e-4): the manifest and
+    `inspect` say so, and llama.cpp's logits differ from ours by that much, no more. Measured over our
+    64 greedy tokens after a 10-token prompt (74 positions, logits up to 4.2): at most 0.035, top-1
+    the same at 98.6 %, KL 1.2e-05 (greedy decoding parts at token 18: random weights leave margins
+    that small)."""
+    out = tmp_path / "bundle"
+    assert run("-q", "split", make_hf_checkpoint("gpt_oss_released", tmp_path / "ckpt"), "-o", out).exit_code == 0
+    lowered(out)
+    (difference,) = gguf_entry(out)["gguf"]["differences"]
+    assert difference.startswith("YaRN: llama.cpp rounds the correction range")
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "llama.cpp computes otherwise: YaRN" in r.output, r.output
+    bundle = Bundle.open(out)
+    prompt_ids = [5, 17, 99, 3, 250, 42, 7, 7, 300, 1]
+    with open_runner(bundle, backend="torch", torch_activations="fp32") as ours, LlamaCppRunner(bundle) as theirs:
+        ids = torch.tensor([prompt_ids + ours.generate(prompt_ids, 64).tokens])
+        want, got = ours.logits(ids), theirs.logits(ids)
+    err = float((want - got).abs().max())
+    agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    p, q = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    assert 1e-4 < err < 0.1 and agree >= 0.95 and kl < 1e-4, (err, agree, kl)  # the rounding shows, and no more

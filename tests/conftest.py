@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,14 @@ FAMILIES = {
         num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=12, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                         "mscale_all_dim": 0.707})),
+    # DeepSeek-V2-Lite's routing (greedy: no groups), its YaRN with mscale_all_dim, q direct.
+    "deepseek_v2_lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, topk_method="greedy", routed_scaling_factor=1.5,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                          "mscale_all_dim": 0.707})),
@@ -162,53 +173,72 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-@pytest.fixture(scope="session")
-def lowered_tiny(tmp_path_factory) -> Path:
-    """The `tiny` preset split and lowered to every target, once per test session (lowering is the
-    slow step). Tests must not modify it; copy it first."""
+# ---- the session's shared bundles -------------------------------------------------------------------
+# scripts/test.sh runs the tests on every core (pytest-xdist, --dist loadgroup): each file's tests on one
+# worker, so a module fixture is built once; test_families.py's by family, so its slow per-family
+# fixtures spread over the workers. The session fixtures below are used by several files, so the
+# workers share one build of each (pytest-xdist's documented pattern: a lock in the run's common
+# temporary directory); run without xdist they are built once as before.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family = next((v for v in params.values() if isinstance(v, str) and v in FAMILIES), None)
+        group = f"{path}[{family}]" if path == "tests/test_families.py" and family else path
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _once(tmp_path_factory, key: str, build: Callable[[Path], Path]) -> Path:
+    """What ``build(directory)`` returns, built once per test run whatever the number of workers."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    done = root / f"{key}.done"  # holds the result's path, written once the build is whole
+    with FileLock(str(root / f"{key}.lock")):
+        if not done.exists():
+            shutil.rmtree(root / key, ignore_errors=True)
+            (root / key).mkdir()
+            done.write_text(str(build(root / key)))
+    return Path(done.read_text())
+
+
+def _run_cli(*args: str) -> None:
     from click.testing import CliRunner
 
     from cosmoe_export.cli import cli
 
-    out = tmp_path_factory.mktemp("lowered") / "tiny"
-    runner = CliRunner()
-    r = runner.invoke(cli, ["-q", "split", "tiny", "-o", str(out)])
+    r = CliRunner().invoke(cli, ["-q", *map(str, args)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["-q", "lower", str(out), "--target", "all"])
-    assert r.exit_code == 0, r.output
-    return out
+
+
+@pytest.fixture(scope="session")
+def lowered_tiny(tmp_path_factory) -> Path:
+    """The `tiny` preset split and lowered to every target, once per test session (lowering is the
+    slow step). Tests must not modify it; copy it first."""
+    def build(root: Path) -> Path:
+        _run_cli("split", "tiny", "-o", root / "tiny")
+        _run_cli("lower", root / "tiny", "--target", "all")
+        return root / "tiny"
+    return _once(tmp_path_factory, "lowered", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_bles_bundle(tmp_path_factory) -> Path:
     """The committed trained fixture recipes/models/tiny-bles (bf16) split to fp32, with its tokenizer."""
-    from click.testing import CliRunner
-
-    from cosmoe_export.cli import cli
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-bles"
-    args = ["-q", "split", str(ROOT / "recipes/models/tiny-bles"), "-o", str(out), "--dtype", "fp32"]
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0, r.output
-    return out
-
-
+    def build(root: Path) -> Path:
+        _run_cli("split", ROOT / "recipes/models/tiny-bles", "-o", root / "tiny-bles", "--dtype", "fp32")
+        return root / "tiny-bles"
+    return _once(tmp_path_factory, "bundles", build)
 
 
 @pytest.fixture(scope="session")
 def lowered_dense(tmp_path_factory) -> Path:
     """GLM-4-MoE with a dense first layer (and its sigmoid router, score bias, groups, partial RoPE),
     split and lowered to every target, once per session."""
-    from click.testing import CliRunner
-
-    from cosmoe_export.cli import cli
-
-    root = tmp_path_factory.mktemp("lowered-dense")
-    ckpt = make_hf_checkpoint("glm4_moe", root / "ckpt")
-    out = root / "bundle"
-    runner = CliRunner()
-    r = runner.invoke(cli, ["-q", "split", str(ckpt), "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["-q", "lower", str(out), "--target", "all"])
-    assert r.exit_code == 0, r.output
-    return out
+    def build(root: Path) -> Path:
+        _run_cli("split", make_hf_checkpoint("glm4_moe", root / "ckpt"), "-o", root / "bundle")
+        _run_cli("lower", root / "bundle", "--target", "all")
+        return root / "bundle"
+    return _once(tmp_path_factory, "lowered-dense", build)

@@ -59,8 +59,11 @@ FAMILIES = [
     # row's fixture (clamp 1.5) is refused; as released, test_gguf.py says and measures the YaRN difference.
     Family("gpt-oss", "GptOssForCausalLM", "gpt_oss", EXECUTORCH, EXECUTORCH, gguf=GGUF,
            gguf_fixture="gpt_oss_rounded_yarn"),
-    Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH),
-    Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH),
+    # GGUF: as V2-Lite (greedy routing) it runs; with groups scored by their best expert (the row's fixture)
+    # llama.cpp's deepseek2 scores them otherwise and it is refused.
+    Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH, gguf=GGUF,
+           gguf_fixture="deepseek_v2_lite"),
+    Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH, gguf=GGUF),
     Family("LFM2-MoE", "Lfm2MoeForCausalLM", "lfm2_moe", EXECUTORCH, EXECUTORCH),
     Family("Qwen3.5-MoE", "Qwen3_5MoeForCausalLM", "qwen3_5_moe", EXECUTORCH, EXECUTORCH),
 ]

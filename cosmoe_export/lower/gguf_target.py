@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,14 @@ def _ernie_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     w.add_leading_dense_block_count(_dense_lead(cfg))
 
 
-def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
-    """GLM-4.5 (llama.cpp src/models/glm4-moe.cpp): its shared experts by count, as wide as a routed one."""
+def _groups_check(cfg: CosmoeConfig) -> list[str]:
+    # build_moe_ffn scores a group by the sum of its best two experts (DeepSeek-V3's, GLM's).
+    return [f"expert groups scored by {cfg.group_score!r}"] if cfg.n_group > 1 and cfg.group_score != "top2_sum" else []
+
+
+def _moe_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """The routing keys of llama.cpp's DeepSeek-style graphs: dense layers first, shared experts by count,
+    renormalisation, scaling, the gating function, groups."""
     w.add_leading_dense_block_count(_dense_lead(cfg))
     w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
     w.add_expert_weights_norm(cfg.norm_topk_prob)
@@ -99,6 +106,51 @@ def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
                               "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}[cfg.router])
     w.add_expert_group_count(cfg.n_group)
     w.add_expert_group_used_count(cfg.topk_group)
+
+
+def _deepseek_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """DeepSeek-V2/V3 (llama.cpp src/models/deepseek2.cpp): latent attention run as MQA over the latent
+    (one kv head of kv_lora_rank + the RoPE key), decompressed by attn_k_b / attn_v_b."""
+    _moe_keys(w, cfg)
+    w.add_q_lora_rank(cfg.q_lora_rank or 0)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_head_count_kv(1)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.head_size)
+    w.add_value_length_mla(cfg.v_head_dim)
+    if mscale_all_dim := _mscale_all_dim(cfg):  # read back divided by 0.1 (its converter's legacy)
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
+
+
+def _mscale_all_dim(cfg: CosmoeConfig) -> float:
+    """YaRN's mscale_all_dim behind the bundle's softmax scale: the importer folded it into
+    attention_multiplier = m^2 / sqrt(head), m = 1 + 0.1 mscale_all_dim ln(factor); llama.cpp takes
+    mscale_all_dim itself and computes m (0: no YaRN scale)."""
+    rope = cfg.rope_scaling or {}
+    if cfg.attention_multiplier is None or rope.get("rope_type") != "yarn" or rope["factor"] <= 1:
+        return 0.0
+    m = math.sqrt(cfg.attention_multiplier * math.sqrt(cfg.head_size))
+    return (m - 1.0) / (0.1 * math.log(rope["factor"]))
+
+
+def _deepseek_check(cfg: CosmoeConfig) -> list[str]:
+    why = _groups_check(cfg)
+    if not cfg.latent_attention or {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)} != {"mla"}:
+        why.append("token mixers other than latent attention")
+    rope = cfg.rope_scaling or {}
+    # llama.cpp's deepseek2 computes the softmax scale from YaRN's mscale_all_dim and takes mscale equal to
+    # it (cos and sin unscaled): another scale, or YaRN's attention_factor away from 1, it cannot say.
+    if cfg.attention_multiplier is not None and rope.get("rope_type") != "yarn":
+        why.append(f"attention_multiplier {cfg.attention_multiplier} without YaRN")
+    if rope.get("attention_factor", 1.0) != 1.0:
+        why.append(f"YaRN attention_factor {rope['attention_factor']}")
+    return why
+
+
+def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """GLM-4.5 (llama.cpp src/models/glm4-moe.cpp): its shared experts by count, as wide as a routed one."""
+    _moe_keys(w, cfg)
 
 
 def _gpt_oss_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
@@ -135,7 +187,7 @@ ARCHES = (
          shared_by_count=True, dense_lead=True,
          hparams=frozenset({"dense_intermediate_size", "score_bias", "router", "n_group", "topk_group", "group_score",
                             "routed_scaling_factor", "rotary_dim"}),
-         allowed=(("router", ("softmax", "sigmoid")), ("group_score", ("top2_sum",))), keys=_glm_keys,
+         allowed=(("router", ("softmax", "sigmoid")),), keys=_glm_keys, check=_groups_check,
          renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
     # gpt-oss: attention sinks, sliding and full layers, biases on the router and the experts, and the
     # clamped SwiGLU with llama.cpp's constants (alpha 1.702, limit 7: gpt-oss's own); YaRN.
@@ -146,6 +198,14 @@ ARCHES = (
          allowed=(("expert_act", ("clamped_swiglu",)), ("swiglu_alpha", (1.702,)), ("swiglu_limit", (7.0,))),
          keys=_gpt_oss_keys, check=_gpt_oss_check,
          renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
+    # DeepSeek-V2 (greedy, as V2-Lite) and V3: latent attention (q direct or through q_lora_rank),
+    # dense layers first, the softmax or sigmoid router, groups by top-2 sum, routed scaling, YaRN.
+    Arch("deepseek2", norm_topk_prob=None, qk_norm="none", shared=("plain",), interleaved_rope=True,
+         shared_by_count=True, dense_lead=True, rope_kinds=("default", "yarn"),
+         hparams=frozenset({"dense_intermediate_size", "score_bias", "router", "n_group", "topk_group", "group_score",
+                            "routed_scaling_factor", "layer_mixers", "kv_lora_rank", "q_lora_rank",
+                            "qk_rope_head_dim", "v_head_dim", "attention_multiplier"}),
+         allowed=(("router", ("softmax", "sigmoid")),), keys=_deepseek_keys, check=_deepseek_check),
 )
 # The llama.cpp architecture that runs each family (convert_hf_to_gguf.py's registrations); those not in
 # ARCHES are refused by that name, so the error says what is missing.
@@ -369,6 +429,41 @@ def _rope_rows(w: units.Weight, cfg: CosmoeConfig, interleaved: bool) -> units.W
     return permute(w)
 
 
+def _mla_rope_rows(w: units.Weight, cfg: CosmoeConfig, kv_a: bool) -> units.Weight:
+    """Latent attention's RoPE rows from our half-split order to llama.cpp's interleaved pairs: the last
+    qk_rope_head_dim rows of each query head (q or q_b), or of kv_a (the shared RoPE key after the latent)."""
+    r = cfg.qk_rope_head_dim
+    block = cfg.kv_lora_rank + r if kv_a else cfg.head_size
+    inverse = torch.argsort(torch.tensor(rope_permutation(r, r, True)))
+    order = torch.cat([torch.arange(block - r), block - r + inverse])
+
+    def permute(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, block, *t.shape[1:])[:, order].reshape(t.shape)
+    if isinstance(w, units.QuantWeight):
+        return units.QuantWeight(permute(w.codes), permute(w.scales), w.encoding)
+    return permute(w)
+
+
+def _add_kv_b(add: Callable[[str, Encoded], None], w: units.Weight, cfg: CosmoeConfig, layer: int,
+              float_type: Q) -> None:
+    """kv_b [H * (nope + v), latent] as llama.cpp's absorbed MLA takes it (its converter's split):
+    attn_v_b [H, v, latent], each head's value rows as they are, and attn_k_b [H, latent, nope], each
+    head's key rows transposed, so a quantized kv_b's rows cannot stay its blocks there: floats, exact."""
+    heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    rows = [torch.arange(h * (nope + v), (h + 1) * (nope + v)) for h in range(heads)]
+    if isinstance(w, units.QuantWeight):
+        values = w.dequantize()
+        v_b = [units.QuantWeight(w.codes[r[nope:]], w.scales[r[nope:]], w.encoding) for r in rows]
+    else:
+        values = w
+        v_b = [w[r[nope:]] for r in rows]
+    add(_gguf_name(T.ATTN_V_B, "weight", layer), encode(v_b, float_type, experts=True))
+    k_b = encode([values[r[:nope]].T.contiguous() for r in rows], float_type, experts=True)
+    if isinstance(w, units.QuantWeight):
+        k_b.fallback = f"kv_b's key rows transposed for llama.cpp's MLA: {k_b.type.name}, every value exact"
+    add(_gguf_name(T.ATTN_K_B, "weight", layer), k_b)
+
+
 # ---------------------------------------------------------------------------------------- names
 T = gguf.MODEL_TENSOR
 # Our canonical backbone names (cosmoe_export/importers/tensor_names.py) -> llama.cpp's tensors.
@@ -379,6 +474,12 @@ BACKBONE_TENSORS = {
     "layers.{l}.attn_norm.weight": (T.ATTN_NORM, "weight"),
     **{f"layers.{{l}}.attn.{p}.{kind}": (tensor, kind) for p, tensor in
        (("q", T.ATTN_Q), ("k", T.ATTN_K), ("v", T.ATTN_V), ("o", T.ATTN_OUT)) for kind in ("weight", "bias")},
+    "layers.{l}.attn.q_a.weight": (T.ATTN_Q_A, "weight"),  # latent attention (DeepSeek)
+    "layers.{l}.attn.q_a_norm.weight": (T.ATTN_Q_A_NORM, "weight"),
+    "layers.{l}.attn.q_b.weight": (T.ATTN_Q_B, "weight"),
+    "layers.{l}.attn.kv_a.weight": (T.ATTN_KV_A_MQA, "weight"),
+    "layers.{l}.attn.kv_a_norm.weight": (T.ATTN_KV_A_NORM, "weight"),
+    "layers.{l}.attn.kv_b.weight": (T.ATTN_KV_B, "weight"),  # written as attn_k_b and attn_v_b (_add_kv_b)
     "layers.{l}.attn.q_norm.weight": (T.ATTN_Q_NORM, "weight"),
     "layers.{l}.attn.k_norm.weight": (T.ATTN_K_NORM, "weight"),
     "layers.{l}.ffn_norm.weight": (T.FFN_NORM, "weight"),
@@ -438,8 +539,13 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
             raise CosmoeError(f"{bundle.root}: tensor {name} has no llama.cpp counterpart in {arch.name}")
         tensor, kind = BACKBONE_TENSORS[template]
         tensor = dict(arch.renames).get(tensor, tensor)
-        if tensor in (T.ATTN_Q, T.ATTN_K, T.ATTN_Q_NORM, T.ATTN_K_NORM):
+        if cfg.latent_attention and tensor in (T.ATTN_Q, T.ATTN_Q_B, T.ATTN_KV_A_MQA):
+            w = _mla_rope_rows(w, cfg, tensor == T.ATTN_KV_A_MQA)
+        elif tensor in (T.ATTN_Q, T.ATTN_K, T.ATTN_Q_NORM, T.ATTN_K_NORM):
             w = _rope_rows(w, cfg, arch.interleaved_rope)
+        if tensor == T.ATTN_KV_B:
+            _add_kv_b(add, w, cfg, layer, float_type)
+            continue
         if tensor == T.FFN_GATE_INP_SHEXP and isinstance(w, torch.Tensor):  # [1, D] in HF, {n_embd} here
             w = w.reshape(-1)
         add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
@@ -484,9 +590,10 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
     if cfg.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_size)
-    w.add_value_length(cfg.head_size)
+    if not cfg.latent_attention:  # MLA's are the architecture's keys (_deepseek_keys)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_key_length(cfg.head_size)
+        w.add_value_length(cfg.head_size)
     w.add_rope_dimension_count(cfg.rope_dims)
     w.add_rope_freq_base(cfg.rope_theta)
     _rope_keys(w, cfg)

@@ -132,7 +132,8 @@ def test_fp32_on_llamacpp_matches_the_runtime_and_its_greedy_tokens(tiny):
                                           ("olmoe_mha", "olmoe"), ("granitemoe", "granitemoe"),
                                           ("granitemoeshared", "granitemoe"), ("hunyuan_moe", "hunyuan-moe"),
                                           ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe"),
-                                          ("gpt_oss_rounded_yarn", "gpt-oss")])
+                                          ("gpt_oss_rounded_yarn", "gpt-oss"),
+                                          ("deepseek_v2_lite", "deepseek2"), ("deepseek_v3", "deepseek2")])
 def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     """Mixtral (GQA, Llama-3 RoPE scaling as rope_freqs), Qwen2-MoE (gated shared expert, q/k/v biases,
     top-k not renormalised), Qwen3-MoE (per-head q/k norms, head_dim 24 != hidden / heads), OLMoE
@@ -141,7 +142,9 @@ def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     RoPE, an ungated shared MLP), ERNIE 4.5 (a dense layer before the MoE one, the correction bias,
     interleaved RoPE, an ungated shared expert), GLM-4.5 (a dense layer first, the sigmoid router with
     a correction bias and groups, routed scaling, partial RoPE, per-head q/k norms), gpt-oss (attention
-    sinks, sliding and full layers, router and expert biases, the clamped SwiGLU, YaRN)."""
+    sinks, sliding and full layers, router and expert biases, the clamped SwiGLU, YaRN), DeepSeek-V2-Lite
+    (latent attention with q direct, greedy softmax routing not renormalised, YaRN's mscale_all_dim in the
+    softmax scale) and V3 (q through q_lora_rank, the sigmoid router with groups and a correction bias)."""
     out = tmp_path / "bundle"
     assert run("-q", "split", make_hf_checkpoint(family, tmp_path / "ckpt"), "-o", out).exit_code == 0
     lowered(out)
@@ -229,10 +232,11 @@ def test_other_tokenizers_tokenize_as_tokenizers_does(make, label, tmp_path):
 # that this target does not write yet.
 REFUSED = {"olmoe": "it has clip_qkv",  # llama.cpp's olmoe graph does not clamp
            "qwen3_moe_dense": "layer_ffns dense/moe",  # its qwen3moe has a router in every layer
+           "deepseek_v2": "it has expert groups scored by 'max'",  # llama.cpp's: the sum of the best two
            "gpt_oss": "it has swiglu_limit 1.5",  # llama.cpp's gpt-oss clamps at 7, a constant
            "phimoe": "'phimoe', whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer",
            **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}, which lower --target gguf "
-                 "does not write yet" for f in ("deepseek_v2", "deepseek_v3", "lfm2_moe", "qwen3_5_moe")}}
+                 "does not write yet" for f in ("lfm2_moe", "qwen3_5_moe")}}
 
 
 @pytest.mark.parametrize("family", REFUSED)
@@ -329,3 +333,30 @@ def test_gpt_oss_as_released_says_what_llamacpp_computes_otherwise(tmp_path):
     p, q = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
     kl = float((p.exp() * (p - q)).sum(-1).mean())
     assert 1e-4 < err < 0.1 and agree >= 0.95 and kl < 1e-4, (err, agree, kl)  # the rounding shows, and no more
+
+
+def test_latent_attentions_kv_b_is_split_as_llamacpp_absorbs_it(tmp_path):
+    """DeepSeek's kv_b [H * (nope + v), latent], int8: attn_v_b keeps each head's value rows as Q8_0 bit
+    for bit; attn_k_b is each head's key rows transposed, so its blocks cannot be kv_b's: floats that hold
+    every value exactly, recorded as a fallback. llama.cpp runs it near the bundle's math."""
+    fp32, q8 = tmp_path / "fp32", tmp_path / "q8"
+    assert run("-q", "split", make_hf_checkpoint("deepseek_v3", tmp_path / "ckpt"), "-o", fp32).exit_code == 0
+    r = run("-q", "quantize", fp32, "-o", q8, "--expert-scheme", "int8", "--backbone-scheme", "int8")
+    assert r.exit_code == 0, r.output
+    lowered(q8)
+    bundle = Bundle.open(q8)
+    cfg = bundle.config
+    heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    got = tensors(q8)
+    fell = {f["tensor"]: f for f in gguf_entry(q8)["gguf"]["fallbacks"]}
+    for layer in range(cfg.num_hidden_layers):
+        kv_b = units.backbone_weights(bundle)[f"layers.{layer}.attn.kv_b.weight"].dequantize()
+        kv_b = kv_b.reshape(heads, nope + v, -1)  # [H, nope + v, latent]
+        v_b, k_b = got[f"blk.{layer}.attn_v_b.weight"], got[f"blk.{layer}.attn_k_b.weight"]
+        assert v_b.tensor_type == Q.Q8_0 and torch.equal(values(v_b), kv_b[:, nope:])
+        assert torch.equal(values(k_b), kv_b[:, :nope].transpose(1, 2))
+        assert "transposed for llama.cpp's MLA" in fell[f"blk.{layer}.attn_k_b.weight"]["why"]
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 7, 300, 1]])
+    with LlamaCppRunner(bundle) as theirs:
+        got_logits = theirs.logits(ids)
+    assert (TorchRuntime(bundle).logits(ids) - got_logits).abs().max() < 0.25

@@ -101,6 +101,10 @@ FAMILIES = {
     "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
         num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=True,
         intermediate_size=80, moe_intermediate_size=48, num_experts=8, num_dense_layers=1, routed_scaling_factor=1.7)),
+    # LFM2-MoE as released (no conv biases, routed_scaling_factor 1): what llama.cpp's lfm2moe computes.
+    "lfm2_moe_released": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+        intermediate_size=80, moe_intermediate_size=48, num_experts=8, num_dense_layers=1)),
     # Gated DeltaNet layers (value heads twice the key heads) around a gated full-attention one with
     # partial RoPE; zero-centred norms; a gated shared expert. 6 experts: with 8, this seed's routers
     # had near-ties on the test prompt (2nd and 3rd probability 1.5e-4 apart) that int8 rounding

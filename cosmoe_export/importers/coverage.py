@@ -64,7 +64,9 @@ FAMILIES = [
     Family("DeepSeek-V2", "DeepseekV2ForCausalLM", "deepseek_v2", EXECUTORCH, EXECUTORCH, gguf=GGUF,
            gguf_fixture="deepseek_v2_lite"),
     Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", EXECUTORCH, EXECUTORCH, gguf=GGUF),
-    Family("LFM2-MoE", "Lfm2MoeForCausalLM", "lfm2_moe", EXECUTORCH, EXECUTORCH),
+    # GGUF: as released (no conv biases, no routed scaling) it runs; the row's fixture has both and is refused.
+    Family("LFM2-MoE", "Lfm2MoeForCausalLM", "lfm2_moe", EXECUTORCH, EXECUTORCH, gguf=GGUF,
+           gguf_fixture="lfm2_moe_released"),
     Family("Qwen3.5-MoE", "Qwen3_5MoeForCausalLM", "qwen3_5_moe", EXECUTORCH, EXECUTORCH),
 ]
 

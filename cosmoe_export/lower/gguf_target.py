@@ -148,6 +148,23 @@ def _deepseek_check(cfg: CosmoeConfig) -> list[str]:
     return why
 
 
+def _lfm2_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """LFM2-MoE (llama.cpp src/models/lfm2.cpp): short-convolution layers are those with no kv heads
+    (head_count_kv per layer, _head_count_kv); the router renormalises, always, and never scales."""
+    w.add_shortconv_l_cache(cfg.conv_kernel)
+    w.add_leading_dense_block_count(_dense_lead(cfg))
+    w.add_expert_gating_func({"softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+                              "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}[cfg.router])
+
+
+def _lfm2_check(cfg: CosmoeConfig) -> list[str]:
+    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    why = [f"{m} token mixers" for m in sorted(mixers - {"full", "conv"})]
+    if "conv" not in mixers:  # llama.cpp's hybrid memory then has no recurrent buffer: it aborts
+        why.append("no short-convolution layer")
+    return why
+
+
 def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     """GLM-4.5 (llama.cpp src/models/glm4-moe.cpp): its shared experts by count, as wide as a routed one."""
     _moe_keys(w, cfg)
@@ -206,6 +223,16 @@ ARCHES = (
                             "routed_scaling_factor", "layer_mixers", "kv_lora_rank", "q_lora_rank",
                             "qk_rope_head_dim", "v_head_dim", "attention_multiplier"}),
          allowed=(("router", ("softmax", "sigmoid")),), keys=_deepseek_keys, check=_deepseek_check),
+    # LFM2-MoE: short gated convolutions (no conv biases in llama.cpp's) around attention layers with
+    # per-head q/k norms, dense layers first, the sigmoid router with its expert bias, renormalised
+    # (llama.cpp floors the sum at 6e-5 where LFM2 adds topk_norm_eps 1e-6: apart only for sums near 0)
+    # and never scaled (llama.cpp's lfm2moe reads no expert_weights_scale); its final norm is llama.cpp's
+    # token_embd_norm.
+    Arch("lfm2moe", norm_topk_prob=True, qk_norm="head", interleaved_rope=False, dense_lead=True,
+         hparams=frozenset({"dense_intermediate_size", "score_bias", "router", "layer_mixers", "conv_kernel",
+                            "topk_norm_eps"}),
+         allowed=(("router", ("softmax", "sigmoid")),), keys=_lfm2_keys, check=_lfm2_check,
+         renames=((gguf.MODEL_TENSOR.OUTPUT_NORM, gguf.MODEL_TENSOR.TOKEN_EMBD_NORM),)),
 )
 # The llama.cpp architecture that runs each family (convert_hf_to_gguf.py's registrations); those not in
 # ARCHES are refused by that name, so the error says what is missing.
@@ -238,6 +265,12 @@ def _dense_lead(cfg: CosmoeConfig) -> int:
     """How many layers lead with a dense MLP before the first MoE one."""
     plan = cfg.layer_ffns or ()
     return next((i for i, kind in enumerate(plan) if kind != "dense"), len(plan))
+
+
+def _head_count_kv(cfg: CosmoeConfig) -> int | list[int]:
+    """One count, or per layer where some layers have no attention (LFM2's convolutions: 0)."""
+    counts = [0 if cfg.mixer(layer) == "conv" else cfg.num_key_value_heads for layer in range(cfg.num_hidden_layers)]
+    return counts if 0 in counts else cfg.num_key_value_heads
 
 
 def _shared_kind(cfg: CosmoeConfig) -> str:
@@ -480,6 +513,9 @@ BACKBONE_TENSORS = {
     "layers.{l}.attn.kv_a.weight": (T.ATTN_KV_A_MQA, "weight"),
     "layers.{l}.attn.kv_a_norm.weight": (T.ATTN_KV_A_NORM, "weight"),
     "layers.{l}.attn.kv_b.weight": (T.ATTN_KV_B, "weight"),  # written as attn_k_b and attn_v_b (_add_kv_b)
+    "layers.{l}.conv.in_proj.weight": (T.SHORTCONV_INPROJ, "weight"),  # LFM2's short convolution
+    "layers.{l}.conv.weight": (T.SHORTCONV_CONV, "weight"),  # [D, 1, L] here, {L, D} there
+    "layers.{l}.conv.out_proj.weight": (T.SHORTCONV_OUTPROJ, "weight"),
     "layers.{l}.attn.q_norm.weight": (T.ATTN_Q_NORM, "weight"),
     "layers.{l}.attn.k_norm.weight": (T.ATTN_K_NORM, "weight"),
     "layers.{l}.ffn_norm.weight": (T.FFN_NORM, "weight"),
@@ -548,6 +584,8 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
             continue
         if tensor == T.FFN_GATE_INP_SHEXP and isinstance(w, torch.Tensor):  # [1, D] in HF, {n_embd} here
             w = w.reshape(-1)
+        if tensor == T.SHORTCONV_CONV:
+            w = w.reshape(w.shape[0], -1)
         add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
         if layer is not None and template == "layers.{l}.moe.router.weight":
             _add_experts(add, bundle, layer, float_type)
@@ -591,7 +629,7 @@ def _metadata(w: gguf.GGUFWriter, bundle: Bundle, arch: Arch) -> str:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     if not cfg.latent_attention:  # MLA's are the architecture's keys (_deepseek_keys)
-        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_head_count_kv(_head_count_kv(cfg))
         w.add_key_length(cfg.head_size)
         w.add_value_length(cfg.head_size)
     w.add_rope_dimension_count(cfg.rope_dims)

@@ -133,7 +133,8 @@ def test_fp32_on_llamacpp_matches_the_runtime_and_its_greedy_tokens(tiny):
                                           ("granitemoeshared", "granitemoe"), ("hunyuan_moe", "hunyuan-moe"),
                                           ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe"),
                                           ("gpt_oss_rounded_yarn", "gpt-oss"),
-                                          ("deepseek_v2_lite", "deepseek2"), ("deepseek_v3", "deepseek2")])
+                                          ("deepseek_v2_lite", "deepseek2"), ("deepseek_v3", "deepseek2"),
+                                          ("lfm2_moe_released", "lfm2moe")])
 def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     """Mixtral (GQA, Llama-3 RoPE scaling as rope_freqs), Qwen2-MoE (gated shared expert, q/k/v biases,
     top-k not renormalised), Qwen3-MoE (per-head q/k norms, head_dim 24 != hidden / heads), OLMoE
@@ -144,7 +145,9 @@ def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     a correction bias and groups, routed scaling, partial RoPE, per-head q/k norms), gpt-oss (attention
     sinks, sliding and full layers, router and expert biases, the clamped SwiGLU, YaRN), DeepSeek-V2-Lite
     (latent attention with q direct, greedy softmax routing not renormalised, YaRN's mscale_all_dim in the
-    softmax scale) and V3 (q through q_lora_rank, the sigmoid router with groups and a correction bias)."""
+    softmax scale) and V3 (q through q_lora_rank, the sigmoid router with groups and a correction bias),
+    LFM2-MoE (short gated convolutions around an attention layer, a dense layer first, the sigmoid router
+    with its expert bias and scaling)."""
     out = tmp_path / "bundle"
     assert run("-q", "split", make_hf_checkpoint(family, tmp_path / "ckpt"), "-o", out).exit_code == 0
     lowered(out)
@@ -233,10 +236,11 @@ def test_other_tokenizers_tokenize_as_tokenizers_does(make, label, tmp_path):
 REFUSED = {"olmoe": "it has clip_qkv",  # llama.cpp's olmoe graph does not clamp
            "qwen3_moe_dense": "layer_ffns dense/moe",  # its qwen3moe has a router in every layer
            "deepseek_v2": "it has expert groups scored by 'max'",  # llama.cpp's: the sum of the best two
+           "lfm2_moe": "it has routed_scaling_factor, conv_bias",  # llama.cpp: no conv biases, no scaling
            "gpt_oss": "it has swiglu_limit 1.5",  # llama.cpp's gpt-oss clamps at 7, a constant
            "phimoe": "'phimoe', whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer",
            **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}, which lower --target gguf "
-                 "does not write yet" for f in ("lfm2_moe", "qwen3_5_moe")}}
+                 "does not write yet" for f in ("qwen3_5_moe",)}}
 
 
 @pytest.mark.parametrize("family", REFUSED)

@@ -28,15 +28,16 @@ constexpr int kPlanVersion = 2;                        // PLAN_VERSION: the firs
 constexpr int64_t kMaxManifestBytes = 64LL << 20;      // MAX_MANIFEST_BYTES
 constexpr const char* kManifestName = "manifest.json"; // MANIFEST_NAME
 
-// runtime_py/manifest.schema.json: the keys a manifest and a file entry may have.
+// runtime_py/manifest.schema.json: the keys a manifest and a file entry may have, and the choices of its
+// enums (tests/runtime_native/test_native.py keeps them equal to the schema's).
 const std::set<std::string> kTopKeys = {"format", "format_version", "model", "tokenizer",
                                         "quantization", "provenance", "files"};
 const std::set<std::string> kTopRequired = {"format", "format_version", "model", "files", "provenance"};
 const std::set<std::string> kFileKeys = {"path", "role", "target", "unit", "precision", "max_tokens", "cache",
-                                         "bytes", "sha256", "dtype", "layer", "expert", "tensors"};
+                                         "bytes", "sha256", "dtype", "layer", "expert", "tensors", "gguf"};
 const std::set<std::string> kRoles = {"backbone", "expert", "tokenizer", "program"};
-const std::set<std::string> kTargets = {"executorch", "onnx"};
-const std::set<std::string> kUnits = {"embed", "layer", "head", "expert"};
+const std::set<std::string> kTargets = {"executorch", "onnx", "gguf"};  // this runner loads executorch's
+const std::set<std::string> kUnits = {"embed", "layer", "head", "expert", "model"};
 const std::set<std::string> kDtypes = {"float32", "bfloat16", "float16"};
 // runtime_py/config.py FFN_KINDS: FFN kind -> whether it has routed experts.
 const std::map<std::string, bool> kFfnKinds = {{"moe", true}, {"dense", false}};
@@ -396,6 +397,8 @@ FileEntry read_entry(const json& f, size_t i, const std::string& where) {
   e.expert = int(std::min<int64_t>(integer("expert", 0, -1), INT_MAX));
   if (f.contains("tensors") && (!f["tensors"].is_object() || f["tensors"].empty()))
     bad_input(at + "/tensors: must be a non-empty object");
+  if (f.contains("gguf") && !f["gguf"].is_object())  // llama.cpp's file: described, never loaded here
+    bad_input(at + "/gguf: " + f["gguf"].dump().substr(0, 80) + " is not of type 'object'");
   return e;
 }
 

@@ -194,3 +194,35 @@ def test_dense_layers_run_natively_as_the_executorch_runner(lowered_dense, polic
     m, w = got.metrics, want.metrics
     assert m["expert_loads"] == w["expert_loads"] and m["exrep"] == pytest.approx(w["exrep"])
     assert m["hit_rate"] == pytest.approx(w["hit_rate"])
+
+
+# ---- the manifest as the schema has it ----------------------------------------------------------
+def _cpp_set(name: str) -> set[str]:
+    """One of runtime_native/src/bundle.cpp's `const std::set<std::string> kName = {...};`."""
+    import re
+    text = (Path(__file__).parents[2] / "runtime_native/src/bundle.cpp").read_text()
+    body = re.search(rf"std::set<std::string> {name} = \{{(.*?)\}};", text, re.S).group(1)
+    return set(re.findall(r'"([^"]+)"', body))
+
+
+def test_the_runner_takes_the_keys_and_choices_the_manifest_schema_has():
+    """The C++ runner validates manifests by hand: its key sets and enums are the schema's, so a key
+    the exporter starts writing (the GGUF entry's `gguf`) cannot make every bundle unreadable to it."""
+    from runtime_py import format as fmt
+    schema = fmt.manifest_schema()
+    entry = schema["properties"]["files"]["items"]["properties"]
+    assert _cpp_set("kTopKeys") == set(schema["properties"])
+    assert _cpp_set("kTopRequired") == set(schema["required"])
+    assert _cpp_set("kFileKeys") == set(entry)
+    for cpp, key in (("kRoles", "role"), ("kTargets", "target"), ("kUnits", "unit"), ("kDtypes", "dtype")):
+        assert _cpp_set(cpp) == set(entry[key]["enum"]), key
+
+
+def test_a_bundle_with_a_gguf_too_runs_natively(bles_bundles, tmp_path):
+    """lower --target gguf beside the ExecuTorch programs: the runner reads the manifest, skips the
+    GGUF (llama.cpp's file) and gives the same tokens."""
+    both = tmp_path / "both"
+    shutil.copytree(bles_bundles["int4"], both)
+    _cli("lower", str(both), "--target", "gguf")
+    with NativeRunner(Bundle.open(bles_bundles["int4"])) as alone, NativeRunner(Bundle.open(both)) as beside:
+        assert beside.generate(PROMPT, 16).tokens == alone.generate(PROMPT, 16).tokens

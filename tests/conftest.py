@@ -109,6 +109,12 @@ FAMILIES = {
     # partial RoPE; zero-centred norms; a gated shared expert. 6 experts: with 8, this seed's routers
     # had near-ties on the test prompt (2nd and 3rd probability 1.5e-4 apart) that int8 rounding
     # flips, which no quantization bound can absorb (0.005 apart at the closest with 6).
+    # Qwen3.5-MoE's DeltaNet with key and value heads of one width, as released (128 and 128): what
+    # llama.cpp's qwen35moe holds; value heads twice the key heads still.
+    "qwen3_5_moe_released": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=16,
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=6, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
         num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=16,
         moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=6, linear_num_key_heads=2,

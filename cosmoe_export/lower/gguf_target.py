@@ -165,6 +165,34 @@ def _lfm2_check(cfg: CosmoeConfig) -> list[str]:
     return why
 
 
+def _qwen35_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
+    """Qwen3.5-MoE (llama.cpp src/models/qwen35moe.cpp): which layers are Gated DeltaNet ones, and
+    their widths; RoPE as interleaved MRoPE, whose sections give text positions the plain rotation
+    whatever their split (t, h and w are the same position), so each covers every pair."""
+    pairs = cfg.rope_dims // 2
+    w.add_rope_dimension_sections([pairs, pairs, pairs, 0])
+    w.add_array(f"{gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35MOE]}.attention.recurrent_layers",
+                [cfg.mixer(layer) == "linear" for layer in range(cfg.num_hidden_layers)])
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    w.add_ssm_state_size(cfg.linear_key_head_dim)
+    w.add_ssm_group_count(cfg.linear_num_key_heads)
+    w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+    w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+
+
+def _qwen35_check(cfg: CosmoeConfig) -> list[str]:
+    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    why = [f"{m} token mixers" for m in sorted(mixers - {"full", "linear"})]
+    if "linear" not in mixers:
+        why.append("no Gated DeltaNet layer")
+    elif cfg.linear_key_head_dim != cfg.linear_value_head_dim:  # llama.cpp's state is [Dv, Dv] per head
+        why.append(f"DeltaNet key heads of {cfg.linear_key_head_dim} dims and value heads of "
+                   f"{cfg.linear_value_head_dim}")
+    if not cfg.attention_output_gate:
+        why.append("attention without its output gate")
+    return why
+
+
 def _glm_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     """GLM-4.5 (llama.cpp src/models/glm4-moe.cpp): its shared experts by count, as wide as a routed one."""
     _moe_keys(w, cfg)
@@ -233,6 +261,15 @@ ARCHES = (
                             "topk_norm_eps"}),
          allowed=(("router", ("softmax", "sigmoid")),), keys=_lfm2_keys, check=_lfm2_check,
          renames=((gguf.MODEL_TENSOR.OUTPUT_NORM, gguf.MODEL_TENSOR.TOKEN_EMBD_NORM),)),
+    # Qwen3.5-MoE: Gated DeltaNet layers (key and value heads of one width) around full-attention ones
+    # whose output is gated per head dim (q_proj's gate rows), partial RoPE, per-head q/k norms, a
+    # sigmoid-gated shared expert; its pre-FFN norm is llama.cpp's post_attention_norm.
+    Arch("qwen35moe", norm_topk_prob=True, qk_norm="head", shared=("gated",), interleaved_rope=False,
+         hparams=frozenset({"layer_mixers", "rotary_dim", "linear_num_key_heads", "linear_num_value_heads",
+                            "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel",
+                            "attention_output_gate"}),
+         keys=_qwen35_keys, check=_qwen35_check,
+         renames=((gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.ATTN_POST_NORM),)),
 )
 # The llama.cpp architecture that runs each family (convert_hf_to_gguf.py's registrations); those not in
 # ARCHES are refused by that name, so the error says what is missing.
@@ -477,6 +514,63 @@ def _mla_rope_rows(w: units.Weight, cfg: CosmoeConfig, kv_a: bool) -> units.Weig
     return permute(w)
 
 
+def _as_float(w: units.Weight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, units.QuantWeight) else w
+
+
+def _rows(w: units.Weight, order: torch.Tensor) -> units.Weight:
+    if isinstance(w, units.QuantWeight):
+        return units.QuantWeight(w.codes[order], w.scales[order], w.encoding)
+    return w[order]
+
+
+def _merge_gate(q: units.Weight, gate: units.Weight, cfg: CosmoeConfig) -> units.Weight:
+    """Qwen3.5's q [H * Dh, ...] and output gate [H * Dh, ...] as its q_proj holds them and llama.cpp's
+    qwen35moe reads them: each head's query rows, then its gate rows."""
+    if isinstance(q, units.QuantWeight) != isinstance(gate, units.QuantWeight):
+        q, gate = _as_float(q), _as_float(gate)
+
+    def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        heads = cfg.num_attention_heads
+        both = torch.stack([a.reshape(heads, cfg.head_size, *a.shape[1:]),
+                            b.reshape(heads, cfg.head_size, *b.shape[1:])], 1)
+        return both.reshape(2 * a.shape[0], *a.shape[1:])
+    if isinstance(q, units.QuantWeight):
+        return units.QuantWeight(merge(q.codes, gate.codes), merge(q.scales, gate.scales), q.encoding)
+    return merge(q, gate)
+
+
+def _deltanet(name: str, w: units.Weight, cfg: CosmoeConfig) -> tuple[units.Weight, str | None]:
+    """A Gated DeltaNet tensor as llama.cpp's converter writes it (conversion/qwen.py): A as -exp(A_log),
+    the conv kernel [C, K], and the value heads from grouped by key head (v0 v1 of k0, then of k1) to
+    tiled (v0 of k0, v0 of k1, ...), which ggml's broadcast reads; returns the tensor and, where the
+    bundle's integers could not stay its blocks, why."""
+    nk, nv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)
+
+    def tiled(head_dim: int) -> torch.Tensor:  # new row -> old row over nv * head_dim rows
+        return torch.arange(nv * head_dim).reshape(nk, nv // nk, head_dim).transpose(0, 1).reshape(-1)
+    qk = torch.arange(2 * nk * dk)
+    if name == "A_log":
+        return -torch.exp(_as_float(w))[tiled(1)], None
+    if name == "dt_bias":
+        return _as_float(w)[tiled(1)], None
+    if name in ("in_proj_b.weight", "in_proj_a.weight"):
+        return _rows(w, tiled(1)), None
+    if name == "in_proj_z.weight":
+        return _rows(w, tiled(dv)), None
+    if name == "in_proj_qkv.weight":
+        return _rows(w, torch.cat([qk, 2 * nk * dk + tiled(dv)])), None
+    if name == "conv.weight":
+        c = _as_float(w)
+        return c.reshape(c.shape[0], -1)[torch.cat([qk, 2 * nk * dk + tiled(dv)])], None
+    if name == "out_proj.weight":  # its columns move: a quantized row's groups would mix
+        why = ("its value-head columns reordered for llama.cpp: every value exact"
+               if isinstance(w, units.QuantWeight) else None)
+        return _as_float(w)[:, tiled(dv)].contiguous(), why
+    return w, None  # norm.weight: one value head's width, shared
+
+
 def _add_kv_b(add: Callable[[str, Encoded], None], w: units.Weight, cfg: CosmoeConfig, layer: int,
               float_type: Q) -> None:
     """kv_b [H * (nope + v), latent] as llama.cpp's absorbed MLA takes it (its converter's split):
@@ -516,6 +610,17 @@ BACKBONE_TENSORS = {
     "layers.{l}.conv.in_proj.weight": (T.SHORTCONV_INPROJ, "weight"),  # LFM2's short convolution
     "layers.{l}.conv.weight": (T.SHORTCONV_CONV, "weight"),  # [D, 1, L] here, {L, D} there
     "layers.{l}.conv.out_proj.weight": (T.SHORTCONV_OUTPROJ, "weight"),
+    "layers.{l}.attn.gate.weight": (T.ATTN_Q, "gate"),  # Qwen3.5's output gate: in q's rows there (_merge_gate)
+    "layers.{l}.attn.gate.bias": (T.ATTN_Q, "gate"),
+    "layers.{l}.linear.in_proj_qkv.weight": (T.ATTN_QKV, "weight"),  # Gated DeltaNet (_deltanet)
+    "layers.{l}.linear.in_proj_z.weight": (T.ATTN_GATE, "weight"),
+    "layers.{l}.linear.in_proj_b.weight": (T.SSM_BETA, "weight"),
+    "layers.{l}.linear.in_proj_a.weight": (T.SSM_ALPHA, "weight"),
+    "layers.{l}.linear.A_log": (T.SSM_A, ""),
+    "layers.{l}.linear.dt_bias": (T.SSM_DT, "bias"),
+    "layers.{l}.linear.conv.weight": (T.SSM_CONV1D, "weight"),
+    "layers.{l}.linear.norm.weight": (T.SSM_NORM, "weight"),
+    "layers.{l}.linear.out_proj.weight": (T.SSM_OUT, "weight"),
     "layers.{l}.attn.q_norm.weight": (T.ATTN_Q_NORM, "weight"),
     "layers.{l}.attn.k_norm.weight": (T.ATTN_K_NORM, "weight"),
     "layers.{l}.ffn_norm.weight": (T.FFN_NORM, "weight"),
@@ -537,7 +642,7 @@ EXPERT_TENSORS = {f"{p}.{kind}": (tensor, kind)
 
 
 def _gguf_name(tensor: T, kind: str, layer: int | None = None) -> str:
-    return gguf.TENSOR_NAMES[tensor].format(bid=layer) + f".{kind}"
+    return gguf.TENSOR_NAMES[tensor].format(bid=layer) + (f".{kind}" if kind else "")
 
 
 def _template(name: str) -> tuple[str, int | None]:
@@ -582,11 +687,20 @@ def lower(bundle: Bundle, out_dir: Path) -> list[dict[str, Any]]:
         if tensor == T.ATTN_KV_B:
             _add_kv_b(add, w, cfg, layer, float_type)
             continue
+        if kind == "gate":  # written inside q's rows
+            continue
+        if tensor == T.ATTN_Q and cfg.attention_output_gate:
+            w = _merge_gate(w, backbone[name.replace(".q.", ".gate.")], cfg)
+        fallback = None
+        if template.startswith("layers.{l}.linear."):
+            w, fallback = _deltanet(template.rsplit(".linear.", 1)[1], w, cfg)
         if tensor == T.FFN_GATE_INP_SHEXP and isinstance(w, torch.Tensor):  # [1, D] in HF, {n_embd} here
             w = w.reshape(-1)
         if tensor == T.SHORTCONV_CONV:
             w = w.reshape(w.shape[0], -1)
-        add(_gguf_name(tensor, kind, layer), encode([w], float_type, experts=False))
+        enc = encode([w], float_type, experts=False)
+        enc.fallback = enc.fallback or fallback
+        add(_gguf_name(tensor, kind, layer), enc)
         if layer is not None and template == "layers.{l}.moe.router.weight":
             _add_experts(add, bundle, layer, float_type)
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":

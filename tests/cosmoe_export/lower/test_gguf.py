@@ -134,7 +134,7 @@ def test_fp32_on_llamacpp_matches_the_runtime_and_its_greedy_tokens(tiny):
                                           ("ernie4_5_moe", "ernie4_5-moe"), ("glm4_moe", "glm4moe"),
                                           ("gpt_oss_rounded_yarn", "gpt-oss"),
                                           ("deepseek_v2_lite", "deepseek2"), ("deepseek_v3", "deepseek2"),
-                                          ("lfm2_moe_released", "lfm2moe")])
+                                          ("lfm2_moe_released", "lfm2moe"), ("qwen3_5_moe_released", "qwen35moe")])
 def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     """Mixtral (GQA, Llama-3 RoPE scaling as rope_freqs), Qwen2-MoE (gated shared expert, q/k/v biases,
     top-k not renormalised), Qwen3-MoE (per-head q/k norms, head_dim 24 != hidden / heads), OLMoE
@@ -147,7 +147,8 @@ def test_each_family_runs_on_its_llamacpp_architecture(family, arch, tmp_path):
     (latent attention with q direct, greedy softmax routing not renormalised, YaRN's mscale_all_dim in the
     softmax scale) and V3 (q through q_lora_rank, the sigmoid router with groups and a correction bias),
     LFM2-MoE (short gated convolutions around an attention layer, a dense layer first, the sigmoid router
-    with its expert bias and scaling)."""
+    with its expert bias and scaling), Qwen3.5-MoE (Gated DeltaNet layers with twice as many value heads as
+    key heads around a full-attention one with its output gate, partial RoPE, a gated shared expert)."""
     out = tmp_path / "bundle"
     assert run("-q", "split", make_hf_checkpoint(family, tmp_path / "ckpt"), "-o", out).exit_code == 0
     lowered(out)
@@ -239,8 +240,8 @@ REFUSED = {"olmoe": "it has clip_qkv",  # llama.cpp's olmoe graph does not clamp
            "lfm2_moe": "it has routed_scaling_factor, conv_bias",  # llama.cpp: no conv biases, no scaling
            "gpt_oss": "it has swiglu_limit 1.5",  # llama.cpp's gpt-oss clamps at 7, a constant
            "phimoe": "'phimoe', whose graph routes by a renormalised softmax top-k, not by Phi-MoE's sparsemixer",
-           **{f: f"llama.cpp runs it as {gguf_target.NOT_WRITTEN[FAMILIES[f][1]]!r}, which lower --target gguf "
-                 "does not write yet" for f in ("qwen3_5_moe",)}}
+           # llama.cpp's qwen35moe holds a DeltaNet state of [Dv, Dv] per head
+           "qwen3_5_moe": "it has DeltaNet key heads of 16 dims and value heads of 12"}
 
 
 @pytest.mark.parametrize("family", REFUSED)
@@ -364,3 +365,34 @@ def test_latent_attentions_kv_b_is_split_as_llamacpp_absorbs_it(tmp_path):
     with LlamaCppRunner(bundle) as theirs:
         got_logits = theirs.logits(ids)
     assert (TorchRuntime(bundle).logits(ids) - got_logits).abs().max() < 0.25
+
+
+def test_qwen3_5s_reordered_tensors_keep_their_integers_where_their_rows_move(tmp_path, monkeypatch):
+    """int8 Qwen3.5-MoE: q and its output gate interleaved per head, and the DeltaNet's value heads
+    reordered by rows, stay Q8_0 (rows move whole); out_proj's columns move, so it is floats that hold
+    every value, recorded as a fallback. The same file written with every tensor as exact floats holds
+    the same values, and llama.cpp runs that one as our runtime runs the bundle (1e-4): the reordering
+    is right on quantized weights too. (On the Q8_0 file llama.cpp's 8-bit activations, through the
+    DeltaNet's gates, move logits by up to 2.4 here, top-1 0.90: measured, not gated.)"""
+    fp32, q8, exact = tmp_path / "fp32", tmp_path / "q8", tmp_path / "exact"
+    ckpt = make_hf_checkpoint("qwen3_5_moe_released", tmp_path / "ckpt")
+    assert run("-q", "split", ckpt, "-o", fp32).exit_code == 0
+    r = run("-q", "quantize", fp32, "-o", q8, "--expert-scheme", "int8", "--backbone-scheme", "int8")
+    assert r.exit_code == 0, r.output
+    shutil.copytree(q8, exact)
+    lowered(q8)
+    got = tensors(q8)
+    fell = {f["tensor"]: f["why"] for f in gguf_entry(q8)["gguf"]["fallbacks"]}
+    assert got["blk.1.attn_q.weight"].tensor_type == Q.Q8_0 and got["blk.0.attn_qkv.weight"].tensor_type == Q.Q8_0
+    assert "value-head columns reordered" in fell["blk.0.ssm_out.weight"]
+    monkeypatch.setattr(gguf_target, "_blocks", lambda w: None)  # every quantized tensor as exact floats
+    lowered(exact)
+    floats = tensors(exact)
+    assert floats["blk.1.attn_q.weight"].tensor_type in (Q.F16, Q.F32)
+    for name, t in got.items():
+        assert torch.equal(values(t), values(floats[name])), name
+    bundle = Bundle.open(exact)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 7, 300, 1]])
+    with LlamaCppRunner(bundle) as theirs:
+        got_logits = theirs.logits(ids)
+    assert (TorchRuntime(bundle).logits(ids) - got_logits).abs().max() < 1e-4

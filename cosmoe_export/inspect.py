@@ -58,7 +58,7 @@ def inspect(path: str, *, allow_pickle: bool = False) -> dict[str, Any]:
 
 def _programs(bundle: Bundle) -> dict[str, Any]:
     """The lowered targets: files, bytes and precisions; a GGUF's architecture, tensor types and every
-    tensor it could not hold in the bundle's form (lower/gguf_target.py)."""
+    tensor it could not hold in the bundle's form (lower/gguf_target/)."""
     out: dict[str, Any] = {}
     for f in bundle.files:
         if f.role != "program":

@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from cosmoe_export.cli import cli
 from cosmoe_export.lower import gguf_target, units
+from cosmoe_export.lower.gguf_target import tensors as gguf_tensors
 from cosmoe_export.reference import TorchRuntime
 from runtime_py.bundle import Bundle
 from runtime_py.llamacpp import LlamaCppRunner
@@ -385,7 +386,7 @@ def test_qwen3_5s_reordered_tensors_keep_their_integers_where_their_rows_move(tm
     fell = {f["tensor"]: f["why"] for f in gguf_entry(q8)["gguf"]["fallbacks"]}
     assert got["blk.1.attn_q.weight"].tensor_type == Q.Q8_0 and got["blk.0.attn_qkv.weight"].tensor_type == Q.Q8_0
     assert "value-head columns reordered" in fell["blk.0.ssm_out.weight"]
-    monkeypatch.setattr(gguf_target, "_blocks", lambda w: None)  # every quantized tensor as exact floats
+    monkeypatch.setattr(gguf_tensors, "_blocks", lambda w: None)  # every quantized tensor as exact floats
     lowered(exact)
     floats = tensors(exact)
     assert floats["blk.1.attn_q.weight"].tensor_type in (Q.F16, Q.F32)

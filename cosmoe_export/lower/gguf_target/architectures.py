@@ -44,6 +44,14 @@ class Arch:
     check: Callable[[CosmoeConfig], list[str]] | None = None  # what else it cannot take, as _mismatches says it
 
 
+# The router (runtime_py.config ROUTERS) -> llama.cpp's expert_gating_func.
+GATING = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
+
+
+def _mixers(cfg: CosmoeConfig) -> set[str]:
+    return {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+
+
 def _granite_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     """Granite's multipliers (llama.cpp src/models/granite.cpp): the embeddings scaled, each residual
     branch scaled, the attention scores scaled (0: 1 / sqrt(head size)), the logits divided."""
@@ -71,8 +79,7 @@ def _moe_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
     w.add_expert_weights_norm(cfg.norm_topk_prob)
     w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_gating_func({"softmax": gguf.ExpertGatingFuncType.SOFTMAX,
-                              "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}[cfg.router])
+    w.add_expert_gating_func(GATING[cfg.router])
     w.add_expert_group_count(cfg.n_group)
     w.add_expert_group_used_count(cfg.topk_group)
 
@@ -105,7 +112,7 @@ def _mscale_all_dim(cfg: CosmoeConfig) -> float:
 
 def _deepseek_check(cfg: CosmoeConfig) -> list[str]:
     why = _groups_check(cfg)
-    if not cfg.latent_attention or {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)} != {"mla"}:
+    if not cfg.latent_attention or _mixers(cfg) != {"mla"}:
         why.append("token mixers other than latent attention")
     rope = cfg.rope_scaling or {}
     # llama.cpp's deepseek2 computes the softmax scale from YaRN's mscale_all_dim and takes mscale equal to
@@ -119,15 +126,14 @@ def _deepseek_check(cfg: CosmoeConfig) -> list[str]:
 
 def _lfm2_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
     """LFM2-MoE (llama.cpp src/models/lfm2.cpp): short-convolution layers are those with no kv heads
-    (head_count_kv per layer, _head_count_kv); the router renormalises, always, and never scales."""
+    (head_count_kv per layer, head_count_kv); the router renormalises, always, and never scales."""
     w.add_shortconv_l_cache(cfg.conv_kernel)
     w.add_leading_dense_block_count(dense_lead(cfg))
-    w.add_expert_gating_func({"softmax": gguf.ExpertGatingFuncType.SOFTMAX,
-                              "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}[cfg.router])
+    w.add_expert_gating_func(GATING[cfg.router])
 
 
 def _lfm2_check(cfg: CosmoeConfig) -> list[str]:
-    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    mixers = _mixers(cfg)
     why = [f"{m} token mixers" for m in sorted(mixers - {"full", "conv"})]
     if "conv" not in mixers:  # llama.cpp's hybrid memory then has no recurrent buffer: it aborts
         why.append("no short-convolution layer")
@@ -150,7 +156,7 @@ def _qwen35_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
 
 
 def _qwen35_check(cfg: CosmoeConfig) -> list[str]:
-    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    mixers = _mixers(cfg)
     why = [f"{m} token mixers" for m in sorted(mixers - {"full", "linear"})]
     if "linear" not in mixers:
         why.append("no Gated DeltaNet layer")
@@ -174,7 +180,7 @@ def _gpt_oss_keys(w: gguf.GGUFWriter, cfg: CosmoeConfig) -> None:
 
 
 def _gpt_oss_check(cfg: CosmoeConfig) -> list[str]:
-    mixers = {cfg.mixer(layer) for layer in range(cfg.num_hidden_layers)}
+    mixers = _mixers(cfg)
     return [f"{m} token mixers" for m in sorted(mixers - {"full", "sliding"})]
 
 

@@ -54,11 +54,12 @@ def test_every_shipped_recipe_loads(path):
         assert r.source.model is not None
 
 
-def test_demo_builds_the_committed_fixture_quantized_for_both_targets():
+def test_demo_builds_the_committed_fixture_quantized_for_every_target():
     r = load_recipe(find_recipe("demo"))
     assert Path(r.source.model) == ROOT / "recipes" / "models" / "tiny-bles"
     assert r.quantize.experts == "int4" and r.quantize.backbone == "int8"
-    assert set(r.lower.targets) == {"executorch", "onnx"}
+    assert set(r.lower.targets) == {"executorch", "onnx", "gguf"}
+    assert set(r.verify.backends) == {"torch", "executorch", "onnxruntime", "native", "llamacpp"}
     assert r.verify.experts_per_layer is not None or r.verify.budget is not None  # verified under a budget
 
 

@@ -1,5 +1,6 @@
-"""Benchmark: `split` and `quantize` of a checkpoint several times larger than the memory the process
-is given complete, under a limit the kernel enforces.
+"""Benchmark: `split`, `quantize` (round to nearest, and GPTQ with calibration), `verify` and `analyze`
+of a checkpoint several times larger than the memory the process is given complete, under a limit
+the kernel enforces (issue 16's memory bound: backbone + one layer's experts + 1 GB).
 
 The limit is RLIMIT_DATA (setrlimit in the child, no root needed): since Linux 4.7 it caps the
 process's private writable memory (heap, anonymous mmaps, thread stacks), so a stage that loads a
@@ -13,10 +14,16 @@ there is no systemd to delegate one (`systemd-run --scope -p MemoryMax` fails). 
 prints peak RSS (wait4 rusage) split into anonymous (heap) and file-backed (mapped shards, which the
 kernel can drop) from sampling /proc/PID/status: the anonymous peak is the number that must stay small.
 
-    .venv/bin/python bench/memory_limit.py                      # 512 MiB limit, checkpoint >= 4x that
+    .venv/bin/python bench/memory_limit.py                      # 1536 MiB limit, checkpoint >= 3x that
     .venv/bin/python bench/memory_limit.py --limit-mb 768 --factor 3 --workdir /tmp/memlim
 
-Needs about 2.5x the checkpoint in free disk (checkpoint, bundle, quantized bundle). Not part of CI.
+The checkpoint gets a byte-level BPE tokenizer trained here on ../shared/data/wikitext-2/valid.txt,
+so that calibration, verify --text and analyze read real token ids (its test.txt is the text they
+read). verify runs the int8 bundle on the PyTorch runtime at 2 experts per layer (a budget: the
+runtime's own memory bound) against the checkpoint; the reference and the bundle's math stream
+layer by layer because the model does not fit under the limit (cosmoe_export/reference.py).
+
+Needs about 3.5x the checkpoint in free disk (checkpoint, bundle, two quantized bundles). Not part of CI.
 """
 
 from __future__ import annotations
@@ -40,6 +47,17 @@ sys.path.insert(0, str(ROOT))
 import split_rss  # noqa: E402  (the synthetic Mixtral checkpoint writer, one tensor in memory at a time)
 
 F32 = 4
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+
+def train_tokenizer(ckpt: Path, vocab: int) -> None:
+    """A byte-level BPE of the checkpoint's vocabulary size, trained on wikitext-2's valid split."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(DATA / "valid.txt")], trainers.BpeTrainer(vocab_size=vocab,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(ckpt / "tokenizer.json"))
 
 
 def run_limited(cmd: list[str], limit: int) -> dict:
@@ -71,8 +89,9 @@ def run_limited(cmd: list[str], limit: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit-mb", type=int, default=512, help="RLIMIT_DATA of each stage, MiB (default 512)")
-    ap.add_argument("--factor", type=float, default=4.0, help="checkpoint size / limit (default 4)")
+    ap.add_argument("--limit-mb", type=int, default=1536, help="RLIMIT_DATA of each stage, MiB (default 1536)")
+    ap.add_argument("--factor", type=float, default=3.0, help="checkpoint size / limit (default 3)")
+    ap.add_argument("--text-tokens", type=int, default=2048, help="tokens of text for calibration, verify, analyze")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -86,10 +105,12 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="memlim-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        ckpt, bundle, qbundle = work / "ckpt", work / "bundle", work / "bundle-q8"
-        for p in (ckpt, bundle, qbundle):
+        ckpt, bundle, qbundle, gbundle = work / "ckpt", work / "bundle", work / "bundle-q8", work / "bundle-gptq"
+        for p in (ckpt, bundle, qbundle, gbundle):
             shutil.rmtree(p, ignore_errors=True)
         tensors = split_rss.write_checkpoint(ckpt, ns, layers)
+        train_tokenizer(ckpt, ns.vocab)
+        text = DATA / "test.txt"
         size = sum(math.prod(s) for _, s in tensors) * F32
         largest = max(math.prod(s) for _, s in tensors) * F32
         shards = len(list(ckpt.glob("*.safetensors")))
@@ -100,7 +121,20 @@ def main() -> int:
             "split": [*cli, "split", str(ckpt), "-o", str(bundle)],
             "quantize": [*cli, "quantize", str(bundle), "-o", str(qbundle), "--expert-scheme", "int8",
                          "--backbone-scheme", "int8"],
+            "quantize --rounding gptq": [*cli, "quantize", str(bundle), "-o", str(gbundle), "--expert-scheme", "int4",
+                                         "--backbone-scheme", "int8", "--rounding", "gptq", "--calibration",
+                                         str(DATA / "valid.txt"), "--calibration-tokens", str(args.text_tokens)],
+            "verify": [*cli, "verify", str(qbundle), "--reference", str(ckpt), "--backend", "torch", "--text",
+                       str(text), "--max-tokens", str(args.text_tokens), "--new-tokens", "8",
+                       "--experts-per-layer", "2", "--json", str(work / "verify.json")],
+            "analyze": [*cli, "analyze", str(ckpt), "--text", str(text), "--max-tokens", str(args.text_tokens),
+                        "--json", str(work / "analyze.json")],
         }
+        experts = sum(math.prod(s) for n, s in split_rss.mixtral_tensors(ns, 1) if ".experts." in n) * F32
+        backbone = size - layers * experts
+        bound = backbone + experts + (1 << 30)
+        print(f"issue 16's bound: backbone {backbone / 2**20:,.0f} MiB + one layer's experts {experts / 2**20:,.0f} "
+              f"MiB (fp32) + 1 GiB = {bound / 2**20:,.0f} MiB", flush=True)
         failed = 0
         for name, cmd in stages.items():
             r = run_limited(cmd, limit)

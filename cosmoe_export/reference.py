@@ -1,22 +1,38 @@
-"""The exporter's reference model of a bundle: the whole bundle in PyTorch, exactly.
+"""The exporter's reference models: a bundle's and a source checkpoint's, in PyTorch, exactly, in
+the memory of one layer when the model is larger than what this process may hold.
 
 ``TorchRuntime`` runs the runtime's PyTorch engine (runtime_py/torch_engine.py) with quantized
 tensors dequantized (no integer kernels: the exact values the bundle stores) and experts loaded on
-first use and kept, with no budget. The stages that walk the model layer by layer (calibration and
-quantize, analyze, the benchmarks) use it and decide themselves when to drop experts
+first use and kept, with no budget; ``stream_experts=True`` drops each layer's experts when the
+layer has run, so a forward without a cache holds one layer's experts at a time. The stages that
+walk the model layer by layer (calibration and quantize) decide themselves when to drop experts
 (``store.evict``). Budgeted generation, as a device runs it, is runtime_py.runner instead.
+
+``source_model`` is the canonical model (runtime_py.model) of a source checkpoint, the float
+reference of verify and analyze: whole when it fits in memory, else with each decoder layer's
+tensors read from the checkpoint just before the layer runs and dropped after it (issue 16's
+memory bound: the embedding, the head and one layer).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import resource
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime_py.bundle import Bundle
 from runtime_py.expert_slots import ExpertSlots
-from runtime_py.model import Expert, KVCache, dispatch_experts
+from runtime_py.memory import rss_bytes
+from runtime_py.model import CosmoeForCausalLM, Expert, KVCache, dispatch_experts, rope_inv_freq
 from runtime_py.torch_engine import TorchEngine
+
+if TYPE_CHECKING:
+    from cosmoe_export.importers.sources import Source
 
 
 class KeepAll:
@@ -52,10 +68,19 @@ class TorchRuntime:
     """The whole bundle in PyTorch with experts loaded on first use and kept: ``logits(ids)``,
     ``greedy(ids, n)``, ``model`` and ``store`` for the exporter's layer-by-layer tools."""
 
-    def __init__(self, bundle: Bundle, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, bundle: Bundle, dtype: torch.dtype = torch.float32, stream_experts: bool = False) -> None:
         self.engine = TorchEngine(bundle, dispatch=self._dispatch, dtype=dtype)
         self.bundle, self.config, self.dtype, self.model = bundle, bundle.config, dtype, self.engine.model
         self.store = KeepAll(self.engine.experts)
+        if stream_experts:
+            for i, layer in enumerate(self.model.layers):
+                layer.register_forward_hook(lambda module, args, out, i=i: self.evict_layer(i))
+
+    def evict_layer(self, layer: int) -> None:
+        """Drop every loaded expert of ``layer``."""
+        for key in self.store.resident:
+            if key[0] == layer:
+                self.store.evict(*key)
 
     def _dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> y [N, D], every selected expert from the store."""
@@ -78,3 +103,78 @@ class TorchRuntime:
                 break
             logits = self.model(torch.tensor([[out[-1]]]), cache)
         return out
+
+
+# ---- a source checkpoint's canonical model ---------------------------------------------------------
+def memory_available() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, or less under a data or
+    address-space limit (setrlimit) the process runs under."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: physical memory is the best bound there is
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in (resource.RLIMIT_DATA, resource.RLIMIT_AS):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY:
+            free = min(free, max(0, soft - rss_bytes()))
+    return free
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether a model of ``nbytes`` may be held whole: at most half of what is available, since
+    the runtime under test and the activations need the rest."""
+    return 2 * nbytes <= memory_available()
+
+
+def float_bytes(source: Source) -> int:
+    """The source's weights in fp32, as the reference holds them."""
+    return 4 * sum(math.prod(t.shape) for t in source.plan.values())
+
+
+def source_model(source: Source, dtype: torch.dtype = torch.float32,
+                 streamed: bool | None = None) -> CosmoeForCausalLM:
+    """The source's canonical model in fp32, each weight first rounded to ``dtype`` (the bundle's
+    storage dtype, so that the reference and the bundle start from the same numbers). ``streamed``:
+    None decides by ``fits_in_memory``. A streamed model holds the embedding, the final norm and
+    the head; every forward reads each decoder layer's tensors from the checkpoint when the layer
+    starts and drops them when it ends, so one forward of a batch is one pass over the checkpoint."""
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).to(torch.float32)
+
+    if streamed is None:
+        streamed = not fits_in_memory(float_bytes(source))
+    with torch.device("meta"):
+        model = CosmoeForCausalLM(source.config)
+    model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
+    if not streamed:
+        model.load_state_dict({k: rounded(v) for k, v in source.state_dict().items()}, assign=True, strict=True)
+        return model.eval()
+    per_layer: list[list[str]] = [[] for _ in model.layers]
+    resident = {}
+    for name, planned in source.plan.items():
+        if name.startswith("layers."):
+            per_layer[int(name.split(".")[1])].append(name)
+        else:
+            resident[name] = rounded(planned.load())
+    source.release()
+    model.load_state_dict(resident, assign=True, strict=False)
+    for i, layer in enumerate(model.layers):
+        prefix = f"layers.{i}."
+        names = per_layer[i]
+        layer.register_forward_pre_hook(lambda module, args, names=names, prefix=prefix: _fill(
+            module, {n[len(prefix):]: rounded(source.plan[n].load()) for n in names}, source.release))
+        layer.register_forward_hook(lambda module, args, out, names=names, prefix=prefix: _empty(
+            module, [n[len(prefix):] for n in names]))
+    return model.eval()
+
+
+def _fill(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], release: Callable[[], None]) -> None:
+    release()  # the tensors are copies now (fp32) or keep only their own file pages mapped
+    layer.load_state_dict(tensors, assign=True, strict=True)
+
+
+def _empty(layer: torch.nn.Module, names: list[str]) -> None:
+    """Put every weight of the layer back on the meta device: its memory goes with the last reference."""
+    layer.load_state_dict({n: torch.empty(layer.get_parameter(n).shape, device="meta") for n in names},
+                          assign=True, strict=True)

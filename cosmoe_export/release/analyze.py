@@ -62,22 +62,20 @@ def selection_map_layer(config: CosmoeConfig, requested: int | None, owner: obje
 
 
 def _load(path: str) -> Loaded:
+    """A bundle's model (its experts dropped after each layer runs) or a checkpoint's canonical
+    model (streamed layer by layer when it does not fit in memory): analyze runs full forwards
+    without a cache, so either holds one layer's experts at a time (cosmoe_export/reference.py)."""
+    from cosmoe_export.reference import TorchRuntime, source_model
     p = Path(path)
     if (p / MANIFEST_NAME).is_file():
-        from cosmoe_export.reference import TorchRuntime
         from runtime_py.bundle import Bundle
-        runtime = TorchRuntime(Bundle.open(p))
+        runtime = TorchRuntime(Bundle.open(p), stream_experts=True)
         tok_dir = runtime.bundle.tokenizer_dir
         return Loaded(runtime.model, runtime.config, tok_dir / fmt.TOKENIZER_FILE if tok_dir else None, "bundle")
     from cosmoe_export.importers.sources import open_source
-    from runtime_py.model import rope_inv_freq
     source = open_source(path, hash_files=False)
-    with torch.device("meta"):
-        model = CosmoeForCausalLM(source.config)
-    model.load_state_dict({k: v.float() for k, v in source.state_dict().items()}, assign=True, strict=True)
-    model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
     tok = next((f for f in source.tokenizer_files if f.name == fmt.TOKENIZER_FILE), None)
-    return Loaded(model.eval(), source.config, tok, "checkpoint")
+    return Loaded(source_model(source), source.config, tok, "checkpoint")
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.importers.sources import Source, open_source
-from cosmoe_export.reference import TorchRuntime
+from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, source_model
 from cosmoe_export.release import gates as gating
 from cosmoe_export.release.quality import TextQuality
 from cosmoe_export.text import batches, encode_file, windows
@@ -43,7 +43,6 @@ from runtime_py import format as fmt
 from runtime_py.backends import BACKENDS as RUNTIME_BACKENDS
 from runtime_py.backends import RESIDENT_ONLY, available_backends, require_backend
 from runtime_py.bundle import Bundle
-from runtime_py.model import CosmoeForCausalLM
 from runtime_py.native import NativeRunner
 from runtime_py.runner import Runner, open_runner
 
@@ -101,14 +100,19 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
     if text is not None:
         ids = encode_file(bundle, text, max_tokens=max_tokens, purpose="verify --text")
         text_ids = windows(ids, bundle.config.max_position_embeddings)  # [B, T]
-    ref = _reference_model(source, dtype)
+    # Larger than this process may hold: the reference and the bundle's math hold one layer at a time.
+    streamed = not fits_in_memory(float_bytes(source))
+    ref, reference_kind = _reference_model(source, dtype, streamed)
     prompts = _prompts(bundle, new_tokens)
     results = []
     names = _backends(bundle, backend)
     windows_n = 0 if text_ids is None else len(batches(text_ids, bundle.config.vocab_size))
-    math_model = TorchRuntime(bundle).logits if precision != "float" else None  # quantized bundles need a text
-    bar = tqdm(total=(len(names) + (math_model is not None)) * (len(prompts) + windows_n), desc="verify",
-               unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
+    math_model = (TorchRuntime(bundle, stream_experts=streamed).logits
+                  if precision != "float" else None)  # quantized bundles need a text
+    bar = tqdm(total=(len(names) + (math_model is not None)) * (len(prompts) + windows_n) + len(prompts),
+               desc="verify", unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
+    bar.set_postfix_str("reference")
+    wanted = _reference_outputs(ref, prompts, new_tokens, bar.update)  # once for every backend
     bundle_math = None
     if math_model is not None:
         bar.set_postfix_str("bundle math")
@@ -119,13 +123,13 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
         with open_runner(bundle, backend=name, budget_bytes=budget if budgeted else None,
                          experts_per_layer=experts_per_layer if budgeted else None,
                          policy=policy, torch_activations=torch_activations) as runner:
-            results.append(_measure(name, runner, bundle, ref, prompts, new_tokens, text_ids, precision,
+            results.append(_measure(name, runner, bundle, ref, prompts, wanted, new_tokens, text_ids, precision,
                                     math_model, bar.update))
     bar.close()
     report = {
         "bundle": str(bundle_path),
         "reference": reference,
-        "reference_kind": "transformers" if source.reference_is_transformers else "cosmoe",
+        "reference_kind": reference_kind,
         "prompts": len(prompts),
         "new_tokens": new_tokens,
         "policy": policy,
@@ -150,23 +154,33 @@ def _backends(bundle: Bundle, backend: str | Sequence[str]) -> list[str]:
     return names
 
 
+def _reference_outputs(ref: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
+                       step: Callable[[], Any]) -> list[tuple[torch.Tensor, list[int]]]:
+    """For each prompt: the reference's logits [1, T, V] and its greedy tokens."""
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            step()
+            out.append((_logits(ref, torch.tensor([ids])), _reference_greedy(ref, ids, new_tokens)))
+    return out
+
+
 def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: torch.nn.Module,
-             prompts: list[list[int]], new_tokens: int, text_ids: torch.Tensor | None, precision: str,
+             prompts: list[list[int]], wanted: list[tuple[torch.Tensor, list[int]]], new_tokens: int,
+             text_ids: torch.Tensor | None, precision: str,
              math_model: Callable[[torch.Tensor], torch.Tensor] | None,
              step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
     """One backend's row of the report: parity on the prompts (and the text, also against the bundle's
     math ``math_model`` when given), its loads."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
-        for ids in prompts:
+        for ids, (want, ref_tokens) in zip(prompts, wanted, strict=True):
             step()
             x = torch.tensor([ids])
-            want = _logits(ref, x)  # [1, T, V]
-            got = runtime.logits(x)  # [1, T, V]
+            got = runtime.logits(x)  # [1, T, V], as want
             max_err = max(max_err, float((want - got).abs().max()))
             agree += int((want.argmax(-1) == got.argmax(-1)).sum())
             positions += x.shape[1]
-            ref_tokens = _reference_greedy(ref, ids, new_tokens)
             generation = runtime.generate(ids, new_tokens)
             got_tokens = generation.tokens
             greedy_equal += sum(a == b for a, b in zip(ref_tokens, got_tokens, strict=True))
@@ -213,11 +227,11 @@ def _text_metrics(ref: Callable[[torch.Tensor], Any], model: Callable[[torch.Ten
     return quality.summary(), None if vs_math is None else vs_math.summary()
 
 
-def _reference_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).to(torch.float32)
-
-    if source.reference_is_transformers:
+def _reference_model(source: Source, dtype: torch.dtype, streamed: bool) -> tuple[torch.nn.Module, str]:
+    """(the float reference, its kind for the report). transformers' model where the importer uses
+    one and it fits in memory; else our canonical model, which the importer tests prove equal to
+    it, streamed layer by layer when it does not fit (cosmoe_export/reference.py)."""
+    if source.reference_is_transformers and not streamed:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -225,14 +239,9 @@ def _reference_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
         if dtype != torch.float32:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.copy_(rounded(p))
-        return model.eval()
-    with torch.device("meta"):
-        model = CosmoeForCausalLM(source.config)
-    model.load_state_dict({k: rounded(v) for k, v in source.state_dict().items()}, assign=True, strict=True)
-    from runtime_py.model import rope_inv_freq
-    model.inv_freq = rope_inv_freq(source.config)
-    return model.eval()
+                    p.copy_(p.to(dtype).to(torch.float32))
+        return model.eval(), "transformers"
+    return source_model(source, dtype, streamed), "cosmoe-streamed" if streamed else "cosmoe"
 
 
 def _reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:

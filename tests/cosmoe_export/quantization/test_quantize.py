@@ -70,6 +70,23 @@ def verify(tiny, bundle: Path, *args) -> tuple[int, dict]:
     return r.exit_code, json.loads(r.stdout[r.stdout.index("{"):])
 
 
+def test_verify_of_a_model_too_large_for_memory_streams_and_reports_the_same(tiny, monkeypatch):
+    """When the model does not fit (here: told so), the reference and the bundle's math hold one
+    layer at a time (cosmoe_export/reference.py); every measured quantity stays what it was."""
+    import cosmoe_export.release.verify as verify_module
+    out = quantize(tiny, "q-stream", "--expert-scheme", "int4", "--backbone-scheme", "int8")
+    gates = ("--gate", "top1_agreement=off", "--gate", "ppl_increase=off")
+    code, whole = verify(tiny, out, *gates)
+    monkeypatch.setattr(verify_module, "fits_in_memory", lambda nbytes: False)
+    code_streamed, streamed = verify(tiny, out, *gates)
+    assert code == code_streamed == 0
+    assert (whole["reference_kind"], streamed["reference_kind"]) == ("cosmoe", "cosmoe-streamed")
+    assert streamed["bundle_math"] == whole["bundle_math"]
+    quality = ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "kl_max", "ppl", "ppl_ref", "vs_bundle")
+    assert [{k: r[k] for k in quality} for r in streamed["results"]] == \
+        [{k: r[k] for k in quality} for r in whole["results"]]
+
+
 # ---- quantize -> verify, every scheme ---------------------------------------------------------------
 def test_quantize_then_verify_each_scheme(tiny):
     kl = {}

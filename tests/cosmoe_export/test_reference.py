@@ -1,0 +1,68 @@
+"""cosmoe_export/reference.py: the reference models hold one decoder layer at a time when a model
+does not fit in memory (issue 16), and compute exactly what the whole model computes."""
+
+from __future__ import annotations
+
+import torch
+
+from cosmoe_export.importers.sources import open_source
+from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, memory_available, source_model
+from runtime_py.bundle import Bundle
+from tests.conftest import _run_cli
+
+
+def _materialized(model) -> list[int]:
+    """The decoder layers whose weights are in memory (not on the meta device)."""
+    return [i for i, layer in enumerate(model.layers) if any(not p.is_meta for p in layer.parameters())]
+
+
+def test_a_streamed_source_model_computes_the_whole_models_logits_one_layer_at_a_time(hf_checkpoint):
+    source = open_source(str(hf_checkpoint("mixtral")), hash_files=False)
+    whole = source_model(source, streamed=False)
+    streamed = source_model(source, streamed=True)
+    assert _materialized(streamed) == [] and _materialized(whole) == list(range(len(whole.layers)))
+    seen = []
+    for i, layer in enumerate(streamed.layers):  # runs after the hook that fills the layer
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, _materialized(streamed))))
+    ids = torch.randint(0, source.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = whole(ids), streamed(ids)
+    assert torch.equal(want, got)
+    assert seen == [(i, [i]) for i in range(len(streamed.layers))]  # only the running layer is held
+    assert _materialized(streamed) == []  # and none once the forward is done
+    with torch.inference_mode():  # a second forward reads the layers again
+        assert torch.equal(streamed(ids), want)
+    # bf16 rounding happens as the whole model's does
+    with torch.inference_mode():
+        assert torch.equal(source_model(source, torch.bfloat16, streamed=False)(ids),
+                           source_model(source, torch.bfloat16, streamed=True)(ids))
+
+
+def test_a_bundles_math_can_drop_each_layers_experts_once_the_layer_has_run(tmp_path):
+    out = tmp_path / "b"
+    _run_cli("-q", "split", "tiny", "-o", str(out))
+    bundle = Bundle.open(out)
+    keep, stream = TorchRuntime(bundle), TorchRuntime(bundle, stream_experts=True)
+    held = []
+    for i, layer in enumerate(stream.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: held.append({key[0] for key in stream.store.resident}))
+    ids = torch.randint(0, bundle.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(keep.logits(ids), stream.logits(ids))
+    assert all(layers == set() for layers in held)  # no earlier layer's experts when a layer starts
+    assert stream.store.resident == [] and len(keep.store.resident) > bundle.config.num_experts
+
+
+def test_memory_available_sees_a_data_limit():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    assert memory_available() > 0
+    # The limit the process runs under bounds it: set one just above what it holds now, in a child.
+    import subprocess
+    import sys
+    code = ("import resource; from cosmoe_export.reference import memory_available, fits_in_memory\n"
+            "from runtime_py.memory import rss_bytes\n"
+            "resource.setrlimit(resource.RLIMIT_DATA, (rss_bytes() + (64 << 20), resource.RLIM_INFINITY))\n"
+            "print(memory_available() <= 64 << 20, fits_in_memory(40 << 20), fits_in_memory(16 << 20))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "True"]
+    assert float_bytes(open_source("tiny")) > 0 and fits_in_memory(1)

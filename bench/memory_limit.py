@@ -14,7 +14,7 @@ there is no systemd to delegate one (`systemd-run --scope -p MemoryMax` fails). 
 prints peak RSS (wait4 rusage) split into anonymous (heap) and file-backed (mapped shards, which the
 kernel can drop) from sampling /proc/PID/status: the anonymous peak is the number that must stay small.
 
-    .venv/bin/python bench/memory_limit.py                      # 1536 MiB limit, checkpoint >= 3x that
+    .venv/bin/python bench/memory_limit.py                      # 2048 MiB limit, checkpoint >= 3x that
     .venv/bin/python bench/memory_limit.py --limit-mb 768 --factor 3 --workdir /tmp/memlim
 
 The checkpoint gets a byte-level BPE tokenizer trained here on ../shared/data/wikitext-2/valid.txt,
@@ -89,11 +89,12 @@ def run_limited(cmd: list[str], limit: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit-mb", type=int, default=1536, help="RLIMIT_DATA of each stage, MiB (default 1536)")
+    ap.add_argument("--limit-mb", type=int, default=2048, help="RLIMIT_DATA of each stage, MiB (default 2048)")
     ap.add_argument("--factor", type=float, default=3.0, help="checkpoint size / limit (default 3)")
     ap.add_argument("--text-tokens", type=int, default=2048, help="tokens of text for calibration, verify, analyze")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated stages to run again in an existing --workdir")
     args = ap.parse_args()
     limit = args.limit_mb << 20
     # Mixtral-shaped, hidden 1024, 8 experts of width 3584: ~362 MB per layer; as many layers as needed.
@@ -106,10 +107,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         ckpt, bundle, qbundle, gbundle = work / "ckpt", work / "bundle", work / "bundle-q8", work / "bundle-gptq"
-        for p in (ckpt, bundle, qbundle, gbundle):
-            shutil.rmtree(p, ignore_errors=True)
-        tensors = split_rss.write_checkpoint(ckpt, ns, layers)
-        train_tokenizer(ckpt, ns.vocab)
+        if args.only is None:
+            for p in (ckpt, bundle, qbundle, gbundle):
+                shutil.rmtree(p, ignore_errors=True)
+            split_rss.write_checkpoint(ckpt, ns, layers)
+            train_tokenizer(ckpt, ns.vocab)
+        tensors = split_rss.mixtral_tensors(ns, layers)
         text = DATA / "test.txt"
         size = sum(math.prod(s) for _, s in tensors) * F32
         largest = max(math.prod(s) for _, s in tensors) * F32
@@ -137,6 +140,8 @@ def main() -> int:
               f"MiB (fp32) + 1 GiB = {bound / 2**20:,.0f} MiB", flush=True)
         failed = 0
         for name, cmd in stages.items():
+            if args.only is not None and name not in args.only.split(","):
+                continue
             r = run_limited(cmd, limit)
             failed += r["rc"] != 0
             print(f"{name}: exit {r['rc']}, {r['wall_s']:.1f} s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -142,6 +141,13 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
     def rounded(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).to(torch.float32)
 
+    def read(name: str) -> torch.Tensor:
+        # A copy, and the file's map dropped at once: a tensor viewing a mapped shard would keep the
+        # whole shard mapped (and charged to a data limit) for as long as the tensor lives.
+        t = rounded(source.plan[name].load()).clone()
+        source.release()
+        return t
+
     if streamed is None:
         streamed = not fits_in_memory(float_bytes(source))
     with torch.device("meta"):
@@ -152,25 +158,24 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
         return model.eval()
     per_layer: list[list[str]] = [[] for _ in model.layers]
     resident = {}
-    for name, planned in source.plan.items():
+    for name in source.plan:
         if name.startswith("layers."):
             per_layer[int(name.split(".")[1])].append(name)
         else:
-            resident[name] = rounded(planned.load())
-    source.release()
+            resident[name] = read(name)
     model.load_state_dict(resident, assign=True, strict=False)
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}."
         names = per_layer[i]
         layer.register_forward_pre_hook(lambda module, args, names=names, prefix=prefix: _fill(
-            module, {n[len(prefix):]: rounded(source.plan[n].load()) for n in names}, source.release))
+            module, {n[len(prefix):]: read(n) for n in names}))
         layer.register_forward_hook(lambda module, args, out, names=names, prefix=prefix: _empty(
             module, [n[len(prefix):] for n in names]))
     return model.eval()
 
 
-def _fill(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], release: Callable[[], None]) -> None:
-    release()  # the tensors are copies now (fp32) or keep only their own file pages mapped
+def _fill(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """(A forward pre-hook must return None: anything else would replace the layer's arguments.)"""
     layer.load_state_dict(tensors, assign=True, strict=True)
 
 

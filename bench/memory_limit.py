@@ -14,7 +14,7 @@ there is no systemd to delegate one (`systemd-run --scope -p MemoryMax` fails). 
 prints peak RSS (wait4 rusage) split into anonymous (heap) and file-backed (mapped shards, which the
 kernel can drop) from sampling /proc/PID/status: the anonymous peak is the number that must stay small.
 
-    .venv/bin/python bench/memory_limit.py                      # 2048 MiB limit, checkpoint >= 3x that
+    .venv/bin/python bench/memory_limit.py                      # 2560 MiB limit, checkpoint >= 2.5x that
     .venv/bin/python bench/memory_limit.py --limit-mb 768 --factor 3 --workdir /tmp/memlim
 
 The checkpoint gets a byte-level BPE tokenizer trained here on ../shared/data/wikitext-2/valid.txt,
@@ -89,8 +89,8 @@ def run_limited(cmd: list[str], limit: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit-mb", type=int, default=2048, help="RLIMIT_DATA of each stage, MiB (default 2048)")
-    ap.add_argument("--factor", type=float, default=3.0, help="checkpoint size / limit (default 3)")
+    ap.add_argument("--limit-mb", type=int, default=2560, help="RLIMIT_DATA of each stage, MiB (default 2560)")
+    ap.add_argument("--factor", type=float, default=2.5, help="checkpoint size / limit (default 2.5)")
     ap.add_argument("--text-tokens", type=int, default=2048, help="tokens of text for calibration, verify, analyze")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
@@ -112,6 +112,9 @@ def main() -> int:
                 shutil.rmtree(p, ignore_errors=True)
             split_rss.write_checkpoint(ckpt, ns, layers)
             train_tokenizer(ckpt, ns.vocab)
+        else:  # the checkpoint on disk, whatever limit it was made for
+            import json
+            layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
         tensors = split_rss.mixtral_tensors(ns, layers)
         text = DATA / "test.txt"
         size = sum(math.prod(s) for _, s in tensors) * F32
@@ -129,7 +132,9 @@ def main() -> int:
                                          str(DATA / "valid.txt"), "--calibration-tokens", str(args.text_tokens)],
             "verify": [*cli, "verify", str(qbundle), "--reference", str(ckpt), "--backend", "torch", "--text",
                        str(text), "--max-tokens", str(args.text_tokens), "--new-tokens", "8",
-                       "--experts-per-layer", "2", "--json", str(work / "verify.json")],
+                       "--experts-per-layer", "2", "--json", str(work / "verify.json"),
+                       # random weights: int8's quality gates fail on near-uniform logits; measured, not gated
+                       "--gate", "top1_agreement=off", "--gate", "ppl_increase=off"],
             "analyze": [*cli, "analyze", str(ckpt), "--text", str(text), "--max-tokens", str(args.text_tokens),
                         "--json", str(work / "analyze.json")],
         }

@@ -128,7 +128,7 @@ def olmoe_build(work: Path, ckpt: Path, info: dict) -> dict:
 def qwen_stages(work: Path, ckpt: Path, info: dict) -> dict:
     bundle = work / "bundle"
     runs: dict = {"split": timed([*CLI, "split", str(ckpt), "-o", str(bundle), "--force"])}
-    calib = ["--calibration", str(DATA / "valid.txt"), "--calibration-tokens", "16384"]
+    calib = ["--calibration", str(DATA / "valid.txt"), "--calibration-tokens", "8192"]
     for name, opts in (("jobs 1", ["--jobs", "1"]), ("jobs 2", ["--jobs", "2"]), ("ray", ["--executor", "ray"])):
         q = work / f"q-{name.replace(' ', '')}"
         runs[f"quantize, {name}"] = timed([*CLI, "quantize", str(bundle), "-o", str(q), "--force", "--expert-scheme",

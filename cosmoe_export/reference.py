@@ -26,7 +26,7 @@ import torch
 
 from runtime_py.bundle import Bundle
 from runtime_py.expert_slots import ExpertSlots
-from runtime_py.memory import rss_bytes
+from runtime_py.memory import give_back_large_frees, rss_bytes
 from runtime_py.model import CosmoeForCausalLM, Expert, KVCache, dispatch_experts, rope_inv_freq
 from runtime_py.torch_engine import TorchEngine
 
@@ -72,6 +72,7 @@ class TorchRuntime:
         self.bundle, self.config, self.dtype, self.model = bundle, bundle.config, dtype, self.engine.model
         self.store = KeepAll(self.engine.experts)
         if stream_experts:
+            give_back_large_frees()
             for i, layer in enumerate(self.model.layers):
                 layer.register_forward_hook(lambda module, args, out, i=i: self.evict_layer(i))
 
@@ -156,6 +157,7 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
     if not streamed:
         model.load_state_dict({k: rounded(v) for k, v in source.state_dict().items()}, assign=True, strict=True)
         return model.eval()
+    give_back_large_frees()
     per_layer: list[list[str]] = [[] for _ in model.layers]
     resident = {}
     for name in source.plan:

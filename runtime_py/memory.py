@@ -51,3 +51,22 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def give_back_large_frees(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own memory map, so that freeing
+    it returns it to the kernel. glibc's default raises this threshold (up to 32 MiB) each time such
+    a block is freed, after which the blocks come from the heap and stay there once freed: a process
+    that loads and drops one layer after another then grows by fragments of every layer (verify of a
+    checkpoint larger than memory, measured by bench/memory_limit.py, reached its limit so). Setting
+    the threshold (mallopt M_MMAP_THRESHOLD) also switches the adjustment off. False where the C
+    library is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))

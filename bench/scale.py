@@ -11,8 +11,8 @@ trained here on ../shared/data/wikitext-2/valid.txt.
     .venv/bin/python bench/scale.py qwen3-slice --workdir /tmp/scale
     .venv/bin/python bench/scale.py olmoe --layers 2      # any model cut to its first N layers
 
-Each command runs in its own process (peak RSS: its ru_maxrss through os.wait4, children included
-for Ray's workers: RUSAGE_CHILDREN's is the largest child, so it is reported beside). Prints a
+Each command runs in its own process (peak RSS: its ru_maxrss through os.wait4: the calling process
+only, not the workers of --jobs 2 or of Ray). Prints a
 markdown table and, with --json, writes every measurement. Needs about 4x the checkpoint in free disk.
 Not part of CI: the machine is busy for tens of minutes.
 """
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -102,7 +101,7 @@ def _tokenizer(ckpt: Path, vocab: int) -> None:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds, its peak RSS and the largest peak RSS among its children."""
+    """Run ``cmd``: wall seconds and its own peak RSS (a pool's or Ray's workers are not counted)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -111,8 +110,9 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         sys.exit(f"{' '.join(cmd)}: exit {rc}\n{output[-4000:]}")
-    return {"s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+    r = {"s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    print(f"{' '.join(cmd[len(CLI):])}: {r}", flush=True)  # as it comes: a long run may be stopped
+    return r
 
 
 def olmoe_build(work: Path, ckpt: Path, info: dict) -> dict:

@@ -120,9 +120,8 @@ def olmoe_build(work: Path, ckpt: Path, info: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     r = timed([*CLI, "build", str(ROOT / "recipes" / "olmoe.toml"), "--source", str(ckpt), "-o", str(out)])
     report = json.loads((out / "report.json").read_text())
-    return {"build": r, "stages": report["stages"], "passed": report.get("passed"),
-            "verify": [{k: x.get(k) for k in ("backend", "top1_agreement", "kl_mean", "ppl_increase", "decode_tok_s",
-                                               "peak_rss_mb", "passed")} for x in report["verify"]["results"]]}
+    return {"build": r, "stages": report["stages"], "passed": report["passed"],
+            "backends": [{k: v for k, v in row.items() if k != "programs"} for row in report["backends"]]}
 
 
 def qwen_stages(work: Path, ckpt: Path, info: dict) -> dict:

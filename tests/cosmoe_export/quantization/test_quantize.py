@@ -82,7 +82,8 @@ def test_verify_of_a_model_too_large_for_memory_streams_and_reports_the_same(tin
     assert code == code_streamed == 0
     assert (whole["reference_kind"], streamed["reference_kind"]) == ("cosmoe", "cosmoe-streamed")
     assert streamed["bundle_math"] == whole["bundle_math"]
-    quality = ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "kl_max", "ppl", "ppl_ref", "vs_bundle")
+    quality = ("max_abs_logit_err", "top1_agreement", "greedy_match", "kl_mean", "kl_max", "ppl", "ppl_ref",
+               "vs_bundle")
     assert [{k: r[k] for k in quality} for r in streamed["results"]] == \
         [{k: r[k] for k in quality} for r in whole["results"]]
 

@@ -33,7 +33,8 @@ def test_canonical_logits_match_transformers(hf_checkpoint, family, layout):
         want, whole = ref(ids).logits, canonical_model(src)(ids)
         assert (want - whole).abs().max() <= 1e-4
         # verify's reference for a model too large for memory: the same model, one layer at a time
-        assert torch.equal(source_model(src, streamed=True)(ids), whole)
+        # (same ops on the same weights; freshly allocated tensors may take another kernel path: 1e-5)
+        assert (source_model(src, streamed=True)(ids) - whole).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime_py import quant
@@ -174,24 +173,52 @@ Mixer = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def _attention(a: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full or sliding attention over the S cached keys [1, G, S, Dh] then the T new ones."""
-    b, t, _ = x.shape
     q, k_new, v_new = a.project(x, cos, sin)  # [1, H, T, Dh], [1, G, T, Dh] x2
     keys = torch.cat([k_cache, k_new], dim=2)  # [1, G, S+T, Dh]
     values = torch.cat([v_cache, v_new], dim=2)
-    if a.n_kv != a.n_heads:  # repeat kv heads explicitly: not every backend takes SDPA's enable_gqa
-        # As a concatenation of per-group slices, not expand + reshape: with a dynamic T, torch.export
-        # cannot prove the reshape's contiguity guard (Min((S+T)*Dh, G*(S+T)*Dh) == (S+T)*Dh) for
-        # T = 1 and refuses the dynamic dim (docs/LOWERING.md).
-        rep = a.n_heads // a.n_kv
-        keys = torch.cat([keys[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)  # [1, H, S+T, Dh]
-        values = torch.cat([values[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
     if a.window is not None:
-        mask = mask + window_far(t, k_cache.shape[2], a.window)
+        mask = mask + window_far(x.shape[1], k_cache.shape[2], a.window)
     if a.sinks is not None:
-        att = sink_attention(q, keys, values, mask, a.scale, a.sinks)  # [1, H, T, Dh]
+        att = sink_attention(q, _repeat_kv(keys, a), _repeat_kv(values, a), mask, a.scale, a.sinks)  # [1, H, T, Dh]
     else:
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)  # [1, H, T, Dh]
+        att = grouped_attention(q, keys, values, mask, a.scale)  # [1, H, T, Dh]
     return a.output(x, att), k_new, v_new
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, as F.scaled_dot_product_attention computes it, in two
+    batched matmuls over the G kv heads: q [1, H, T, Dh], keys [1, G, S, Dh], values [1, G, S, Dv],
+    additive mask [T, S] -> [1, H, T, Dv].
+
+    Why not SDPA: torch.export decomposes it into 4-D matmuls, which become expand copies of the
+    keys and values and a guard against fully masked rows (where / any / logical_not), none of them
+    taken by XNNPACK; each splits the layer's delegate and runs as a portable kernel over the whole
+    cache, every token (docs/LOWERING.md measures it). The H = G x rep query heads of one kv head
+    are rows of one matrix, so kv heads are never repeated either. No row is fully masked here:
+    every token sees itself."""
+    _, h, t, dh = q.shape
+    g, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    rep = h // g
+    scale = dh ** -0.5 if scale is None else scale
+    # contiguous first: a reshape of the transposed q would need a guard torch.export cannot prove
+    # for a dynamic T (as _repeat_kv's)
+    scores = torch.bmm(q.contiguous().reshape(g, rep * t, dh), keys.reshape(g, s, dh).transpose(1, 2)) * scale  # [G, rep*T, S]
+    probs = torch.softmax(scores.reshape(g, rep, t, s) + mask, dim=-1).reshape(g, rep * t, s)
+    out = torch.bmm(probs, values.reshape(g, s, dv))  # [G, rep*T, Dv]
+    # unflatten, not reshape: the same guard again, on the bmm's output
+    return out.unflatten(1, (rep, t)).flatten(0, 1).unsqueeze(0)  # [1, H, T, Dv]
+
+
+def _repeat_kv(z: torch.Tensor, a: Attention) -> torch.Tensor:
+    """[1, G, S, W] -> [1, H, S, W], each kv head repeated for its query heads. As a concatenation
+    of per-group slices, not expand + reshape: with a dynamic T, torch.export cannot prove the
+    reshape's contiguity guard (Min((S+T)*Dh, G*(S+T)*Dh) == (S+T)*Dh) for T = 1 and refuses the
+    dynamic dim (docs/LOWERING.md)."""
+    if a.n_kv == a.n_heads:
+        return z
+    rep = a.n_heads // a.n_kv
+    return torch.cat([z[:, g:g + 1] for g in range(a.n_kv) for _ in range(rep)], dim=1)
 
 
 def _latent(a: LatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

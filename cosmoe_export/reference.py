@@ -17,8 +17,6 @@ memory bound: the embedding, the head and one layer).
 from __future__ import annotations
 
 import math
-import os
-import resource
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -26,7 +24,7 @@ import torch
 
 from runtime_py.bundle import Bundle
 from runtime_py.expert_slots import ExpertSlots
-from runtime_py.memory import give_back_large_frees, rss_bytes
+from runtime_py.memory import give_back_large_frees, memory_available
 from runtime_py.model import CosmoeForCausalLM, Expert, KVCache, dispatch_experts, rope_inv_freq
 from runtime_py.torch_engine import TorchEngine
 
@@ -106,21 +104,6 @@ class TorchRuntime:
 
 
 # ---- a source checkpoint's canonical model ---------------------------------------------------------
-def memory_available() -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, or less under a data or
-    address-space limit (setrlimit) the process runs under."""
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux: physical memory is the best bound there is
-        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit in (resource.RLIMIT_DATA, resource.RLIMIT_AS):
-        soft = resource.getrlimit(limit)[0]
-        if soft != resource.RLIM_INFINITY:
-            free = min(free, max(0, soft - rss_bytes()))
-    return free
-
-
 def fits_in_memory(nbytes: int) -> bool:
     """Whether a model of ``nbytes`` may be held whole: at most half of what is available, since
     the runtime under test and the activations need the rest."""

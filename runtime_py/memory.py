@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 
 from runtime_py.errors import ConfigError
 
@@ -70,3 +71,18 @@ def give_back_large_frees(threshold: int = 1 << 20) -> bool:
         return False
     M_MMAP_THRESHOLD = -3
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def memory_available() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, or less under a data or
+    address-space limit (setrlimit) the process runs under."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: physical memory is the best bound there is
+        free = os.sysconf("SC_PHYS_PAGES") * _PAGE
+    for limit in (resource.RLIMIT_DATA, resource.RLIMIT_AS):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY:
+            free = min(free, max(0, soft - rss_bytes()))
+    return free

@@ -203,7 +203,8 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     scale = dh ** -0.5 if scale is None else scale
     # contiguous first: a reshape of the transposed q would need a guard torch.export cannot prove
     # for a dynamic T (as _repeat_kv's)
-    scores = torch.bmm(q.contiguous().reshape(g, rep * t, dh), keys.reshape(g, s, dh).transpose(1, 2)) * scale  # [G, rep*T, S]
+    q3 = q.contiguous().reshape(g, rep * t, dh)  # [G, rep*T, Dh]
+    scores = torch.bmm(q3, keys.reshape(g, s, dh).transpose(1, 2)) * scale  # [G, rep*T, S]
     probs = torch.softmax(scores.reshape(g, rep, t, s) + mask, dim=-1).reshape(g, rep * t, s)
     out = torch.bmm(probs, values.reshape(g, s, dv))  # [G, rep*T, Dv]
     # unflatten, not reshape: the same guard again, on the bmm's output

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from cosmoe_export.importers.sources import open_source
-from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, memory_available, source_model
+from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, source_model
 from runtime_py.bundle import Bundle
+from runtime_py.memory import memory_available
 from tests.conftest import _run_cli
 
 
@@ -59,8 +60,8 @@ def test_memory_available_sees_a_data_limit():
     # The limit the process runs under bounds it: set one just above what it holds now, in a child.
     import subprocess
     import sys
-    code = ("import resource; from cosmoe_export.reference import memory_available, fits_in_memory\n"
-            "from runtime_py.memory import rss_bytes\n"
+    code = ("import resource; from cosmoe_export.reference import fits_in_memory\n"
+            "from runtime_py.memory import memory_available, rss_bytes\n"
             "resource.setrlimit(resource.RLIMIT_DATA, (rss_bytes() + (64 << 20), resource.RLIM_INFINITY))\n"
             "print(memory_available() <= 64 << 20, fits_in_memory(40 << 20), fits_in_memory(16 << 20))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

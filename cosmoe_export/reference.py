@@ -115,6 +115,12 @@ def float_bytes(source: Source) -> int:
     return 4 * sum(math.prod(t.shape) for t in source.plan.values())
 
 
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` (the bundle's storage dtype) and back to fp32: the reference starts
+    from the numbers the bundle stores."""
+    return t.to(dtype).to(torch.float32)
+
+
 def source_model(source: Source, dtype: torch.dtype = torch.float32,
                  streamed: bool | None = None) -> CosmoeForCausalLM:
     """The source's canonical model in fp32, each weight first rounded to ``dtype`` (the bundle's
@@ -122,13 +128,10 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
     None decides by ``fits_in_memory``. A streamed model holds the embedding, the final norm and
     the head; every forward reads each decoder layer's tensors from the checkpoint when the layer
     starts and drops them when it ends, so one forward of a batch is one pass over the checkpoint."""
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).to(torch.float32)
-
     def read(name: str) -> torch.Tensor:
         # A copy, and the file's map dropped at once: a tensor viewing a mapped shard would keep the
         # whole shard mapped (and charged to a data limit) for as long as the tensor lives.
-        t = rounded(source.plan[name].load()).clone()
+        t = rounded(source.plan[name].load(), dtype).clone()
         source.release()
         return t
 
@@ -138,24 +141,23 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
         model = CosmoeForCausalLM(source.config)
     model.inv_freq = rope_inv_freq(source.config)  # computed from the config, never stored
     if not streamed:
-        model.load_state_dict({k: rounded(v) for k, v in source.state_dict().items()}, assign=True, strict=True)
+        model.load_state_dict({k: rounded(v, dtype) for k, v in source.state_dict().items()}, assign=True,
+                              strict=True)
         return model.eval()
     give_back_large_frees()
-    per_layer: list[list[str]] = [[] for _ in model.layers]
+    local: list[dict[str, str]] = [{} for _ in model.layers]  # per layer: name in the layer -> in the checkpoint
     resident = {}
     for name in source.plan:
         if name.startswith("layers."):
-            per_layer[int(name.split(".")[1])].append(name)
+            _, i, rest = name.split(".", 2)
+            local[int(i)][rest] = name
         else:
             resident[name] = read(name)
     model.load_state_dict(resident, assign=True, strict=False)
-    for i, layer in enumerate(model.layers):
-        prefix = f"layers.{i}."
-        names = per_layer[i]
-        layer.register_forward_pre_hook(lambda module, args, names=names, prefix=prefix: _fill(
-            module, {n[len(prefix):]: read(n) for n in names}))
-        layer.register_forward_hook(lambda module, args, out, names=names, prefix=prefix: _empty(
-            module, [n[len(prefix):] for n in names]))
+    for layer, names in zip(model.layers, local, strict=True):
+        layer.register_forward_pre_hook(lambda module, args, names=names: _fill(
+            module, {k: read(n) for k, n in names.items()}))
+        layer.register_forward_hook(lambda module, args, out, names=list(names): _empty(module, names))
     return model.eval()
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cosmoe_export.errors import CosmoeError
 from cosmoe_export.importers.sources import Source, open_source
-from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, source_model
+from cosmoe_export.reference import TorchRuntime, fits_in_memory, float_bytes, rounded, source_model
 from cosmoe_export.release import gates as gating
 from cosmoe_export.release.quality import TextQuality
 from cosmoe_export.text import batches, encode_file, windows
@@ -239,7 +239,7 @@ def _reference_model(source: Source, dtype: torch.dtype, streamed: bool) -> tupl
         if dtype != torch.float32:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.copy_(p.to(dtype).to(torch.float32))
+                    p.copy_(rounded(p, dtype))
         return model.eval(), "transformers"
     return source_model(source, dtype, streamed), "cosmoe-streamed" if streamed else "cosmoe"
 

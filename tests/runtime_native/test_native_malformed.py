@@ -37,12 +37,14 @@ def asan_runner(tmp_path_factory) -> Path:
     import executorch
     build = ROOT / "build" / "native-asan"
     et = Path(list(executorch.__path__)[0])
-    subprocess.run([VENV / "bin" / "cmake", "-S", ROOT / "runtime_native", "-B", build, "-G", "Ninja",
-                    f"-DCMAKE_MAKE_PROGRAM={VENV / 'bin' / 'ninja'}", "-DCMAKE_BUILD_TYPE=Debug",
-                    "-DCOSMOE_SANITIZE=ON", "-DCOSMOE_USE_OPENSSL=OFF",  # the portable SHA-256 too
-                    f"-Dexecutorch_DIR={et / 'share' / 'cmake'}"],
-                   check=True, capture_output=True)
-    subprocess.run([VENV / "bin" / "cmake", "--build", build], check=True, capture_output=True)
+    configure = [VENV / "bin" / "cmake", "-S", ROOT / "runtime_native", "-B", build, "-G", "Ninja",
+                 f"-DCMAKE_MAKE_PROGRAM={VENV / 'bin' / 'ninja'}", "-DCMAKE_BUILD_TYPE=Debug",
+                 "-DCOSMOE_SANITIZE=ON", "-DCOSMOE_USE_OPENSSL=OFF",  # the portable SHA-256 too
+                 f"-Dexecutorch_DIR={et / 'share' / 'cmake'}"]
+    for command in (configure, [VENV / "bin" / "cmake", "--build", build]):
+        r = subprocess.run(command, capture_output=True, text=True)
+        # CMake's own words when it fails (a CI run once failed here with only the exit status)
+        assert r.returncode == 0, f"{' '.join(map(str, command))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return build / "cosmoe-run"
 
 

@@ -9,6 +9,6 @@ EXTRAS=test,gguf bash scripts/install.sh  # gguf: llama.cpp, for the GGUF parity
 if grep -rnE '^\s*(from|import) cosmoe_export' runtime_py; then
   echo "runtime_py imports cosmoe_export" >&2; exit 1
 fi
-# Every core (the machines CI runs on have 2): a file's tests on one worker, test_families.py's by family
-# (tests/conftest.py groups them); `bash scripts/test.sh -n 0` runs them in this process.
-.venv/bin/python -m pytest -p no:cacheprovider -n auto --dist loadgroup tests "$@"
+# Every core (the machines CI runs on have 2), any test on any worker (tests/conftest.py says why not
+# grouped); `bash scripts/test.sh -n 0` runs them in this process.
+.venv/bin/python -m pytest -p no:cacheprovider -n auto --dist load tests "$@"

@@ -184,20 +184,14 @@ def read_json(path: Path) -> dict:
 
 
 # ---- the session's shared bundles -------------------------------------------------------------------
-# scripts/test.sh runs the tests on every core (pytest-xdist, --dist loadgroup): each file's tests on one
-# worker, so a module fixture is built once; test_families.py's by family, so its slow per-family
-# fixtures spread over the workers. The session fixtures below are used by several files, so the
-# workers share one build of each (pytest-xdist's documented pattern: a lock in the run's common
-# temporary directory); run without xdist they are built once as before.
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        family = next((v for v in params.values() if isinstance(v, str) and v in FAMILIES), None)
-        group = f"{path}[{family}]" if path == "tests/test_families.py" and family else path
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
+# scripts/test.sh runs the tests on every core (pytest-xdist, --dist load): any test on any worker, so a
+# module fixture is built by each worker that runs one of its file's tests, and a fixture that writes
+# outside its temporary directory must take a lock (test_native_malformed's sanitizer build does). The
+# session fixtures below are used by several files, so the workers share one build of each
+# (pytest-xdist's documented pattern: a lock in the run's common temporary directory); run without
+# xdist they are built once as before. (--dist loadgroup would keep a file on one worker, but
+# pytest-xdist 3.8 marks the groups through Item._nodeid, which pytest 9 no longer reads: it ran as
+# --dist load, and two workers once configured one CMake build directory at the same time.)
 def _once(tmp_path_factory, key: str, build: Callable[[Path], Path]) -> Path:
     """What ``build(directory)`` returns, built once per test run whatever the number of workers."""
     from filelock import FileLock

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.malformed import CASES, Workspace
 from tests.malformed import builders as b
@@ -41,10 +42,13 @@ def asan_runner(tmp_path_factory) -> Path:
                  f"-DCMAKE_MAKE_PROGRAM={VENV / 'bin' / 'ninja'}", "-DCMAKE_BUILD_TYPE=Debug",
                  "-DCOSMOE_SANITIZE=ON", "-DCOSMOE_USE_OPENSSL=OFF",  # the portable SHA-256 too
                  f"-Dexecutorch_DIR={et / 'share' / 'cmake'}"]
-    for command in (configure, [VENV / "bin" / "cmake", "--build", build]):
-        r = subprocess.run(command, capture_output=True, text=True)
-        # CMake's own words when it fails (a CI run once failed here with only the exit status)
-        assert r.returncode == 0, f"{' '.join(map(str, command))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    build.parent.mkdir(exist_ok=True)
+    # Each worker that runs a test of this file builds it: one at a time (two CMake runs configuring one
+    # directory at once fail on each other's files, as CI once did), the second finding it built.
+    with FileLock(str(build) + ".lock"):
+        for command in (configure, [VENV / "bin" / "cmake", "--build", build]):
+            r = subprocess.run(command, capture_output=True, text=True)
+            assert r.returncode == 0, f"{' '.join(map(str, command))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return build / "cosmoe-run"
 
 

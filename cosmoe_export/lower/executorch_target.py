@@ -19,6 +19,15 @@ from runtime_py.config import CosmoeConfig
 from runtime_py.model import EXPERT_ACTS
 
 
+def backend_config():
+    """How every program is serialized. Inputs stay outside the memory plan: the runtimes' own buffers
+    (the KV cache above all) are read where they lie instead of being copied into planned ones on every
+    call (Method::set_input shares an unplanned input's data), and the plan shrinks by the inputs."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    return ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
+
+
 def to_pte(module: nn.Module, inputs: tuple, dynamic_shapes=None) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -26,7 +35,7 @@ def to_pte(module: nn.Module, inputs: tuple, dynamic_shapes=None) -> bytes:
     with torch.no_grad():
         ep = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    return bytes(edge.to_executorch().buffer)
+    return bytes(edge.to_executorch(backend_config()).buffer)
 
 
 class QLinear(nn.Module):

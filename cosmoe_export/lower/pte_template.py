@@ -235,7 +235,6 @@ def write(template: Template, weights: dict[str, units.Weight]) -> bytes:
     from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import CONSTANT_TENSOR_ALIGNMENT
     from executorch.exir._serialize._named_data_store import NamedDataStore
     from executorch.exir._serialize._program import PTEFile, serialize_pte_binary
-    from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.schema import BackendDelegateInlineData
 
     mine = constants(weights)
@@ -259,7 +258,7 @@ def write(template: Template, weights: dict[str, units.Weight]) -> bytes:
         buffers[i] = dataclasses.replace(buffers[i], storage=data)
     program = dataclasses.replace(template.program, constant_buffer=buffers,
                                   backend_delegate_data=[BackendDelegateInlineData(data=bytes(b)) for b in blobs])
-    config = ExecutorchBackendConfig()  # what to_executorch() serializes with by default (to_pte)
+    config = executorch_target.backend_config()  # what to_pte serializes with
     return bytes(serialize_pte_binary(
         PTEFile(program=program, named_data=store.get_named_data_store_output()),
         extract_delegate_segments=config.extract_delegate_segments, segment_alignment=config.segment_alignment,

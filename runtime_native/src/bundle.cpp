@@ -339,6 +339,7 @@ Config read_config(const json& model, const std::string& where) {
         s.v[0] = 1, s.v[1] = ctx, s.v[2] = c.qk_rope_head_dim;
       } else {
         s.k[0] = s.v[0] = c.num_key_value_heads, s.k[1] = s.v[1] = ctx, s.k[2] = s.v[2] = c.head_size;
+        s.windowed = kind == "sliding";
       }
       c.caches.push_back(s);
     }

@@ -30,6 +30,9 @@ struct Config {
   // Qwen3.5's "linear" layers: the q/k/v convolution's [1, K - 1, C] and the recurrent [Hv, dk, dv]).
   struct CacheSpec {
     bool positional = true;
+    // A sliding layer's program places the window from its slot count (units.window_far): it must be
+    // given exactly the filled slots.
+    bool windowed = false;
     int k[3] = {0, 0, 0}, v[3] = {0, 0, 0};
   };
   std::vector<CacheSpec> caches;

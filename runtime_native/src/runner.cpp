@@ -162,6 +162,7 @@ Runner::Runner(const std::string& bundle_dir, const cosmoe_params& params)
   chunk_ = std::numeric_limits<int>::max();
   for (const auto& [key, f] : bundle_.programs) chunk_ = std::min(chunk_, f->max_tokens);
   for (int l = 0; l < layers; ++l) prefix_cache_ &= bundle_.program("layer", l).cache == "prefix";
+  rows_ = prefix_cache_ ? 0 : c.max_position_embeddings;  // a static cache: always the whole context
   hashed_.assign(size_t(layers), std::vector<bool>(size_t(c.num_experts), false));
 
   // Backbone programs stay resident; their cost is what loading them (and the arena) added to RSS,
@@ -276,11 +277,12 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   const Config& c = bundle_.config;
   // cos/sin rows are Dh = rope_width wide; each layer's cache tensors are its CacheSpec's.
   const int d = c.hidden_size, dh = c.rope_width, e = c.num_experts;
-  const int k = c.num_experts_per_tok, ctx = c.max_position_embeddings;
+  const int k = c.num_experts_per_tok;
   const size_t T = size_t(t), D = size_t(d), Dh = size_t(dh);
-  // The filled prefix (at least one slot: a program input cannot be empty; masked at pos 0), or
-  // the whole cache for programs exported with a static one.
-  const int s = prefix_cache_ ? std::max(pos, 1) : ctx;
+  // The cache's rows as they lie (runner.h): room for this call's keys, at least one slot (a program
+  // input cannot be empty; masked at pos 0); for programs exported with a static cache, all of it.
+  if (prefix_cache_) grow_cache(pos + t);
+  const int s = rows_;
   const size_t S = size_t(s);
 
   std::vector<int64_t> ids64(ids, ids + t);
@@ -315,6 +317,9 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   }
   auto cos_t = from_blob(cos.data(), {t, dh}), sin_t = from_blob(sin.data(), {t, dh});
   auto slot_t = from_blob(slot_mask.data(), {s}), new_t = from_blob(new_mask.data(), {t, t});
+  // A sliding layer's slots: the filled ones only (CacheSpec.windowed), copied out of the cache.
+  const int filled = std::max(pos, 1);
+  auto filled_t = from_blob(slot_mask.data(), {filled});
   TensorPtr full_t = prefix_cache_ ? nullptr : from_blob(full_mask.data(), {t, s + t});
   std::vector<float> k_in, v_in, scratch(3 * size_t(e));
   std::vector<float> weights(T * size_t(k));
@@ -324,19 +329,27 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
     float* kc = k_cache_[size_t(layer)].get();
     float* vc = v_cache_[size_t(layer)].get();
     const Config::CacheSpec& spec = c.caches[size_t(layer)];
-    // Positional: [G, C, W] -> the first S rows [1, G, S, W]; a state: all its rows, as it is.
+    // Positional: [G, S, W] as laid out, S = rows_ >= pos + T (a sliding layer: its first `filled`
+    // rows, copied); a state: all its rows, as it is.
     const size_t Gk = size_t(spec.k[0]), Gv = size_t(spec.v[0]), Wk = size_t(spec.k[2]), Wv = size_t(spec.v[2]);
     const size_t Rk = size_t(spec.k[1]), Rv = size_t(spec.v[1]);
-    const size_t Sk = spec.positional ? S : Rk, Sv = spec.positional ? S : Rv;
-    k_in.resize(Gk * Sk * Wk);
-    v_in.resize(Gv * Sv * Wv);
-    for (size_t h = 0; h < Gk; ++h) std::memcpy(&k_in[h * Sk * Wk], &kc[h * Rk * Wk], Sk * Wk * sizeof(float));
-    for (size_t h = 0; h < Gv; ++h) std::memcpy(&v_in[h * Sv * Wv], &vc[h * Rv * Wv], Sv * Wv * sizeof(float));
+    const size_t Lk = spec.positional ? S : Rk, Lv = spec.positional ? S : Rv;  // rows per head as laid out
+    const bool exact = prefix_cache_ && spec.windowed;
+    const size_t Sk = exact ? size_t(filled) : Lk, Sv = exact ? size_t(filled) : Lv;  // rows passed
+    const float *k_src = kc, *v_src = vc;
+    if (exact) {
+      k_in.resize(Gk * Sk * Wk);
+      v_in.resize(Gv * Sv * Wv);
+      for (size_t h = 0; h < Gk; ++h) std::memcpy(&k_in[h * Sk * Wk], &kc[h * Lk * Wk], Sk * Wk * sizeof(float));
+      for (size_t h = 0; h < Gv; ++h) std::memcpy(&v_in[h * Sv * Wv], &vc[h * Lv * Wv], Sv * Wv * sizeof(float));
+      k_src = k_in.data(), v_src = v_in.data();
+    }
     auto x_t = from_blob(x.data(), {1, t, d});
-    auto k_t = from_blob(k_in.data(), {1, int(Gk), int(Sk), int(Wk)});
-    auto v_t = from_blob(v_in.data(), {1, int(Gv), int(Sv), int(Wv)});
+    // from_blob takes a non-const pointer; the program only reads its inputs.
+    auto k_t = from_blob(const_cast<float*>(k_src), {1, int(Gk), int(Sk), int(Wk)});
+    auto v_t = from_blob(const_cast<float*>(v_src), {1, int(Gv), int(Sv), int(Wv)});
     std::vector<EValue> inputs = prefix_cache_
-        ? std::vector<EValue>{*x_t, *cos_t, *sin_t, *slot_t, *new_t, *k_t, *v_t}
+        ? std::vector<EValue>{*x_t, *cos_t, *sin_t, exact ? *filled_t : *slot_t, *new_t, *k_t, *v_t}
         : std::vector<EValue>{*x_t, *cos_t, *sin_t, *full_t, *k_t, *v_t};
     // -> base [1, T, D], xn [T, D], router logits [T, E], k_new [1, G, T, Wk], v_new [1, G, T, Wv]
     // (a state layer: the new state, shaped as the one passed in)
@@ -352,8 +365,8 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
     if (size_t(out[3].toTensor().numel()) != Gk * Nk * Wk || size_t(out[4].toTensor().numel()) != Gv * Nv * Wv)
       internal("layer program k_new or v_new has an unexpected shape");
     const size_t at = spec.positional ? size_t(pos) : 0;  // rows pos..pos+T-1, or the whole state
-    for (size_t h = 0; h < Gk; ++h) std::memcpy(&kc[(h * Rk + at) * Wk], k_new + h * Nk * Wk, Nk * Wk * sizeof(float));
-    for (size_t h = 0; h < Gv; ++h) std::memcpy(&vc[(h * Rv + at) * Wv], v_new + h * Nv * Wv, Nv * Wv * sizeof(float));
+    for (size_t h = 0; h < Gk; ++h) std::memcpy(&kc[(h * Lk + at) * Wk], k_new + h * Nk * Wk, Nk * Wk * sizeof(float));
+    for (size_t h = 0; h < Gv; ++h) std::memcpy(&vc[(h * Lv + at) * Wv], v_new + h * Nv * Wv, Nv * Wv * sizeof(float));
     if (!c.routed[size_t(layer)]) {  // a dense layer: base already holds its MLP; nothing routed
       x.swap(base);
       continue;
@@ -379,6 +392,25 @@ void Runner::chunk(const int32_t* ids, int t, int pos, float* all_logits) {
   const float* l = lt.const_data_ptr<float>();
   std::memcpy(logits_.data(), l + (T - 1) * V, V * sizeof(float));
   if (all_logits) std::memcpy(all_logits, l, T * V * sizeof(float));
+}
+
+void Runner::grow_cache(int need) {
+  if (need <= rows_) return;
+  const Config& c = bundle_.config;
+  const int rows = std::min(c.max_position_embeddings, (need + kCacheStep - 1) / kCacheStep * kCacheStep);
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const Config::CacheSpec& spec = c.caches[size_t(layer)];
+    if (!spec.positional) continue;
+    for (auto [buf, dims] : {std::pair{k_cache_[size_t(layer)].get(), spec.k},
+                             std::pair{v_cache_[size_t(layer)].get(), spec.v}}) {
+      // [G, rows_, W] -> [G, rows, W]: the last head first, each to a place at or after its own, so
+      // no head is overwritten before it moves. Rows past rows_ hold stale values, masked until written.
+      const size_t w = size_t(dims[2]), before = size_t(rows_), after = size_t(rows);
+      for (size_t h = size_t(dims[0]); h-- > 1;)
+        std::memmove(buf + h * after * w, buf + h * before * w, before * w * sizeof(float));
+    }
+  }
+  rows_ = rows;
 }
 
 void Runner::dispatch(int layer, const float* x, int t, const std::vector<float>& weights, const std::vector<int>& idx,

@@ -33,7 +33,11 @@ class Runner {
  public:
   Runner(const std::string& bundle_dir, const cosmoe_params& params);
 
-  void reset() { pos_ = 0; }
+  // A new sequence: what the cache holds is dead, so its rows start over (nothing to move).
+  void reset() {
+    pos_ = 0;
+    if (prefix_cache_) rows_ = 0;
+  }
   // Tokens at positions pos.. ; all_logits (may be null) gets [n, V].
   void prefill(const int32_t* ids, size_t n, float* all_logits);
   void decode(int32_t id) { prefill(&id, 1, nullptr); }
@@ -50,6 +54,9 @@ class Runner {
 
  private:
   void chunk(const int32_t* ids, int t, int pos, float* all_logits);
+  // At least `need` rows per kv head in every positional cache: rows_ grows in steps of kCacheStep,
+  // each head's filled rows moved to its new place.
+  void grow_cache(int need);
   // x [T, D], weights/idx [T, K] -> y [T, D] through the store (runtime_py Runner._dispatch).
   void dispatch(int layer, const float* x, int t, const std::vector<float>& weights, const std::vector<int>& idx,
                 float* y);
@@ -70,8 +77,13 @@ class Runner {
   std::vector<float> inv_freq_;                        // [Dh/2]
   int chunk_ = 1;
   bool prefix_cache_ = true;
-  // Per layer [G, C, Dh], from calloc: the kernel maps zero pages on first write, so the cache is
-  // resident only as far as it is filled (the budget still counts the whole context).
+  // Per layer room for [G, C, Dh], from calloc: the kernel maps zero pages on first write, so the
+  // cache is resident only as far as it is filled (the budget still counts the whole context). A
+  // positional cache is laid out [G, rows_, Dh] and goes to the layer program as it lies, without a
+  // copy (its programs take unplanned inputs); slots past the filled ones are masked. A prefix of
+  // [G, C, Dh] would not be one block: copying it out cost ~10 % of a decode step (docs/NATIVE.md).
+  static constexpr int kCacheStep = 16;
+  int rows_ = 0;
   struct Free {
     void operator()(float* p) const { std::free(p); }
   };

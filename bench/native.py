@@ -136,8 +136,12 @@ def bundle(hidden: int, bits: str, lower: bool) -> Path:
 
 
 def lowered(b: Path) -> bool:
+    """B has ExecuTorch programs, written after the last change to the code that lowers them (else
+    a changed lowering would be measured with programs from before it)."""
     files = json.loads((b / "manifest.json").read_text())["files"]
-    return any(f["role"] == "program" and f["target"] == "executorch" for f in files)
+    programs = [b / f["path"] for f in files if f["role"] == "program" and f["target"] == "executorch"]
+    newest_code = max(p.stat().st_mtime for p in (ROOT / "cosmoe_export" / "lower").rglob("*.py"))
+    return bool(programs) and min(p.stat().st_mtime for p in programs) > newest_code
 
 
 def gguf(hidden: int, bits: str) -> Path:

@@ -1,7 +1,8 @@
 // The decode loop over a bundle's ExecuTorch programs, as runtime_py/program_backend.py and
 // runtime_py/runner.py run it (read them side by side): embed -> for each layer (the layer program
-// with the filled KV-cache prefix; top-k routing here; the selected experts through the budgeted
-// store; the weighted sum) -> head. Prompts are prefilled in chunks of the programs' max_tokens.
+// with the KV cache as it lies, unfilled slots masked; top-k routing here; the selected experts
+// through the budgeted store; the weighted sum) -> head. Prompts are prefilled in chunks of the
+// programs' max_tokens.
 //
 // Shapes: T tokens in this call, S cache slots passed in, C context, D hidden, G kv heads,
 // Dh head size, E experts, K experts per token, V vocabulary.
@@ -81,7 +82,8 @@ class Runner {
   // cache is resident only as far as it is filled (the budget still counts the whole context). A
   // positional cache is laid out [G, rows_, Dh] and goes to the layer program as it lies, without a
   // copy (its programs take unplanned inputs); slots past the filled ones are masked. A prefix of
-  // [G, C, Dh] would not be one block: copying it out cost ~10 % of a decode step (docs/NATIVE.md).
+  // [G, C, Dh] is not one block, and copying it out every call was a fifth of a decode step at hidden
+  // 512 (docs/NATIVE.md, "The KV cache is not copied").
   static constexpr int kCacheStep = 16;
   int rows_ = 0;
   struct Free {

@@ -113,7 +113,8 @@ def layer_statistics(runtime: TorchRuntime, batches: list[torch.Tensor], group: 
         w8 = quant.fake_quantize(w, quant.choose_encoding("int8", tuple(w.shape), group, float_name))
         err8 = (F.linear(x, w8) - F.linear(x, w)).abs().amax(-1)  # [N]
         err = 0.0
-        for e, routed in calib.routed.items():
+        for e in calib.routed_experts:
+            routed = calib.routed(e)
             expert = runtime.store.get(layer, e)
             rounded = {n: quant.fake_quantize(p, quant.choose_encoding("int4", tuple(p.shape), group, float_name))
                        for n, p in expert.named_parameters()}

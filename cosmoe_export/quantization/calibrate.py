@@ -53,9 +53,24 @@ class Routed:
 class LayerCalibration:
     layer: int
     hessians: dict[str, torch.Tensor]  # backbone matrix (canonical name) -> H [K, K] float64
-    routed: dict[int, Routed]  # expert -> the tokens it saw (experts never selected are absent)
+    moe_inputs: torch.Tensor | None  # [N, D] the MoE block's input, every calibration token (None: no MoE block)
+    # expert -> (its tokens' rows in moe_inputs [n_e], their routing weights [n_e]); never-selected experts absent
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor]]
     out_energy: float  # sum_t ||h_t||^2 of the layer's output (the residual stream after the MoE block)
     selections: list[int] = field(default_factory=list)  # [E] tokens routed to each expert
+
+    @property
+    def routed_experts(self) -> list[int]:
+        return sorted(self.routing)
+
+    def routed(self, e: int) -> Routed | None:
+        """The tokens expert e saw, or None. Copied out of moe_inputs when asked: a layer holds its
+        tokens once, not K times (top-8 of 16,384 tokens at hidden 2,048 would be 1 GB per layer)."""
+        if e not in self.routing:
+            return None
+        assert self.moe_inputs is not None
+        rows, weight = self.routing[e]
+        return Routed(self.moe_inputs[rows], weight)
 
 
 @contextlib.contextmanager
@@ -104,7 +119,7 @@ def walk(runtime: TorchRuntime, batches: Sequence[torch.Tensor], matrices: set[s
             for h in hidden:
                 x = model.norm(h).reshape(-1, cfg.hidden_size).double()  # [b*T, D]
                 h_head = h_head + x.t() @ x
-            yield LayerCalibration(cfg.num_hidden_layers, {HEAD: h_head}, {}, 0.0)
+            yield LayerCalibration(cfg.num_hidden_layers, {HEAD: h_head}, None, {}, 0.0)
 
 
 def _run_layer(runtime: TorchRuntime, index: int, hidden: list[torch.Tensor],
@@ -113,21 +128,30 @@ def _run_layer(runtime: TorchRuntime, index: int, hidden: list[torch.Tensor],
     model, cfg = runtime.model, runtime.config
     layer = model.layers[index]
     hessians: dict[str, torch.Tensor] = {}
+    inputs: list[torch.Tensor] = []  # [N_b, D] per batch
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # The last input's x^T x, kept with the input (so its id is not reused): q, k and v read one
+    # tensor, and its product [K, K] costs 2 N K^2 flops (16,384 tokens at hidden 2,048: 137 GFLOP).
+    last: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def capture(name: str):
         def hook(module, args) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()  # [N, K]
-            hessians[name] = hessians.get(name, 0) + x.t() @ x
+            if not last or last[0][0] is not args[0]:
+                x = args[0].reshape(-1, args[0].shape[-1]).double()  # [N, K]
+                last[:] = [(args[0], x.t() @ x)]
+            hessians[name] = hessians.get(name, 0) + last[0][1]
         return hook
 
     def moe_hook(module, args, output) -> None:
         x = args[0]  # [N, D]
         _, logits = output  # [N, E]
         weights, idx = route(logits, module.config, module.score_bias)  # [N, K] x2
+        offset = sum(len(i) for i in inputs)
+        inputs.append(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)  # [n_e] x2
-            parts.setdefault(e, []).append((x[tok], weights[tok, slot]))
+            parts.setdefault(e, []).append((tok + offset, weights[tok, slot]))
 
     # A dense layer (the layer plan) routes nothing: only its MLP's inputs are watched.
     handles = [layer.routed.register_forward_hook(moe_hook)] if layer.routed is not None else []
@@ -141,8 +165,9 @@ def _run_layer(runtime: TorchRuntime, index: int, hidden: list[torch.Tensor],
     finally:
         for h in handles:
             h.remove()
-    routed = {e: Routed(torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps]))
-              for e, ps in sorted(parts.items())}
-    selections = [len(routed[e].weight) if e in routed else 0 for e in range(cfg.num_experts)]
+        last.clear()
+    routing = {e: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for e, ps in sorted(parts.items())}
+    selections = [len(routing[e][1]) if e in routing else 0 for e in range(cfg.num_experts)]
     energy = sum(float(h.double().pow(2).sum()) for h in hidden)  # [b, T, D] each
-    return hidden, LayerCalibration(index, hessians, routed, energy, selections)
+    moe_inputs = torch.cat(inputs) if inputs else None
+    return hidden, LayerCalibration(index, hessians, moe_inputs, routing, energy, selections)

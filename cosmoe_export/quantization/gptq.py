@@ -19,6 +19,7 @@ from runtime_py import quant
 
 DAMP = 0.01  # GPTQ's default: add 1 % of the mean diagonal to H so that it inverts
 BLOCK = 128  # columns per lazy-update block; a multiple of every int4 group size, so groups never straddle
+ROWS = 4096  # rows rounded at a time (memory: ROWS x K float64)
 
 
 def hessian(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,24 +32,43 @@ def hessian(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor
     return xw.t() @ x
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, enc: quant.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float, h [K, K] float64 -> (stored codes, bf16 scales [N, ceil(K/G)]) under ``enc``,
-    the same layout ``quant.quantize`` writes.
+def inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """H [K, K] -> the upper Cholesky factor of (H + damp)^-1 [K, K] float64: row i holds the update
+    coefficients for column i (GPTQ Alg. 1). Matrices that read the same input (an expert's gate and
+    up; attention's q, k and v) share one H and so one factor: compute it once."""
+    H = h.double().clone()  # [K, K]
+    k = H.shape[0]
+    dead = torch.diag(H) == 0  # inputs never active on the calibration text: decouple them
+    H[dead, dead] = 1.0
+    H += DAMP * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def gptq_quantize(w: torch.Tensor, hinv: torch.Tensor, enc: quant.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float, hinv [K, K] (``inverse_factor`` of the inputs' H) -> (stored codes, bf16
+    scales [N, ceil(K/G)]) under ``enc``, the same layout ``quant.quantize`` writes.
 
     Scales follow the scheme's rule (amax / divisor, rounded up to bf16), taken from each group's
     weights *as updated* when the algorithm reaches the group's first column; per-channel int8 takes
-    its scale from the original row."""
+    its scale from the original row. Rows never interact (each row's errors move along that row
+    only), so they are rounded ROWS at a time: an output head of 151,936 rows would otherwise need
+    its whole float64 copy (2.5 GB at hidden 2,048)."""
+    n, k = w.shape
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, -(-k // enc.group_size), dtype=quant.SCALE_DTYPE)
+    for r0 in range(0, n, ROWS):
+        codes[r0:r0 + ROWS], scales[r0:r0 + ROWS] = _rows(w[r0:r0 + ROWS], hinv, enc)
+    return quant.SCHEMES[enc.scheme].pack(codes), scales
+
+
+def _rows(w: torch.Tensor, hinv: torch.Tensor, enc: quant.Encoding) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ Alg. 1 on rows w [n, K]: (unpacked codes [n, K] int8, scales [n, ceil(K/G)])."""
     s = quant.SCHEMES[enc.scheme]
     n, k = w.shape
     g = enc.group_size
-    W = w.double().clone()  # [N, K], updated in place as errors are pushed right
-    H = h.double().clone()  # [K, K]
-    dead = torch.diag(H) == 0  # inputs never active on the calibration text: keep W, decouple them
-    H[dead, dead] = 1.0
-    H += DAMP * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
-    # Upper Cholesky factor of H^-1: row i holds the update coefficients for column i (GPTQ Alg. 1).
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [K, K]
-
+    W = w.double()  # [n, K], updated in place as errors are pushed right (a copy: w is float32 or bf16)
+    if W.data_ptr() == w.data_ptr():
+        W = W.clone()
     codes = torch.zeros(n, k, dtype=torch.int8)
     scales = torch.empty(n, -(-k // g), dtype=quant.SCALE_DTYPE)
     col_scale = torch.empty(n, dtype=torch.float64)
@@ -57,20 +77,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, enc: quant.Encoding) -> tupl
         col_scale = scales[:, 0].double()
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
-        block = W[:, b0:b1].clone()  # [N, B]
-        err = torch.zeros_like(block)  # [N, B] scaled errors, for the lazy update of later blocks
+        block = W[:, b0:b1].clone()  # [n, B]
+        err = torch.zeros_like(block)  # [n, B] scaled errors, for the lazy update of later blocks
         hb = hinv[b0:b1, b0:b1]  # [B, B]
         for i in range(b1 - b0):
             col = b0 + i
             if g < k and col % g == 0:  # group start: scale from the group's updated weights
-                grp = block[:, i:i + g].float()  # [N, <=G], within this block since BLOCK % G == 0
+                grp = block[:, i:i + g].float()  # [n, <=G], within this block since BLOCK % G == 0
                 scales[:, col // g] = quant.scales(grp, quant.Encoding(enc.scheme, enc.bits, grp.shape[1],
                                                                       enc.scale_dtype))[:, 0]
                 col_scale = scales[:, col // g].double()
-            q = torch.round(block[:, i] / col_scale).clamp_(s.qmin, s.qmax)  # [N]
+            q = torch.round(block[:, i] / col_scale).clamp_(s.qmin, s.qmax)  # [n]
             codes[:, col] = q.to(torch.int8)
-            e = (block[:, i] - q * col_scale) / hb[i, i]  # [N]
+            e = (block[:, i] - q * col_scale) / hb[i, i]  # [n]
             block[:, i:] -= e[:, None] * hb[i, i:][None, :]
             err[:, i] = e
-        W[:, b1:] -= err @ hinv[b0:b1, b1:]  # [N, K-b1]
-    return s.pack(codes), scales
+        W[:, b1:] -= err @ hinv[b0:b1, b1:]  # [n, K-b1]
+    return codes, scales

@@ -249,10 +249,12 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
         results = None
         # The output head's Hessian comes last, alone; a dense layer has no experts.
         if lc.layer in cfg.moe_layers:
-            results = ex.map(_expert_task, [(job, lc.layer, e, plan.level_of(lc.layer, e), _tokens(lc.routed.get(e)))
-                                            for e in range(cfg.num_experts)])
+            # A generator: each task's tokens are copied out when the executor takes it (a window of
+            # 2 x jobs at a time), not the whole layer's at once.
+            results = ex.map(_expert_task, ((job, lc.layer, e, plan.level_of(lc.layer, e), _tokens(lc.routed(e)))
+                                            for e in range(cfg.num_experts)))
         for name, h in lc.hessians.items():
-            rounded[name] = gptq.gptq_quantize(backbone_src[name], h, plan.backbone[name])
+            rounded[name] = gptq.gptq_quantize(backbone_src[name], gptq.inverse_factor(h), plan.backbone[name])
         if results is not None:
             collect(results)
             for e in range(cfg.num_experts):
@@ -290,20 +292,26 @@ def _manifest(plan: _Plan, calib: _Calibration | None, nearest: list[str], mixed
 
 
 # ---- rounding ----------------------------------------------------------------------------------------
-def _round(w: torch.Tensor, enc: quant.Encoding, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant.quantize(w, enc) if h is None else gptq.gptq_quantize(w, h, enc)
+def _round(w: torch.Tensor, enc: quant.Encoding, hinv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.quantize(w, enc) if hinv is None else gptq.gptq_quantize(w, hinv, enc)
 
 
-def _expert_hessians(expert: Expert, layer: int, e: int, plan: _Plan,
-                     routed: calibrate.Routed | None) -> dict[str, torch.Tensor] | None:
-    """GPTQ Hessians of expert e's matrices, or None when it saw fewer calibration tokens than its
-    widest matrix has inputs (H would be singular: GPTQ would fit the rounding to a handful of tokens)."""
+def _expert_factors(expert: Expert, layer: int, e: int, plan: _Plan,
+                    routed: calibrate.Routed | None) -> dict[str, torch.Tensor] | None:
+    """GPTQ's inverse factors (gptq.inverse_factor) of expert e's matrices, or None when it saw fewer
+    calibration tokens than its widest matrix has inputs (H would be singular: GPTQ would fit the
+    rounding to a handful of tokens). Matrices that read one input (gate and up) share one factor."""
     shapes = expert_tensor_shapes(plan.cfg, layer, e)
     if routed is None or len(routed.weight) < max(s[1] for s in shapes.values()):
         return None
     prefix = f"layers.{layer}.moe.experts.{e}."
-    inputs = calibrate.matrix_inputs(expert, routed.x)
-    return {prefix + n: gptq.hessian(x, routed.weight) for n, x in inputs.items()}
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, its factor)
+    out = {}
+    for n, x in calibrate.matrix_inputs(expert, routed.x).items():
+        if id(x) not in factors:
+            factors[id(x)] = (x, gptq.inverse_factor(gptq.hessian(x, routed.weight)))
+        out[prefix + n] = factors[id(x)][1]
+    return out
 
 
 # ---- per-expert tasks (cosmoe_export/executors.py) ---------------------------------------------------
@@ -358,16 +366,16 @@ def _expert_task(job: _Job, layer: int, e: int, level: int, tokens: Tokens | Non
     """Round and write expert (layer, e) at ``level``: (its manifest entry, the shard's bytes unless
     it was written into ``job.out``, whether GPTQ had to round it to nearest)."""
     w = _worker(job)
-    hessians = None
+    factors = None
     if job.config.rounding == "gptq":
-        hessians = _expert_hessians(w.slots.load(layer, e).module, layer, e, w.plan, _routed(tokens))
+        factors = _expert_factors(w.slots.load(layer, e).module, layer, e, w.plan, _routed(tokens))
     if job.out is not None:
-        return _write_expert(Path(job.out), w.plan, layer, e, level, hessians or {}), None, hessians is None \
+        return _write_expert(Path(job.out), w.plan, layer, e, level, factors or {}), None, factors is None \
             and job.config.rounding == "gptq"
     with tempfile.TemporaryDirectory(prefix="cosmoe-quantize-") as tmp:
-        entry = _write_expert(Path(tmp), w.plan, layer, e, level, hessians or {})
+        entry = _write_expert(Path(tmp), w.plan, layer, e, level, factors or {})
         data = (Path(tmp) / entry["path"]).read_bytes()
-    return entry, data, hessians is None and job.config.rounding == "gptq"
+    return entry, data, factors is None and job.config.rounding == "gptq"
 
 
 @torch.inference_mode()
@@ -379,14 +387,14 @@ def _error_task(job: _Job, layer: int, e: int, tokens: Tokens) -> list[float]:
     assert routed is not None
     expert = w.slots.load(layer, e).module
     prefix = f"layers.{layer}.moe.experts.{e}."
-    hessians = (_expert_hessians(expert, layer, e, plan, routed) or {}) if plan.config.rounding == "gptq" else {}
+    factors = (_expert_factors(expert, layer, e, plan, routed) or {}) if plan.config.rounding == "gptq" else {}
     params = dict(expert.named_parameters())
     errors = []
     for level in plan.levels:
         rounded = {}
         for n, p in params.items():
             enc = level.encoding(tuple(p.shape), plan.float_name)
-            rounded[n] = quant.dequantize(*_round(p, enc, hessians.get(prefix + n)), enc, p.shape[1])
+            rounded[n] = quant.dequantize(*_round(p, enc, factors.get(prefix + n)), enc, p.shape[1])
         errors.append(calibrate.output_error(expert, rounded, routed))
     return errors
 
@@ -400,11 +408,11 @@ def _specs(encodings: dict[str, quant.Encoding], shapes: dict[str, tuple[int, ..
     return specs
 
 
-def _write_expert(root: Path, plan: _Plan, layer: int, e: int, level: int, hessians: dict[str, torch.Tensor]) -> dict:
+def _write_expert(root: Path, plan: _Plan, layer: int, e: int, level: int, factors: dict[str, torch.Tensor]) -> dict:
     encodings = plan.expert_encodings(layer, e, level)
     entry = plan.src.experts[(layer, e)]
     source = _read_source(plan, entry, encodings)
-    rounded = {n: _round(w, encodings[n], hessians.get(n)) for n, w in source.items() if encodings[n].quantized}
+    rounded = {n: _round(w, encodings[n], factors.get(n)) for n, w in source.items() if encodings[n].quantized}
     written = _write_file(root, entry.path, plan, encodings, source, rounded)
     return {**written, "role": "expert", "layer": layer, "expert": e, "tensors": _tensors_json(encodings)}
 
@@ -488,8 +496,8 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
             continue
         row = cfg.moe_layers.index(lc.layer)
         selections[row] = lc.selections
-        scored = sorted(lc.routed)  # experts never selected keep error 0
-        for e, errors in zip(scored, ex.map(_error_task, [(job, lc.layer, e, _tokens(lc.routed[e])) for e in scored]),
+        scored = lc.routed_experts  # experts never selected keep error 0
+        for e, errors in zip(scored, ex.map(_error_task, ((job, lc.layer, e, _tokens(lc.routed(e))) for e in scored)),
                              strict=True):
             for q, err in enumerate(errors):
                 error[row, e, q] = err / max(lc.out_energy, 1e-300)

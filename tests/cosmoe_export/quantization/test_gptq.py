@@ -17,7 +17,7 @@ def test_identity_hessian_is_round_to_nearest_bit_for_bit(scheme, group, shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
     enc = quant.choose_encoding(scheme, shape, group, "float32")
     want_codes, want_scales = quant.quantize(w, enc)
-    codes, scales = gptq.gptq_quantize(w, torch.eye(shape[1], dtype=torch.float64), enc)
+    codes, scales = gptq.gptq_quantize(w, gptq.inverse_factor(torch.eye(shape[1], dtype=torch.float64)), enc)
     assert torch.equal(scales, want_scales)
     assert torch.equal(codes, want_codes)
 
@@ -30,6 +30,21 @@ def test_correlated_inputs_move_codes_and_lower_the_output_error():
     x = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(512, 64, generator=g)
     enc = quant.choose_encoding("int4", (16, 64), 32, "float32")
     rtn = quant.dequantize(*quant.quantize(w, enc), enc, 64)
-    opt = quant.dequantize(*gptq.gptq_quantize(w, gptq.hessian(x), enc), enc, 64)
+    opt = quant.dequantize(*gptq.gptq_quantize(w, gptq.inverse_factor(gptq.hessian(x)), enc), enc, 64)
     assert not torch.equal(rtn, opt)
     assert (x @ (opt - w).t()).pow(2).sum() < 0.8 * (x @ (rtn - w).t()).pow(2).sum()
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 32)])
+def test_rows_rounded_in_pieces_give_the_bytes_of_rounding_them_at_once(monkeypatch, scheme, group):
+    """gptq_quantize rounds ROWS rows at a time (an output head's float64 copy would not fit): rows
+    never interact, so the pieces must give exactly the codes and scales of one pass over all rows."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 64, generator=g)
+    x = torch.randn(256, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(256, 64, generator=g)
+    enc = quant.choose_encoding(scheme, (40, 64), group, "float32")
+    hinv = gptq.inverse_factor(gptq.hessian(x))
+    whole = gptq.gptq_quantize(w, hinv, enc)
+    monkeypatch.setattr(gptq, "ROWS", 16)  # 16 + 16 + 8
+    pieces = gptq.gptq_quantize(w, hinv, enc)
+    assert torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])

@@ -25,7 +25,8 @@ backends' kernels are the device's and are measured as they are).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,25 +107,41 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
     prompts = _prompts(bundle, new_tokens)
     results = []
     names = _backends(bundle, backend)
-    windows_n = 0 if text_ids is None else len(batches(text_ids, bundle.config.vocab_size))
+    chunks = [] if text_ids is None else batches(text_ids, bundle.config.vocab_size)  # [b, T] each
     math_model = (TorchRuntime(bundle, stream_experts=streamed).logits
                   if precision != "float" else None)  # quantized bundles need a text
-    bar = tqdm(total=(len(names) + (math_model is not None)) * (len(prompts) + windows_n) + len(prompts),
-               desc="verify", unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
-    bar.set_postfix_str("reference")
-    wanted = _reference_outputs(ref, prompts, new_tokens, bar.update)  # once for every backend
-    bundle_math = None
-    if math_model is not None:
-        bar.set_postfix_str("bundle math")
-        bundle_math = _text_metrics(ref, math_model, text_ids, bundle.config.vocab_size, step=bar.update)[0]
-    for name in names:
-        bar.set_postfix_str(name)
+
+    def runner(name: str) -> Runner | NativeRunner:
         budgeted = name not in RESIDENT_ONLY  # llama.cpp: every expert mapped, measured so
-        with open_runner(bundle, backend=name, budget_bytes=budget if budgeted else None,
-                         experts_per_layer=experts_per_layer if budgeted else None,
-                         policy=policy, torch_activations=torch_activations) as runner:
-            results.append(_measure(name, runner, bundle, ref, prompts, wanted, new_tokens, text_ids, precision,
-                                    math_model, bar.update))
+        return open_runner(bundle, backend=name, budget_bytes=budget if budgeted else None,
+                           experts_per_layer=experts_per_layer if budgeted else None,
+                           policy=policy, torch_activations=torch_activations)
+
+    steps = new_tokens + len(chunks) * (1 + (math_model is not None)) + len(names) * (len(prompts) + len(chunks))
+    bar = tqdm(total=steps,
+               desc="verify", unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
+    # The reference and the bundle's math run once for every backend: their text log-probabilities
+    # wait on disk (a streamed reference's forward reads the whole checkpoint; their [b, T, V] arrays
+    # are large at real vocabularies).
+    with tempfile.TemporaryDirectory(prefix="cosmoe-verify-") as scratch:
+        bar.set_postfix_str("reference")
+        forwards = bar.n
+        with runner(names[0]) as drafter:  # its greedy continuations as drafts: fewer reference forwards
+            wanted = _reference_outputs(ref, prompts, new_tokens, lambda ids, n: drafter.generate(ids, n).tokens,
+                                        bar.update)
+        bar.update(max(0, new_tokens - (bar.n - forwards)))
+        lp_ref = LogProbs(ref, chunks, Path(scratch) / "reference", bar.update)
+        del ref  # the embedding and head stay resident in a streamed model: not needed by the backends
+        lp_math, bundle_math = None, None
+        if math_model is not None:
+            bar.set_postfix_str("bundle math")
+            lp_math = LogProbs(math_model, chunks, Path(scratch) / "bundle-math", bar.update)
+            bundle_math = _text_metrics(chunks, lp_ref, lp_math)[0]
+        for name in names:
+            bar.set_postfix_str(name)
+            with runner(name) as run:
+                results.append(_measure(name, run, bundle, prompts, wanted, new_tokens, chunks, lp_ref, precision,
+                                        lp_math, bar.update))
     bar.close()
     report = {
         "bundle": str(bundle_path),
@@ -154,24 +171,54 @@ def _backends(bundle: Bundle, backend: str | Sequence[str]) -> list[str]:
     return names
 
 
+# Draft: a backend's greedy continuation of a prefix, ``n`` tokens long.
+Draft = Callable[[list[int], int], list[int]]
+
+
 def _reference_outputs(ref: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
-                       step: Callable[[], Any]) -> list[tuple[torch.Tensor, list[int]]]:
-    """For each prompt: the reference's logits [1, T, V] and its greedy tokens."""
-    out = []
+                       draft: Draft | None = None,
+                       step: Callable[[], Any] = lambda: None) -> list[tuple[torch.Tensor, list[int]]]:
+    """For each prompt: the reference's logits [1, T, V] over it and its greedy tokens, by full
+    recomputation (no cache, so independent of any runtime's KV cache).
+
+    A streamed reference reads the whole checkpoint in every forward, so forwards are what to save.
+    All prompts go through each forward together, right-padded (causal: padding changes no earlier
+    position). With ``draft``, each forward also checks a draft continuation of every prefix at once,
+    speculative decoding's way: where the draft agrees with the reference's argmax so far, the
+    reference's next token at that position is its free-running one, so a forward accepts the
+    agreeing run plus the reference's own next token. The tokens are the reference's free-running
+    greedy tokens whatever the drafts say; the drafts decide only how many forwards it takes (one
+    per token without them, one in all for a draft that never disagrees)."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logits: list[torch.Tensor | None] = [None] * len(prompts)
     with torch.inference_mode():
-        for ids in prompts:
+        while True:
+            todo = [i for i, t in enumerate(tokens) if len(t) < new_tokens or logits[i] is None]
+            if not todo:
+                return [(lg, t) for lg, t in zip(logits, tokens, strict=True)]
             step()
-            out.append((_logits(ref, torch.tensor([ids])), _reference_greedy(ref, ids, new_tokens)))
-    return out
+            drafts = {i: draft(prompts[i] + tokens[i], new_tokens - len(tokens[i]))
+                      if draft is not None and len(tokens[i]) < new_tokens else [] for i in todo}
+            seqs = [prompts[i] + tokens[i] + drafts[i] for i in todo]
+            width = max(map(len, seqs))
+            batch = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [b, T]
+            out = _logits(ref, batch)  # [b, T, V]
+            for row, i in enumerate(todo):
+                start = len(prompts[i])
+                if logits[i] is None:
+                    logits[i] = out[row:row + 1, :start].clone()  # [1, T, V]
+                picks = out[row, start + len(tokens[i]) - 1:len(seqs[row])].argmax(-1).tolist()
+                # picks holds one more than the draft: the reference's token after the whole draft.
+                agree = next((k for k, d in enumerate(drafts[i]) if d != picks[k]), len(drafts[i]))
+                tokens[i] += picks[:agree + 1][:new_tokens - len(tokens[i])]
 
 
-def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: torch.nn.Module,
-             prompts: list[list[int]], wanted: list[tuple[torch.Tensor, list[int]]], new_tokens: int,
-             text_ids: torch.Tensor | None, precision: str,
-             math_model: Callable[[torch.Tensor], torch.Tensor] | None,
+def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, prompts: list[list[int]],
+             wanted: list[tuple[torch.Tensor, list[int]]], new_tokens: int, chunks: list[torch.Tensor],
+             lp_ref: LogProbs, precision: str, lp_math: LogProbs | None,
              step: Callable[[], Any] = lambda: None) -> dict[str, Any]:
-    """One backend's row of the report: parity on the prompts (and the text, also against the bundle's
-    math ``math_model`` when given), its loads."""
+    """One backend's row of the report: parity on the prompts (and the text's ``chunks``, against the
+    reference's log-probabilities and the bundle's math's when given), its loads."""
     max_err, agree, positions, greedy_equal = 0.0, 0, 0, 0
     with torch.inference_mode():
         for ids, (want, ref_tokens) in zip(prompts, wanted, strict=True):
@@ -192,9 +239,9 @@ def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, ref: 
         "top1_agreement": agree / positions,
         "greedy_match": greedy_equal / (new_tokens * len(prompts)),
     }
-    if text_ids is not None:
+    if chunks:
         # Over the text, top-1 agreement counts many more positions than the prompts: it replaces theirs.
-        quality, vs_bundle = _text_metrics(ref, runtime.logits, text_ids, bundle.config.vocab_size, math_model, step)
+        quality, vs_bundle = _text_metrics(chunks, lp_ref, _log_probs(runtime.logits, chunks, step), lp_math)
         result.update(quality)
         if vs_bundle is not None:
             result["vs_bundle"] = {k: vs_bundle[k] for k in VS_BUNDLE}
@@ -211,19 +258,42 @@ def _logits(model: Callable[[torch.Tensor], Any], ids: torch.Tensor) -> torch.Te
 VS_BUNDLE = ("top1_agreement", "kl_mean", "kl_p99", "kl_max", "ppl_increase")
 
 
-def _text_metrics(ref: Callable[[torch.Tensor], Any], model: Callable[[torch.Tensor], Any], ids: torch.Tensor,
-                  vocab: int, math_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  step: Callable[[], Any] = lambda: None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """ids [B, T] windows -> (``model`` against ``ref``, ``model`` against ``math_model`` or None):
-    cosmoe_export/release/quality.py's statistics."""
-    quality, vs_math = TextQuality(), TextQuality() if math_model is not None else None
+class LogProbs:
+    """A model's log-probabilities [b, T, V] at every position of the text's batches, computed once
+    and written to ``directory``; iterating reads them back mapped, a batch at a time."""
+
+    def __init__(self, model: Callable[[torch.Tensor], Any], chunks: list[torch.Tensor], directory: Path,
+                 step: Callable[[], Any] = lambda: None) -> None:
+        directory.mkdir()
+        self.paths = []
+        for i, lp in enumerate(_log_probs(model, chunks, step)):
+            self.paths.append(directory / f"{i}.pt")
+            torch.save(lp, self.paths[-1])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for path in self.paths:
+            yield torch.load(path, mmap=True)
+
+
+def _log_probs(model: Callable[[torch.Tensor], Any], chunks: list[torch.Tensor],
+               step: Callable[[], Any] = lambda: None) -> Iterator[torch.Tensor]:
     with torch.inference_mode():
-        for chunk in batches(ids, vocab):
+        for chunk in chunks:
             step()
-            lp = F.log_softmax(_logits(model, chunk), -1)  # [b, T, V]
-            quality.add(F.log_softmax(_logits(ref, chunk), -1), lp, chunk)
-            if vs_math is not None:
-                vs_math.add(F.log_softmax(_logits(math_model, chunk), -1), lp, chunk)
+            yield F.log_softmax(_logits(model, chunk), -1)  # [b, T, V]
+
+
+def _text_metrics(chunks: list[torch.Tensor], lp_ref: Iterable[torch.Tensor], lp: Iterable[torch.Tensor],
+                  lp_math: Iterable[torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The text's batches ``chunks`` [b, T] with the log-probabilities [b, T, V] of the reference, the
+    model under test and the bundle's math (or None) at each -> (the model against the reference,
+    against the bundle's math or None): cosmoe_export/release/quality.py's statistics."""
+    quality, vs_math = TextQuality(), TextQuality() if lp_math is not None else None
+    maths = iter(lp_math) if lp_math is not None else None
+    for chunk, ref, got in zip(chunks, lp_ref, lp, strict=True):
+        quality.add(ref, got, chunk)
+        if vs_math is not None:
+            vs_math.add(next(maths), got, chunk)
     return quality.summary(), None if vs_math is None else vs_math.summary()
 
 
@@ -242,16 +312,6 @@ def _reference_model(source: Source, dtype: torch.dtype, streamed: bool) -> tupl
                     p.copy_(rounded(p, dtype))
         return model.eval(), "transformers"
     return source_model(source, dtype, streamed), "cosmoe-streamed" if streamed else "cosmoe"
-
-
-def _reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding by full recomputation (no cache): independent of the runtime's KV cache."""
-    seq = list(ids)
-    for _ in range(new_tokens):
-        out = model(torch.tensor([seq]))
-        logits = out.logits if hasattr(out, "logits") else out
-        seq.append(int(logits[0, -1].argmax()))
-    return seq[len(ids):]
 
 
 def _prompts(bundle: Bundle, new_tokens: int) -> list[list[int]]:

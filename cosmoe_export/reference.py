@@ -3,10 +3,10 @@ the memory of one layer when the model is larger than what this process may hold
 
 ``TorchRuntime`` runs the runtime's PyTorch engine (runtime_py/torch_engine.py) with quantized
 tensors dequantized (no integer kernels: the exact values the bundle stores) and experts loaded on
-first use and kept, with no budget; ``stream_experts=True`` drops each layer's experts when the
-layer has run, so a forward without a cache holds one layer's experts at a time. The stages that
-walk the model layer by layer (calibration and quantize) decide themselves when to drop experts
-(``store.evict``). Budgeted generation, as a device runs it, is runtime_py.runner instead.
+first use and kept, with no budget; ``stream_experts=True`` drops each expert when the next one is
+asked for and the last when its layer has run, so a forward holds one expert at a time (a forward
+without a cache loads each selected expert once per batch either way). Budgeted generation, as a
+device runs it, is runtime_py.runner instead.
 
 ``source_model`` is the canonical model (runtime_py.model) of a source checkpoint, the float
 reference of verify and analyze: whole when it fits in memory, else with each decoder layer's
@@ -69,6 +69,7 @@ class TorchRuntime:
         self.engine = TorchEngine(bundle, dispatch=self._dispatch, dtype=dtype)
         self.bundle, self.config, self.dtype, self.model = bundle, bundle.config, dtype, self.engine.model
         self.store = KeepAll(self.engine.experts)
+        self.stream_experts = stream_experts
         if stream_experts:
             give_back_large_frees()
             for i, layer in enumerate(self.model.layers):
@@ -82,7 +83,14 @@ class TorchRuntime:
 
     def _dispatch(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> y [N, D], every selected expert from the store."""
-        return dispatch_experts(partial(self.store.get, layer), x, weights, idx)
+        return dispatch_experts(partial(self._expert, layer), x, weights, idx)
+
+    def _expert(self, layer: int, e: int) -> Expert:
+        if self.stream_experts:
+            # dispatch_experts runs one expert at a time, each once for all its tokens: the one
+            # asked for before is done, so a streamed layer holds one expert, not all it routes to.
+            self.evict_layer(layer)
+        return self.store.get(layer, e)
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,9 @@ def walk(runtime: TorchRuntime, batches: Sequence[torch.Tensor], matrices: set[s
     """Yield one LayerCalibration per decoder layer, then (if ``lm_head.weight`` is in ``matrices``)
     a last one with ``layer = num_hidden_layers`` holding only the head's Hessian.
 
-    ``matrices``: canonical names of the backbone matrices whose Hessians to collect. The caller may
-    evict the layer's experts from ``runtime.store`` once it has used them."""
+    ``matrices``: canonical names of the backbone matrices whose Hessians to collect. A runtime with
+    ``stream_experts`` holds one expert at a time (each loaded once per batch), one without keeps
+    every expert it has run."""
     model, cfg = runtime.model, runtime.config
     with one_thread():
         hidden = [model.embed(ids) for ids in batches]  # [b, T, D] each

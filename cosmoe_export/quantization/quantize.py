@@ -211,7 +211,9 @@ def _open_calibration(src: Bundle, config: QuantConfig) -> _Calibration | None:
     windows = text.windows(ids, src.config.max_position_embeddings)  # [B, T]
     record = {"file": Path(c.text).name, "sha256": hashlib.sha256(Path(c.text).read_bytes()).hexdigest(),
               "tokens": int(windows.numel()), "windows": int(windows.shape[0])}
-    return _Calibration(TorchRuntime(src), text.batches(windows, src.config.vocab_size), record)
+    # One expert in memory at a time: the tasks load their own (a worker's copy), so the walk needs
+    # each only while its tokens pass through it.
+    return _Calibration(TorchRuntime(src, stream_experts=True), text.batches(windows, src.config.vocab_size), record)
 
 
 def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone_src: dict[str, torch.Tensor],
@@ -257,8 +259,6 @@ def _write_experts(root: Path, plan: _Plan, calib: _Calibration | None, backbone
             rounded[name] = gptq.gptq_quantize(backbone_src[name], gptq.inverse_factor(h), plan.backbone[name])
         if results is not None:
             collect(results)
-            for e in range(cfg.num_experts):
-                calib.runtime.store.evict(lc.layer, e)  # one layer of experts in memory
     bar.close()
     return entries, rounded, nearest
 
@@ -490,8 +490,7 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
     # Rows: the MoE layers (cfg.moe_layers), in order.
     selections = np.zeros((len(cfg.moe_layers), cfg.num_experts), dtype=np.int64)
     error = np.zeros((len(cfg.moe_layers), cfg.num_experts, len(levels)))
-    runtime = calib.runtime
-    for lc in calibrate.walk(runtime, calib.batches, set()):
+    for lc in calibrate.walk(calib.runtime, calib.batches, set()):
         if lc.layer not in cfg.moe_layers:  # a dense layer, or the head
             continue
         row = cfg.moe_layers.index(lc.layer)
@@ -501,8 +500,6 @@ def _decide(plan: _Plan, calib: _Calibration, fixed_bytes: int, target_bytes: in
                              strict=True):
             for q, err in enumerate(errors):
                 error[row, e, q] = err / max(lc.out_energy, 1e-300)
-        for e in range(cfg.num_experts):
-            runtime.store.evict(lc.layer, e)
     cost = np.tile(np.array(level_bytes, dtype=np.int64), (n_experts, 1))  # [L*E, Q]
     plan.choice = mixed_precision.allocate(error.reshape(n_experts, -1), cost, target_bytes - fixed_bytes)
     return mixed_precision.record(layers=cfg.moe_layers, levels=levels, level_bytes=level_bytes,

@@ -56,6 +56,11 @@ PROMPTS = [
 # Every backend runs through runtime_py.runner.open_runner (program backends and native need
 # `cosmoe-export lower` first, native also its C++ runner).
 BACKENDS = (*RUNTIME_BACKENDS, "all")
+# The backend whose greedy continuations the reference checks (_reference_outputs): the first of
+# these that verify runs. Fastest first (docs/BENCHMARKS.md); the PyTorch backend's exact kernels
+# (torch_activations fp32) dequantize every weight in every call: at OLMoE-1B-7B's widths, 82 % of
+# its decode time in a profile.
+DRAFT_ORDER = ("native", "executorch", "llamacpp", "torch", "onnxruntime")
 
 
 def verify(*, bundle_path: Path, reference: str, gates: dict[str, float | None] | None = None,
@@ -108,8 +113,7 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
     results = []
     names = _backends(bundle, backend)
     chunks = [] if text_ids is None else batches(text_ids, bundle.config.vocab_size)  # [b, T] each
-    math_model = (TorchRuntime(bundle, stream_experts=streamed).logits
-                  if precision != "float" else None)  # quantized bundles need a text
+    with_math = precision != "float"  # the bundle's own math: quantized bundles (they need a text)
 
     def runner(name: str) -> Runner | NativeRunner:
         budgeted = name not in RESIDENT_ONLY  # llama.cpp: every expert mapped, measured so
@@ -117,25 +121,26 @@ def measure(*, bundle_path: Path, reference: str, backend: str | Sequence[str] =
                            experts_per_layer=experts_per_layer if budgeted else None,
                            policy=policy, torch_activations=torch_activations)
 
-    steps = new_tokens + len(chunks) * (1 + (math_model is not None)) + len(names) * (len(prompts) + len(chunks))
+    steps = new_tokens + len(chunks) * (1 + with_math) + len(names) * (len(prompts) + len(chunks))
     bar = tqdm(total=steps,
                desc="verify", unit="step", disable=not progress or None)  # None: off when stderr is not a terminal
-    # The reference and the bundle's math run once for every backend: their text log-probabilities
-    # wait on disk (a streamed reference's forward reads the whole checkpoint; their [b, T, V] arrays
-    # are large at real vocabularies).
+    # The reference and the bundle's math run once for every backend, one after the other (each
+    # holds a float backbone) and before any backend: their text log-probabilities wait on disk (a
+    # streamed reference's forward reads the whole checkpoint; [b, T, V] is large at real vocabularies).
     with tempfile.TemporaryDirectory(prefix="cosmoe-verify-") as scratch:
         bar.set_postfix_str("reference")
         forwards = bar.n
-        with runner(names[0]) as drafter:  # its greedy continuations as drafts: fewer reference forwards
+        with runner(min(names, key=DRAFT_ORDER.index)) as drafter:  # drafts: fewer reference forwards
             wanted = _reference_outputs(ref, prompts, new_tokens, lambda ids, n: drafter.generate(ids, n).tokens,
                                         bar.update)
         bar.update(max(0, new_tokens - (bar.n - forwards)))
         lp_ref = LogProbs(ref, chunks, Path(scratch) / "reference", bar.update)
-        del ref  # the embedding and head stay resident in a streamed model: not needed by the backends
+        del ref  # a streamed model's embedding and head are resident: they go before the next model comes
         lp_math, bundle_math = None, None
-        if math_model is not None:
+        if with_math:
             bar.set_postfix_str("bundle math")
-            lp_math = LogProbs(math_model, chunks, Path(scratch) / "bundle-math", bar.update)
+            lp_math = LogProbs(TorchRuntime(bundle, stream_experts=streamed).logits, chunks,
+                               Path(scratch) / "bundle-math", bar.update)
             bundle_math = _text_metrics(chunks, lp_ref, lp_math)[0]
         for name in names:
             bar.set_postfix_str(name)

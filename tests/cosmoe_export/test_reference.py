@@ -39,18 +39,22 @@ def test_a_streamed_source_model_computes_the_whole_models_logits_one_layer_at_a
                            source_model(source, torch.bfloat16, streamed=True)(ids))
 
 
-def test_a_bundles_math_can_drop_each_layers_experts_once_the_layer_has_run(tmp_path):
+def test_a_streamed_bundles_math_holds_one_expert_at_a_time_and_loads_each_once(tmp_path):
     out = tmp_path / "b"
     _run_cli("-q", "split", "tiny", "-o", str(out))
     bundle = Bundle.open(out)
     keep, stream = TorchRuntime(bundle), TorchRuntime(bundle, stream_experts=True)
-    held = []
+    held, asked = [], []
     for i, layer in enumerate(stream.model.layers):
         layer.register_forward_pre_hook(lambda m, a, i=i: held.append({key[0] for key in stream.store.resident}))
+    get = stream.store.get
+    stream.store.get = lambda layer, e: asked.append(list(stream.store.resident)) or get(layer, e)
     ids = torch.randint(0, bundle.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     assert torch.equal(keep.logits(ids), stream.logits(ids))
     assert all(layers == set() for layers in held)  # no earlier layer's experts when a layer starts
+    assert len(asked) > bundle.config.num_experts and all(r == [] for r in asked)  # none held when one is asked for
     assert stream.store.resident == [] and len(keep.store.resident) > bundle.config.num_experts
+    assert stream.store.loads == keep.store.loads  # a forward uses each selected expert once: no reloads
 
 
 def test_memory_available_sees_a_data_limit():

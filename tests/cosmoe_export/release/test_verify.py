@@ -10,7 +10,8 @@ import torch
 
 from cosmoe_export.importers.sources import open_source
 from cosmoe_export.reference import source_model
-from cosmoe_export.release.verify import _reference_outputs
+from cosmoe_export.release.verify import DRAFT_ORDER, _reference_outputs
+from runtime_py.backends import BACKENDS
 
 
 def _free_running(model, ids: list[int], n: int) -> list[int]:
@@ -44,10 +45,10 @@ def test_reference_greedy_is_the_free_running_greedy_whatever_the_drafts(hf_chec
         "right for 3 tokens, then wrong": lambda prefix, k: perfect(prefix, 3) + [vocab - 1 - t for t in
                                                                                perfect(prefix, k)[3:]],
     }
-    forwards = {}
+    forwards, steps = {}, []
     for name, draft in drafts.items():
         passes.clear()
-        steps = []
+        steps.clear()
         got = _reference_outputs(ref, prompts, n, draft, lambda: steps.append(1))
         assert len(steps) == len(passes), name  # one step per forward
         forwards[name] = len(steps)
@@ -59,3 +60,7 @@ def test_reference_greedy_is_the_free_running_greedy_whatever_the_drafts(hf_chec
     assert forwards["none"] == n and forwards["perfect"] == 1
     assert forwards["right for 3 tokens, then wrong"] == n // 4  # each forward: 3 drafted + 1 of its own
     assert 1 <= forwards["random"] <= n
+
+
+def test_every_backend_can_draft():
+    assert sorted(DRAFT_ORDER) == sorted(BACKENDS)  # a new backend must be ranked

@@ -135,7 +135,8 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
     storage dtype, so that the reference and the bundle start from the same numbers). ``streamed``:
     None decides by ``fits_in_memory``. A streamed model holds the embedding, the final norm and
     the head; every forward reads each decoder layer's tensors from the checkpoint when the layer
-    starts and drops them when it ends, so one forward of a batch is one pass over the checkpoint."""
+    starts and drops them when it ends (a routed expert's when the MoE asks for it, dropped when it
+    asks for the next), so one forward of a batch is one pass over the checkpoint."""
     def read(name: str) -> torch.Tensor:
         # A copy, and the file's map dropped at once: a tensor viewing a mapped shard would keep the
         # whole shard mapped (and charged to a data limit) for as long as the tensor lives.
@@ -154,27 +155,60 @@ def source_model(source: Source, dtype: torch.dtype = torch.float32,
         return model.eval()
     give_back_large_frees()
     local: list[dict[str, str]] = [{} for _ in model.layers]  # per layer: name in the layer -> in the checkpoint
+    experts: list[dict[int, dict[str, str]]] = [{} for _ in model.layers]  # per layer, per expert: likewise
     resident = {}
     for name in source.plan:
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
-            local[int(i)][rest] = name
+            if rest.startswith(EXPERTS):
+                e, inner = rest.removeprefix(EXPERTS).split(".", 1)
+                experts[int(i)].setdefault(int(e), {})[inner] = name
+            else:
+                local[int(i)][rest] = name
         else:
             resident[name] = read(name)
     model.load_state_dict(resident, assign=True, strict=False)
-    for layer, names in zip(model.layers, local, strict=True):
+    for layer, names, by_expert in zip(model.layers, local, experts, strict=True):
         layer.register_forward_pre_hook(lambda module, args, names=names: _fill(
             module, {k: read(n) for k, n in names.items()}))
         layer.register_forward_hook(lambda module, args, out, names=list(names): _empty(module, names))
+        if by_expert:
+            moe = layer.routed
+            assert moe is not None
+            moe.expert_lookup = partial(_read_expert, moe, by_expert, read)
+            layer.register_forward_hook(lambda module, args, out, moe=moe: _empty_experts(moe))
     return model.eval()
 
 
-def _fill(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """(A forward pre-hook must return None: anything else would replace the layer's arguments.)"""
-    layer.load_state_dict(tensors, assign=True, strict=True)
+# A routed expert's tensors in a decoder layer: layers.L.moe.experts.E.*
+EXPERTS = "moe.experts."
 
 
-def _empty(layer: torch.nn.Module, names: list[str]) -> None:
-    """Put every weight of the layer back on the meta device: its memory goes with the last reference."""
-    layer.load_state_dict({n: torch.empty(layer.get_parameter(n).shape, device="meta") for n in names},
-                          assign=True, strict=True)
+def _read_expert(moe: torch.nn.Module, names: dict[int, dict[str, str]], read, e: int) -> torch.nn.Module:
+    """Expert e of a streamed layer, read from the checkpoint when the MoE asks for it. dispatch_experts
+    runs one expert at a time, each once for all its tokens, so the one before is done: a streamed
+    layer holds one expert, not the 64 x 3 matrices of an OLMoE layer (1.6 GB in fp32)."""
+    _empty_experts(moe)
+    expert = moe.experts[e]
+    _fill(expert, {k: read(n) for k, n in names[e].items()})
+    return expert
+
+
+def _empty_experts(moe: torch.nn.Module) -> None:
+    for expert in moe.experts:
+        if any(not p.is_meta for p in expert.parameters()):
+            _empty(expert, [n for n, _ in expert.named_parameters()])
+
+
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Every weight of ``module`` from ``tensors`` but a layer's routed experts (read one at a time).
+    (A forward pre-hook must return None: anything else would replace the layer's arguments.)"""
+    missing, unexpected = module.load_state_dict(tensors, assign=True, strict=False)
+    if unexpected or any(not k.startswith(EXPERTS) for k in missing):
+        raise RuntimeError(f"streamed reference: missing {missing}, unexpected {unexpected}")
+
+
+def _empty(module: torch.nn.Module, names: list[str]) -> None:
+    """Put the weights ``names`` of ``module`` back on the meta device: their memory goes with the last reference."""
+    module.load_state_dict({n: torch.empty(module.get_parameter(n).shape, device="meta") for n in names},
+                           assign=True, strict=False)

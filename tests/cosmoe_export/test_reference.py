@@ -3,6 +3,8 @@ does not fit in memory (issue 16), and compute exactly what the whole model comp
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from cosmoe_export.importers.sources import open_source
@@ -25,10 +27,20 @@ def test_a_streamed_source_model_computes_the_whole_models_logits_one_layer_at_a
     seen = []
     for i, layer in enumerate(streamed.layers):  # runs after the hook that fills the layer
         layer.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, _materialized(streamed))))
+    experts_held = []  # experts of the layer in memory once the MoE has the one it asked for
+
+    def counted(e, moe, lookup):
+        expert = lookup(e)
+        experts_held.append(sum(any(not p.is_meta for p in x.parameters()) for x in moe.experts))
+        return expert
+
+    for layer in streamed.layers:
+        layer.routed.expert_lookup = partial(counted, moe=layer.routed, lookup=layer.routed.expert_lookup)
     ids = torch.randint(0, source.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want, got = whole(ids), streamed(ids)
     assert torch.equal(want, got)
+    assert len(experts_held) >= len(streamed.layers) and set(experts_held) == {1}  # the one before is gone
     assert seen == [(i, [i]) for i in range(len(streamed.layers))]  # only the running layer is held
     assert _materialized(streamed) == []  # and none once the forward is done
     with torch.inference_mode():  # a second forward reads the layers again

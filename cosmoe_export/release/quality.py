@@ -30,6 +30,7 @@ import math
 import torch
 
 TIE_MARGIN = 0.01  # p1 - p2 of the reference below this: a near-tie
+SLICE = 512  # positions whose [V] distributions are compared at a time
 DELTA_P_QUANTILES = {"min": 0.0, "p1": 0.01, "p5": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95,
                      "p99": 0.99, "max": 1.0}
 
@@ -38,26 +39,36 @@ class TextQuality:
     """``add`` every chunk's log-probabilities, then ``summary()``."""
 
     def __init__(self) -> None:
-        self._kl: list[torch.Tensor] = []  # [b*T] per chunk, float64
-        self._same: list[torch.Tensor] = []  # [b*T] bool
-        self._tie: list[torch.Tensor] = []  # [b*T] bool
-        self._dp: list[torch.Tensor] = []  # [b*T] float64
-        self._nll_ref: list[torch.Tensor] = []  # [b*(T-1)] float64
+        self._kl: list[torch.Tensor] = []  # [t] per slice of positions, float64
+        self._same: list[torch.Tensor] = []  # [t] bool
+        self._tie: list[torch.Tensor] = []  # [t] bool
+        self._dp: list[torch.Tensor] = []  # [t] float64
+        self._nll_ref: list[torch.Tensor] = []  # [n] next-token NLLs, float64
         self._nll: list[torch.Tensor] = []
 
     def add(self, lp_ref: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> None:
-        """lp_ref, lp [b, T, V] log-probabilities at each position of ids [b, T]."""
-        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)  # [b, T]
-        top = lp_ref.argmax(-1, keepdim=True)  # [b, T, 1]
-        self._kl.append(kl.double().reshape(-1))
-        self._same.append((top[..., 0] == lp.argmax(-1)).reshape(-1))
-        p2 = lp_ref.topk(2, -1).values.exp()  # [b, T, 2]
-        self._tie.append((p2[..., 0] - p2[..., 1] < TIE_MARGIN).reshape(-1))
-        self._dp.append((lp.gather(-1, top).exp() - lp_ref.gather(-1, top).exp()).double().reshape(-1))
-        if ids.shape[1] > 1:
-            target = ids[:, 1:, None]  # [b, T-1, 1]: position t predicts token t+1
-            self._nll_ref.append(-lp_ref[:, :-1].gather(-1, target).double().reshape(-1))
-            self._nll.append(-lp[:, :-1].gather(-1, target).double().reshape(-1))
+        """lp_ref, lp [b, T, V] log-probabilities at each position of ids [b, T]. Taken ``SLICE``
+        positions at a time, in the order of [b, T]: every statistic is per position, and at a 50k
+        vocabulary and 4k context each [b, T, V] temporary would be 0.8 GB."""
+        for row in range(ids.shape[0]):
+            for start in range(0, ids.shape[1], SLICE):
+                end = start + SLICE
+                self._add(lp_ref[row, start:end], lp[row, start:end], ids[row, start:end + 1])
+
+    def _add(self, lp_ref: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> None:
+        """lp_ref, lp [t, V] at t positions; ids [t] or [t + 1]: their tokens and the next one."""
+        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)  # [t]
+        top = lp_ref.argmax(-1, keepdim=True)  # [t, 1]
+        self._kl.append(kl.double())
+        self._same.append(top[:, 0] == lp.argmax(-1))
+        p2 = lp_ref.topk(2, -1).values.exp()  # [t, 2]
+        self._tie.append(p2[:, 0] - p2[:, 1] < TIE_MARGIN)
+        self._dp.append((lp.gather(-1, top).exp() - lp_ref.gather(-1, top).exp()).double()[:, 0])
+        if len(ids) > 1:
+            target = ids[1:, None]  # [n, 1]: position i predicts token i + 1
+            n = len(target)
+            self._nll_ref.append(-lp_ref[:n].gather(-1, target).double()[:, 0])
+            self._nll.append(-lp[:n].gather(-1, target).double()[:, 0])
 
     def summary(self) -> dict[str, float | dict[str, float]]:
         kl, same, dp = torch.cat(self._kl), torch.cat(self._same).double(), torch.cat(self._dp)

@@ -69,3 +69,23 @@ def test_chunks_accumulate_as_one_text():
             assert a[k] == pytest.approx(b[k])
         else:
             assert a[k] == pytest.approx(b[k]), k
+
+
+def test_positions_taken_in_slices_give_the_statistics_of_all_at_once(monkeypatch):
+    """add() compares SLICE positions at a time (bounded temporaries at real vocabularies): the
+    summary must be that of comparing every position at once."""
+    from cosmoe_export.release import quality
+    g = torch.Generator().manual_seed(3)
+    chunks = []
+    for b, t in ((2, 37), (1, 5), (3, 1)):
+        ids = torch.randint(0, 50, (b, t), generator=g)
+        ref = torch.log_softmax(torch.randn(b, t, 50, generator=g) * 3, -1)
+        chunks.append((ref, torch.log_softmax(ref + 0.3 * torch.randn(b, t, 50, generator=g), -1), ids))
+    summaries = []
+    for size in (10_000, 8, 1):
+        monkeypatch.setattr(quality, "SLICE", size)
+        q = quality.TextQuality()
+        for ref, lp, ids in chunks:
+            q.add(ref, lp, ids)
+        summaries.append(q.summary())
+    assert summaries[0] == summaries[1] == summaries[2]

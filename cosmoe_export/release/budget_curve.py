@@ -1,6 +1,7 @@
 """The memory-vs-speed curve of a build (``[budget_curve]`` of a recipe): one bundle decoded at
-backbone + k experts per layer for every k from top-k to all experts, on each backend, so a release
-shows how much memory buys how much speed (plotted by report_plots.budget_curve)."""
+backbone + k experts per layer for k from top-k to all experts (every k, or ``points`` of them
+spaced geometrically), on each backend, so a release shows how much memory buys how much speed
+(plotted by report_plots.budget_curve)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,26 @@ from runtime_py.bundle import Bundle
 from runtime_py.runner import open_runner
 
 
+def budgets(top_k: int, num_experts: int, points: int) -> list[int]:
+    """The experts per layer the curve measures: every k in top_k..num_experts when there are at most
+    ``points`` of them, else ``points`` values spaced geometrically from top_k to num_experts (both
+    ends included; a cache's hit rate grows roughly with log k), fewer where two round alike."""
+    if points < 2:
+        raise ValueError(f"a budget curve needs at least 2 points, got {points}")
+    if num_experts - top_k + 1 <= points:
+        return list(range(top_k, num_experts + 1))
+    ratio = num_experts / top_k
+    return sorted({round(top_k * ratio ** (i / (points - 1))) for i in range(points)})
+
+
 def measure(*, bundle_path: Path, backends: Sequence[str], policy: str, prompt_ids: list[int],
-                 new_tokens: int, repeats: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Decode tokens/s and loads per token at backbone + k experts per layer, k = top-k .. all experts,
-    for each backend: how much memory buys how much speed. Each point is the median of ``repeats``
+            new_tokens: int, repeats: int = 3, points: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Decode tokens/s and loads per token at backbone + k experts per layer, k in ``budgets``, for
+    each backend: how much memory buys how much speed. Each point is the median of ``repeats``
     generations after a warm-up (on a shared 2-core machine one run's speed varies 2-5x)."""
     bundle = Bundle.open(bundle_path)
     cfg = bundle.config
-    ks = list(range(cfg.num_experts_per_tok, cfg.num_experts + 1))
+    ks = budgets(cfg.num_experts_per_tok, cfg.num_experts, points)
     points = []
     bar = tqdm(total=len(ks) * len(backends), desc="budget curve", unit="run", disable=not progress or None)
     for backend in backends:

@@ -251,7 +251,8 @@ class _Build:
 
         def run(out: Path) -> None:
             curve = curves.measure(bundle_path=bundle, backends=backends, policy=policy, prompt_ids=prompt,
-                                   new_tokens=c.new_tokens, repeats=max(1, c.repeats), progress=self.progress)
+                                   new_tokens=c.new_tokens, repeats=max(1, c.repeats), points=c.points,
+                                   progress=self.progress)
             _write_result(out, curve)
         return self.stage("budget_curve", {"bundle": _fingerprint(bundle), "budget_curve": section}, run)
 

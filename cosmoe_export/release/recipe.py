@@ -125,12 +125,16 @@ class AnalyzeSection:
 @dataclass(frozen=True)
 class BudgetCurveSection:
     """Decode speed and loads per token against the memory budget: backbone + k experts per layer
-    for k = top-k .. all experts, each backend, the recipe's policy (lru where it is `resident`)."""
+    for ``points`` values of k from top-k to all experts (budget_curve.budgets), each backend, the
+    recipe's policy (lru where it is `resident`)."""
 
     enabled: bool = True
     prompt_tokens: int = 32
     new_tokens: int = 32
     repeats: int = 3  # generations per point; the median is reported
+    # Budgets measured. 8 is every k of an 8-expert model; OLMoE's 8..64 would be 57 points of a
+    # minute or more each, and a curve of 8 geometrically spaced ones shows the same shape.
+    points: int = 8
     policy: str | None = None
 
 

@@ -739,6 +739,14 @@ class CosmoeForCausalLM(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
                 return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """ids [B, T] -> logits [B, T, V]; with a cache, continues from ``cache.pos``."""
+        x, router_logits = self.hidden(ids, cache)  # [B, T, D]
+        logits = self.head(x)  # [B, T, V]
+        return (logits, router_logits) if return_router_logits else logits
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ids [B, T] -> (the final normed hidden states [B, T, D], each MoE layer's router logits
+        [B, T, E]): the forward without the head, for callers that apply it a few positions at a time
+        (a window's logits are T x V: 0.8 GB in fp32 at 4,096 positions of a 50k vocabulary)."""
         t = ids.shape[1]
         pos = cache.pos if cache is not None else 0
         if cache is not None and pos + t > cache.max_len:
@@ -753,7 +761,9 @@ class CosmoeForCausalLM(nn.Module):
                 router_logits.append(logits)  # [B, T, E]
         if cache is not None:
             cache.pos = pos + t
-        x = self.norm(x)
-        logits = scale_logits(self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight),
-                              self.config)  # [B, T, V]
-        return (logits, router_logits) if return_router_logits else logits
+        return self.norm(x), router_logits
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states [..., D] -> logits [..., V]."""
+        return scale_logits(self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight),
+                            self.config)

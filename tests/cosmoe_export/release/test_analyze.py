@@ -148,3 +148,22 @@ def test_analyze_reports_the_moe_layers_of_a_plan_with_dense_layers(hf_checkpoin
     assert report["exrep"] == report["per_layer"][0]["exrep"]
     with pytest.raises(CosmoeError, match="layer 0 is not an MoE layer of this model"):
         analyze.analyze(path=str(ckpt), text=text, plots=tmp_path / "p2", plot_layer=0)
+
+
+def test_the_head_in_slices_gives_the_perplexity_of_whole_logits(tiny_bles, monkeypatch):
+    """run_routing applies the output head HEAD_ROWS positions at a time (a batch's logits at a 50k
+    vocabulary are GBs); the NLL is the cross entropy of the whole forward's logits, and hidden + head
+    is the forward."""
+    import torch
+    import torch.nn.functional as F
+    ckpt, _ = tiny_bles
+    model = analyze.load(str(ckpt)).model
+    ids = torch.randint(0, model.config.vocab_size, (3, 37), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(ids)  # [3, 37, V]
+        assert torch.equal(model.head(model.hidden(ids)[0]), logits)
+    whole = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
+    monkeypatch.setattr(analyze, "HEAD_ROWS", 5)  # 108 positions: 21 slices of 5 and one of 3
+    sels, nll = analyze.run_routing(model, ids)
+    assert nll == pytest.approx(whole, rel=1e-6)
+    assert all(s.shape == (3, 37, model.config.num_experts_per_tok) for s in sels.values())

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from runtime_py.backends import require_backend, require_native_binary
@@ -95,18 +94,19 @@ class NativeRunner:
         """ids [B, T] -> logits [B, T, V] (fp32), for parity checks: one scoring run per row."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], not {list(ids.shape)}")
+        b, t = ids.shape
         v = self.config.vocab_size
-        rows = []
+        out = torch.empty(b, t, v)  # each row read straight into it: no second copy of B x T x V
         with tempfile.TemporaryDirectory(prefix="cosmoe-run-") as tmp:
             path = Path(tmp) / "logits.f32"
-            for row in ids.tolist():
+            for r, row in enumerate(ids.tolist()):
                 self._run(Path(tmp), row, ["--score", str(path)])
-                values = np.fromfile(path, dtype="<f4")
-                if values.size != len(row) * v:
-                    raise RuntimeError(f"{self.binary}: --score wrote {values.size} values for {len(row)} tokens "
-                                       f"x {v} vocabulary")
-                rows.append(torch.from_numpy(values.reshape(len(row), v)))  # [T, V]
-        return torch.stack(rows)  # [B, T, V]
+                if path.stat().st_size != t * v * 4:
+                    raise RuntimeError(f"{self.binary}: --score wrote {path.stat().st_size // 4} values for {t} "
+                                       f"tokens x {v} vocabulary")
+                with path.open("rb") as f:
+                    f.readinto(out[r].numpy())  # fp32 in the host's byte order, as --score fwrites them
+        return out  # [B, T, V]
 
     def close(self) -> None:
         """Nothing stays open between calls: every call is its own process."""

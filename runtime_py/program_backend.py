@@ -205,13 +205,15 @@ class ProgramEngine:
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, V], in chunks, one sequence at a time."""
-        rows = []
-        for row in ids.tolist():
-            cache = self.new_cache(len(row))
-            rows.append(torch.cat([self._chunk(row[i:i + self.chunk], i, cache)
-                                   for i in range(0, len(row), self.chunk)]))
-        return torch.stack(rows)
+        """ids [B, T] -> logits [B, T, V], in chunks, one sequence at a time, each chunk's written into
+        the result (B x T x V is 0.8 GB at 4,096 positions of a 50k vocabulary: no second copy)."""
+        b, t = ids.shape
+        out = torch.empty(b, t, self.config.vocab_size)
+        for r, row in enumerate(ids.tolist()):
+            cache = self.new_cache(t)
+            for i in range(0, t, self.chunk):
+                out[r, i:i + self.chunk] = self._chunk(row[i:i + self.chunk], i, cache)
+        return out
 
     def close(self) -> None:
         self._backbone.clear()

@@ -39,6 +39,22 @@ def test_int4_odd_k_pads_the_last_high_nibble_with_code_zero():
     assert torch.equal(Q.SCHEMES["int4"].unpack(packed, 3), codes)
 
 
+@pytest.mark.parametrize("n,k,g", [(16, 64, 32), (16, 432, 32), (7, 33, 32), (5, 31, 32), (4, 3, 32),
+                                   (16, 100, 64), (64, 2048, 128)])
+def test_int4_dequantize_by_table_equals_code_times_scale(n, k, g):
+    """dequantize decodes int4 bytes through a 256-entry table; the weights are bit for bit those of
+    the int8 codes times the bf16 scales (odd K, a short last group, K < G)."""
+    gen = torch.Generator().manual_seed(n * k)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    scale = torch.randn(n, -(-k // g), generator=gen).to(torch.bfloat16)
+    enc = Q.Encoding("int4", 4, g, "bf16")
+    want = codes.float().view(n, k) * scale.float().repeat_interleave(g, 1)[:, :k]
+    got = Q.dequantize(Q._pack_int4(codes), scale, enc, k)
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert torch.equal(got, Q.dequantize_codes(codes, scale, enc))
+    assert torch.equal(Q.dequantize(Q._pack_int4(codes), scale, enc, k, torch.bfloat16), want.bfloat16())
+
+
 def test_int4_quantize_extremes_and_golden_bytes():
     # amax 7.5 -> scale 7.5 / 7.5 = 1.0 exactly: -7.5 -> -8 (round half to even), 7 -> 7, +7.5 -> 8 -> 7
     w = torch.zeros(2, 32)

@@ -113,19 +113,20 @@ class LlamaCppRunner:
         logits, sized to the rows (one for the decode loop would hold n_ctx x V floats)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], not {list(ids.shape)}")
-        t = ids.shape[1]
+        b, t = ids.shape
+        v = self.config.vocab_size
         llm = self._open(max(t, 8), logits_all=True)
+        out = torch.empty(b, t, v)  # each row copied straight from llama.cpp's scores
         try:
-            rows = []
-            for row in ids.tolist():
-                if any(not 0 <= tok < self.config.vocab_size for tok in row):
-                    raise ConfigError(f"{self.bundle.root}: token ids must be in [0, {self.config.vocab_size})")
+            for r, row in enumerate(ids.tolist()):
+                if any(not 0 <= tok < v for tok in row):
+                    raise ConfigError(f"{self.bundle.root}: token ids must be in [0, {v})")
                 llm.reset()
                 llm.eval(row)
-                rows.append(torch.from_numpy(np.array(llm.scores[:t, :self.config.vocab_size])))  # [T, V]
+                out[r] = torch.from_numpy(np.ascontiguousarray(llm.scores[:t, :v], dtype=np.float32))  # [T, V]
         finally:
             llm.close()
-        return torch.stack(rows)  # [B, T, V]
+        return out  # [B, T, V]
 
     def close(self) -> None:
         self._llm.close()

@@ -255,8 +255,10 @@ def _measure(backend: str, runtime: Runner | NativeRunner, bundle: Bundle, promp
 
 
 def _logits(model: Callable[[torch.Tensor], Any], ids: torch.Tensor) -> torch.Tensor:
+    """ids [b, T] -> fp32 logits [b, T, V], a tensor the caller may overwrite (a fresh one from every
+    model and runtime here)."""
     out = model(ids)
-    return (out.logits if hasattr(out, "logits") else out).float()
+    return (out.logits if hasattr(out, "logits") else out).float().contiguous()
 
 
 # What a backend's kernels add to the bundle's math, in its result's ``vs_bundle``.
@@ -285,7 +287,17 @@ def _log_probs(model: Callable[[torch.Tensor], Any], chunks: list[torch.Tensor],
     with torch.inference_mode():
         for chunk in chunks:
             step()
-            yield F.log_softmax(_logits(model, chunk), -1)  # [b, T, V]
+            yield log_softmax_(_logits(model, chunk))  # [b, T, V]
+
+
+def log_softmax_(logits: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """log_softmax over the last dim written over ``logits`` itself, ``rows`` positions at a time: a
+    window's [T, V] is 0.8 GB at 4,096 positions of a 50k vocabulary, and a second one is not needed.
+    Each row's values are those of F.log_softmax (rows are independent)."""
+    flat = logits.view(-1, logits.shape[-1])  # [b*T, V]
+    for part in flat.split(rows):
+        part.copy_(F.log_softmax(part, -1))
+    return logits
 
 
 def _text_metrics(chunks: list[torch.Tensor], lp_ref: Iterable[torch.Tensor], lp: Iterable[torch.Tensor],

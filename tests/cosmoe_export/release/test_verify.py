@@ -10,7 +10,7 @@ import torch
 
 from cosmoe_export.importers.sources import open_source
 from cosmoe_export.reference import source_model
-from cosmoe_export.release.verify import DRAFT_ORDER, _reference_outputs
+from cosmoe_export.release.verify import DRAFT_ORDER, _reference_outputs, log_softmax_
 from runtime_py.backends import BACKENDS
 
 
@@ -64,3 +64,11 @@ def test_reference_greedy_is_the_free_running_greedy_whatever_the_drafts(hf_chec
 
 def test_every_backend_can_draft():
     assert sorted(DRAFT_ORDER) == sorted(BACKENDS)  # a new backend must be ranked
+
+
+def test_log_softmax_in_place_equals_log_softmax():
+    """verify overwrites a window's logits with their log-probabilities, a few positions at a time."""
+    logits = torch.randn(2, 37, 1000, generator=torch.Generator().manual_seed(0)) * 10
+    want = torch.nn.functional.log_softmax(logits, -1)
+    got = log_softmax_(logits, rows=5)  # 74 positions: 14 slices of 5 and one of 4
+    assert got.data_ptr() == logits.data_ptr() and torch.equal(got, want)

@@ -98,7 +98,7 @@ def run_routing(model: CosmoeForCausalLM, ids: torch.Tensor) -> tuple[list[np.nd
         # Position i predicts token i+1. The head runs HEAD_ROWS positions at a time: the whole
         # batch's logits would be b x t x V (6.6 GB in fp32 for 8 windows of 4,096 at a 50k vocabulary).
         rows, targets = x[:, :-1].flatten(0, 1), chunk[:, 1:].flatten()  # [b*(t-1), D], [b*(t-1)]
-        for r, y in zip(rows.split(HEAD_ROWS), targets.split(HEAD_ROWS)):
+        for r, y in zip(rows.split(HEAD_ROWS), targets.split(HEAD_ROWS), strict=True):
             nll_sum += float(F.cross_entropy(model.head(r).float(), y, reduction="sum"))
         count += b * (t - 1)
     return {layer: np.concatenate(p) for layer, p in picked.items()}, nll_sum / max(1, count)

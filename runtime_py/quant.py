@@ -199,25 +199,10 @@ def codes(stored: torch.Tensor, enc: Encoding, k: int) -> torch.Tensor:
     return SCHEMES[enc.scheme].unpack(stored, k)
 
 
-# A stored int4 byte -> its two codes as floats, low nibble first [256, 2]. One gather decodes a
-# packed row straight to fp32: 7x faster than unpacking to int8 codes and multiplying those (a
-# 1024 x 2048 matrix, 3.5 vs 24.7 ms), which the exact PyTorch backend does for every expert it
-# calls (runtime_py/qlinear.py); the values, and so the products, are the same.
-_INT4_FLOATS = torch.stack([torch.arange(256) % 16, torch.arange(256) // 16], 1).float() - 8
-
-
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, enc: Encoding, k: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(stored codes, scales [N, K/G]) -> W [N, K] in ``dtype``; exact in fp32 (code * bf16 scale)."""
-    if enc.scheme != "int4":
-        return dequantize_codes(codes(stored, enc, k), scale, enc, dtype)
-    n, g = stored.shape[0], enc.group_size
-    w = torch.nn.functional.embedding(stored.int(), _INT4_FLOATS).view(n, -1)  # [N, 2*ceil(K/2)] fp32 codes
-    padded = -(-k // g) * g  # whole groups for the scales; columns past K are cut off below
-    w = w[:, :padded] if w.shape[1] >= padded else torch.nn.functional.pad(w, (0, padded - w.shape[1]))
-    w = w.contiguous().view(n, -1, g).mul_(scale.float()[..., None]).view(n, padded)  # [N, ceil(K/G)*G]
-    w = w if padded == k else w[:, :k].contiguous()  # [N, K]
-    return w if dtype == torch.float32 else w.to(dtype)
+    return dequantize_codes(codes(stored, enc, k), scale, enc, dtype)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, enc: Encoding,

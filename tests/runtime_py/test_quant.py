@@ -41,9 +41,9 @@ def test_int4_odd_k_pads_the_last_high_nibble_with_code_zero():
 
 @pytest.mark.parametrize("n,k,g", [(16, 64, 32), (16, 432, 32), (7, 33, 32), (5, 31, 32), (4, 3, 32),
                                    (16, 100, 64), (64, 2048, 128)])
-def test_int4_dequantize_by_table_equals_code_times_scale(n, k, g):
-    """dequantize decodes int4 bytes through a 256-entry table; the weights are bit for bit those of
-    the int8 codes times the bf16 scales (odd K, a short last group, K < G)."""
+def test_int4_dequantize_equals_code_times_scale(n, k, g):
+    """dequantize's weights are bit for bit the int8 codes times the bf16 scales (odd K, a short last
+    group, K < G)."""
     gen = torch.Generator().manual_seed(n * k)
     codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
     scale = torch.randn(n, -(-k // g), generator=gen).to(torch.bfloat16)

@@ -11,8 +11,9 @@ trained here on ../shared/data/wikitext-2/valid.txt.
     .venv/bin/python bench/scale.py qwen3-slice --workdir /tmp/scale
     .venv/bin/python bench/scale.py olmoe --layers 2      # any model cut to its first N layers
 
-Each command runs in its own process (peak RSS: its ru_maxrss through os.wait4: the calling process
-only, not the workers of --jobs 2 or of Ray). Prints a
+Each command runs in its own process (peak RSS: its ru_maxrss through os.wait4, the calling process
+only; and the peak of the summed RSS of its process tree, workers of --jobs 2 and Ray included,
+sampled 5 times a second from /proc). Prints a
 markdown table and, with --json, writes every measurement. Needs about 4x the checkpoint in free disk.
 Not part of CI: the machine is busy for tens of minutes.
 """
@@ -26,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,17 +102,54 @@ def _tokenizer(ckpt: Path, vocab: int) -> None:
     tok.save(str(ckpt / "tokenizer.json"))
 
 
+def _tree_rss_mb(root: int) -> float:
+    """RSS summed over ``root`` and its descendants, from /proc (Linux). Pages shared between a
+    process and its forked workers count once per process: an upper bound on the tree's memory."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            statm = Path(f"/proc/{d}/statm").read_text().split()
+        except OSError:  # exited between listdir and read
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+        rss[int(d)] = int(statm[1])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``: wall seconds and its own peak RSS (a pool's or Ray's workers are not counted)."""
+    """Run ``cmd``: wall seconds, its own peak RSS (ru_maxrss: a pool's or Ray's workers are not counted)
+    and, on Linux, the peak of its process tree's summed RSS, sampled 5 times a second."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tree_peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            tree_peak[0] = max(tree_peak[0], _tree_rss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if Path("/proc/self/statm").exists():
+        sampler.start()
     output = proc.stdout.read().decode(errors="replace")
+    done.set()
     _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         sys.exit(f"{' '.join(cmd)}: exit {rc}\n{output[-4000:]}")
     r = {"s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    if tree_peak[0]:
+        r["tree_peak_rss_mb"] = round(tree_peak[0])
     print(f"{' '.join(cmd[len(CLI):])}: {r}", flush=True)  # as it comes: a long run may be stopped
     return r
 

@@ -28,3 +28,21 @@ def test_rounding_alike_gives_fewer_points_never_a_repeat():
 def test_fewer_than_two_points_is_refused():
     with pytest.raises(ValueError, match="at least 2 points"):
         budgets(2, 8, 1)
+
+
+def test_a_points_peak_rss_is_its_runners_not_the_calling_process(tiny_bles_bundle):
+    """The caller holds 600 MB more than any runner of the tiny bundle needs: measured in the
+    caller's process (its high-water mark reset to what it holds) every point would report it."""
+    import torch
+
+    from cosmoe_export.release.budget_curve import measure
+    from runtime_py.memory import rss_bytes
+
+    held = torch.ones(600 * 2**20 // 4)  # touched: resident
+    caller_mb = rss_bytes() / 1e6
+    curve = measure(bundle_path=tiny_bles_bundle, backends=["torch"], policy="lru", prompt_ids=[1, 2, 3, 4],
+                    new_tokens=4, repeats=1, points=2, progress=False)
+    assert [p["experts_per_layer"] for p in curve["points"]] == [2, 8]
+    assert all(p["decode_tok_s"] > 0 and 0 < p["peak_rss_mb"] < caller_mb - 500 for p in curve["points"]), \
+        (caller_mb, curve["points"])
+    del held
